@@ -1,0 +1,120 @@
+"""Registry, input validation and per-sample random streams shared by all corruptions."""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Callable, Sequence
+
+import torch
+from torch import Tensor
+
+#: imagecorruptions' order: 15 ImageNet-C corruptions, then the 4 validation ones.
+CORRUPTIONS: tuple[str, ...] = (
+    "gaussian_noise", "shot_noise", "impulse_noise", "defocus_blur", "glass_blur",
+    "motion_blur", "zoom_blur", "snow", "frost", "fog", "brightness", "contrast",
+    "elastic_transform", "pixelate", "jpeg_compression",
+    "speckle_noise", "gaussian_blur", "spatter", "saturate",
+)
+SEVERITIES: tuple[int, ...] = (1, 2, 3, 4, 5)
+MIN_SIZE = 32
+
+CorruptionFn = Callable[[Tensor, int, "Rng"], Tensor]
+_REGISTRY: dict[str, CorruptionFn] = {}
+
+
+class CorruptionError(ValueError):
+    """A bad argument to :func:`corrupt`; the message says what is allowed."""
+
+
+def register(fn: CorruptionFn) -> CorruptionFn:
+    """Register ``fn(x [B,3,H,W] float32 in [0,1], severity 1..5, rng) -> [B,3,H,W]`` under its name."""
+    if fn.__name__ not in CORRUPTIONS:
+        raise RuntimeError(f"{fn.__name__} is not one of the 19 corruption names")
+    _REGISTRY[fn.__name__] = fn
+    return fn
+
+
+def _key(*parts: object) -> int:
+    digest = hashlib.blake2b("\x1f".join(map(str, parts)).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & ((1 << 63) - 1)
+
+
+class Rng:
+    """Per-sample random streams on the images' device.
+
+    Sample ``b`` draws from its own ``torch.Generator`` seeded by
+    ``blake2b(seed_b, name, severity)``, so its noise never depends on the batch it
+    is in. Every method returns a tensor ``[B, *shape]`` (one draw per sample) on
+    ``device``. CPU and CUDA generators produce different streams.
+    """
+
+    def __init__(self, seeds: Sequence[int], name: str, severity: int, device: torch.device):
+        self.device = torch.device(device)
+        self.generators = []
+        for s in seeds:
+            g = torch.Generator(device=self.device)
+            g.manual_seed(_key(int(s), name, severity))
+            self.generators.append(g)
+
+    def __len__(self) -> int:
+        return len(self.generators)
+
+    def _stack(self, draw: Callable[[torch.Generator], Tensor]) -> Tensor:
+        return torch.stack([draw(g) for g in self.generators])
+
+    def normal(self, *shape: int, mean: float = 0.0, std: float = 1.0) -> Tensor:
+        return self._stack(lambda g: torch.randn(shape, generator=g, device=self.device)) * std + mean
+
+    def uniform(self, *shape: int, low: float = 0.0, high: float = 1.0) -> Tensor:
+        return self._stack(lambda g: torch.rand(shape, generator=g, device=self.device)) * (high - low) + low
+
+    def randint(self, low: int, high: int, *shape: int) -> Tensor:
+        """Integers in [low, high), int64 [B, *shape]."""
+        return self._stack(lambda g: torch.randint(low, high, shape, generator=g, device=self.device))
+
+    def poisson(self, rates: Tensor) -> Tensor:
+        """Poisson draws with per-element ``rates`` [B, ...] (float)."""
+        return torch.stack([torch.poisson(r, generator=g) for r, g in zip(rates, self.generators)])
+
+
+def _validate(images: Tensor, name: str, severity: int) -> None:
+    if name not in _REGISTRY:
+        raise CorruptionError(f"unknown corruption {name!r}; valid names: {', '.join(CORRUPTIONS)}")
+    if isinstance(severity, bool) or not isinstance(severity, int) or severity not in SEVERITIES:
+        raise CorruptionError(f"severity {severity!r} is not allowed; use an integer in 1..5")
+    if not isinstance(images, Tensor):
+        raise CorruptionError(f"images must be a torch.Tensor [B,3,H,W], got {type(images).__name__}")
+    if images.dim() != 4 or images.shape[1] != 3:
+        raise CorruptionError(f"images must have shape [B,3,H,W], got {list(images.shape)}")
+    if not images.is_floating_point():
+        raise CorruptionError(f"images must be a float tensor in [0,1], got dtype {images.dtype}")
+    h, w = images.shape[-2:]
+    if h < MIN_SIZE or w < MIN_SIZE:
+        raise CorruptionError(f"images must be at least {MIN_SIZE}x{MIN_SIZE} pixels, got {h}x{w}")
+    if images.numel() and bool(((images < 0) | (images > 1) | images.isnan()).any()):
+        raise CorruptionError("image values must lie in [0,1] (convert uint8 images with x / 255)")
+
+
+def _seeds(seed: int | Tensor, batch: int) -> list[int]:
+    if isinstance(seed, Tensor):
+        if seed.dtype != torch.int64 or seed.shape != (batch,):
+            raise CorruptionError(f"seed must be an int or an int64 tensor of shape [{batch}], "
+                                  f"got {seed.dtype} {list(seed.shape)}")
+        return [int(s) for s in seed.tolist()]
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise CorruptionError(f"seed must be an int or an int64 tensor [B], got {type(seed).__name__}")
+    return [seed] * batch
+
+
+def corrupt(images: Tensor, name: str, severity: int, seed: int | Tensor = 0) -> Tensor:
+    """Apply corruption ``name`` at ``severity`` (1..5) to a batch.
+
+    images: float [B,3,H,W] in [0,1], any device, H and W >= 32.
+    seed:   an int (the same for every sample) or int64 [B] per-sample seeds; sample b's
+            output depends only on (seed_b, name, severity) and its own pixels.
+    Returns a tensor of the same shape, dtype and device, clipped to [0,1].
+    """
+    _validate(images, name, severity)
+    rng = Rng(_seeds(seed, images.shape[0]), name, severity, images.device)
+    out = _REGISTRY[name](images.float(), severity, rng)
+    return out.clamp_(0.0, 1.0).to(images.dtype)

@@ -1,0 +1,79 @@
+"""Command line: ``shiftbench <command> ...`` and ``python -m shiftbench <command> ...``.
+
+Commands live in :mod:`shiftbench.commands`, one module each, registered in
+:data:`COMMANDS`. A module provides ``add_arguments(parser)`` and ``main(args) -> int``
+and imports its heavy dependencies inside ``main``. Any :class:`ShiftbenchError`
+(or the corruptions package's ``CorruptionError``) becomes one line on stderr and
+exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from shiftbench.errors import ShiftbenchError, one_line
+
+#: command name -> (module, one-line help)
+COMMANDS: dict[str, tuple[str, str]] = {
+    "run": ("shiftbench.commands.run", "sweep a suite: clean + corruptions x severities through every model"),
+    "train": ("shiftbench.commands.train", "train the experts, the baseline and the gates of a suite"),
+    "data": ("shiftbench.commands.data", "write synthetic street scenes in the A2D2 or Cityscapes on-disk format"),
+    "corrupt": ("shiftbench.commands.corrupt", "corrupt an image or a folder tree into OUT/<corruption>/<severity>/"),
+    "corruptions": ("shiftbench.commands.corruptions", "corruption utilities (preview grid)"),
+    "report": ("shiftbench.commands.report", "figures and tables (Markdown, LaTeX, HTML) from a run directory"),
+    "check": ("shiftbench.commands.check", "compare a run's calibration with a stored baseline (CI gate)"),
+}
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # argparse's own usage errors: one line, exit 2
+        self.exit(2, f"{self.prog}: error: {one_line(message)}\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from shiftbench import __version__
+
+    parser = _Parser(prog="shiftbench", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"shiftbench {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    sub.required = True
+    for name, (module_name, help_text) in COMMANDS.items():
+        try:
+            module = importlib.import_module(module_name)
+        except ModuleNotFoundError as exc:
+            if exc.name != module_name:
+                raise
+            continue  # command not built yet
+        cmd = sub.add_parser(name, help=help_text, description=help_text)
+        module.add_arguments(cmd)
+        cmd.set_defaults(_main=module.main)
+    return parser
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    errors: list[type[BaseException]] = [ShiftbenchError]
+    try:
+        from corruptions import CorruptionError
+
+        errors.append(CorruptionError)
+    except ImportError:
+        pass
+    return tuple(errors)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args._main(args) or 0)
+    except _user_errors() as exc:
+        print(f"shiftbench: error: {one_line(exc)}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("shiftbench: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,48 @@
+import subprocess
+import sys
+
+import pytest
+
+from shiftbench import io
+from shiftbench.cli import main
+from shiftbench.seeding import key, sample_seeds
+
+
+def test_atomic_write_replaces_and_leaves_no_temp(tmp_path):
+    target = tmp_path / "a" / "out.json"
+    io.write_json(target, {"x": 1})
+    io.write_json(target, {"x": 2})
+    assert target.read_text().strip().endswith("}")
+    assert [p.name for p in target.parent.iterdir()] == ["out.json"]
+
+
+def test_atomic_write_on_error_keeps_old_file(tmp_path):
+    target = tmp_path / "out.txt"
+    io.write_text(target, "old")
+    with pytest.raises(RuntimeError):
+        with io.atomic_path(target) as tmp:
+            tmp.write_text("half")
+            raise RuntimeError("killed")
+    assert target.read_text() == "old"
+    assert [p.name for p in tmp_path.iterdir()] == ["out.txt"]
+
+
+def test_keys_are_stable_and_distinct():
+    assert key(0, "a") == key(0, "a")
+    assert key(0, "a") != key(1, "a") != key(0, "b")
+    assert 0 <= key("x") < 2**63
+    s = sample_seeds(3, ["img1", "img2"])
+    assert s.tolist() == [key(3, "img1"), key(3, "img2")]
+
+
+def test_cli_usage_error_is_one_line_exit_2(capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["no-such-command"])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "invalid choice" in err
+
+
+def test_python_dash_m_entry_point():
+    out = subprocess.run([sys.executable, "-m", "shiftbench", "--version"], capture_output=True, text=True)
+    assert out.returncode == 0 and out.stdout.startswith("shiftbench ")
