@@ -1,0 +1,99 @@
+import copy
+from pathlib import Path
+
+import pytest
+import yaml
+
+from shiftbench.suite import SuiteError, load_suite, parse_suite
+
+DEMO = Path(__file__).resolve().parents[1] / "suites" / "demo.yaml"
+
+
+@pytest.fixture()
+def demo():
+    return yaml.safe_load(DEMO.read_text())
+
+
+def parse(data):
+    return parse_suite(data, DEMO.parent)
+
+
+def error(data) -> str:
+    with pytest.raises(SuiteError) as exc:
+        parse(data)
+    msg = str(exc.value)
+    assert "\n" not in msg
+    return msg
+
+
+def test_demo_suite_loads_with_defaults():
+    s = load_suite(DEMO)
+    assert s.name == "demo" and s.dataset.name == "synthetic"
+    assert len(s.corruptions.names) == 19 and s.corruptions.severities == (1, 2, 3, 4, 5)
+    assert s.corruptions.splits == ("id",)
+    assert s.model("moe_classwise").estimators == (
+        "predictive_entropy_stacked", "mutual_information_stacked", "expert_variance", "gate_entropy")
+    assert s.model("baseline").checkpoint == DEMO.parent / "demo" / "baseline.pt"
+
+
+@pytest.mark.parametrize("edit, expected", [
+    (lambda d: d["models"][2].__setitem__("gate", "clas"), "models[2].gate: 'clas' is not one of simple, classwise"),
+    (lambda d: d["models"][0].__setitem__("passes", 0), "models[0].passes: 0 must be > 0"),
+    (lambda d: d["models"][0].__setitem__("dropout", "high"), "models[0].dropout: 'high' is not a number"),
+    (lambda d: d["models"][1].__setitem__("experts", ["highway", "rural"]),
+     "models[1].experts[1]: 'rural' is not one of highway, urban"),
+    (lambda d: d["models"][1].__setitem__("gate", "simple"), "models[1].gate: not a field of a ensemble model"),
+    (lambda d: d["models"][0].__setitem__("dropuot", 0.2), "models[0].dropuot: unknown field"),
+    (lambda d: d["dataset"].__setitem__("name", "kitti"), "dataset.name: 'kitti' is not one of synthetic, a2d2, cityscapes"),
+    (lambda d: d["dataset"]["eval"].__setitem__("id", ["highway_tset"]), "dataset.eval.id[0]: 'highway_tset' is not one of"),
+    (lambda d: d["dataset"]["eval"].__setitem__("ood", ["ambiguous_train"]), "'ambiguous_train' is not one of"),
+    (lambda d: d["corruptions"].__setitem__("severities", [1, 6]), "corruptions.severities[1]: 6 is not one of 1, 2, 3, 4, 5"),
+    (lambda d: d["corruptions"].__setitem__("names", ["fog", "smog"]), "corruptions.names[1]: 'smog' is not one of"),
+    (lambda d: d["corruptions"].__setitem__("splits", ["train"]), "corruptions.splits[0]: 'train' is not one of id, ood"),
+    (lambda d: d["run"].__setitem__("device", "tpu"), "run.device: 'tpu' is not one of auto, cpu, cuda"),
+    (lambda d: d["metrics"].__setitem__("accuracy_threshold", 1.5), "metrics.accuracy_threshold: 1.5 must be in [0, 1)"),
+    (lambda d: d["models"].append(copy.deepcopy(d["models"][0])), "models[6].name: 'baseline' is used twice"),
+    (lambda d: d["models"].append({"name": "x", "kind": "custom", "factory": "not a path"}),
+     "models[6].factory: 'not a path' is not of the form package.module:function"),
+    (lambda d: d.pop("dataset"), "dataset: missing; it is required"),
+])
+def test_errors_name_the_field_and_what_is_allowed(demo, edit, expected):
+    edit(demo)
+    assert expected in error(demo)
+
+
+def test_missing_environment_variable_says_what_to_set(demo, monkeypatch):
+    monkeypatch.delenv("A2D2_ROOT", raising=False)
+    demo["dataset"].update(name="a2d2", root="${A2D2_ROOT}", split_dir="/x", classes=38)
+    msg = error(demo)
+    assert "A2D2_ROOT is not set" in msg and "a2d2.audi" in msg
+
+
+def test_environment_variables_expand(demo, monkeypatch, tmp_path):
+    monkeypatch.setenv("A2D2_ROOT", str(tmp_path))
+    demo["dataset"].update(name="a2d2", root="${A2D2_ROOT}/camera_lidar_semantic", split_dir="/x", classes=38,
+                           eval={"id": ["highway_test"]})
+    demo["experts"] = {}
+    demo["models"] = [demo["models"][0]]
+    demo.pop("train")
+    s = parse(demo)
+    assert s.dataset.root == tmp_path / "camera_lidar_semantic"
+
+
+def test_digest_ignores_run_settings_but_not_models(demo):
+    a = parse(demo)
+    demo["run"]["batch_size"] = 3
+    demo["corruptions"]["names"] = ["fog"]
+    b = parse(demo)
+    demo["models"][0]["passes"] = 5
+    c = parse(demo)
+    assert a.digest() == b.digest() != c.digest()
+
+
+def test_unreadable_yaml_is_one_line(tmp_path):
+    p = tmp_path / "bad.yaml"
+    p.write_text("name: [unclosed\n")
+    with pytest.raises(SuiteError, match="not valid YAML at line"):
+        load_suite(p)
+    with pytest.raises(SuiteError, match="suite file not found"):
+        load_suite(tmp_path / "missing.yaml")
