@@ -1,0 +1,72 @@
+"""torch.distributed for scale-out: ``torchrun --nproc-per-node N -m shiftbench run SUITE``.
+
+Ranks shard the images of every condition (rank r takes images r, r+W, r+2W, ...);
+at the end of a condition the accumulator states are summed with ``all_reduce``
+(NCCL on CUDA, gloo on CPU) and rank 0 writes them. Without torchrun's environment
+everything runs in one process.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as tdist
+
+
+@dataclass(frozen=True)
+class World:
+    rank: int = 0
+    size: int = 1
+    local_rank: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.size > 1
+
+
+def init(device: torch.device) -> World:
+    """Join the process group torchrun describes (if any) and pin the local CUDA device."""
+    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
+        return World()
+    rank, size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    local = int(os.environ.get("LOCAL_RANK", rank))
+    if size > 1 and not tdist.is_initialized():
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        if device.type == "cuda":
+            torch.cuda.set_device(local)
+        tdist.init_process_group(backend=backend)
+    return World(rank, size, local)
+
+
+def barrier(world: World) -> None:
+    if world.distributed:
+        tdist.barrier()
+
+
+def broadcast_object(obj, world: World):
+    """Rank 0's ``obj`` on every rank."""
+    if not world.distributed:
+        return obj
+    box = [obj]
+    tdist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def gather_objects(obj, world: World) -> list:
+    """Every rank's ``obj``, in rank order, on every rank."""
+    if not world.distributed:
+        return [obj]
+    out = [None] * world.size
+    tdist.all_gather_object(out, obj)
+    return out
+
+
+def shutdown(world: World) -> None:
+    if world.distributed and tdist.is_initialized():
+        tdist.destroy_process_group()

@@ -1,0 +1,86 @@
+"""The run directory: a manifest, one atomic state file per finished condition, and the outputs.
+
+```
+OUT/manifest.json              suite name + identity digest (a different suite is refused unless --force)
+OUT/states/<split>/<corruption>/<severity>.pt   accumulator states + per-condition meta, written atomically
+OUT/maps/<split>/<sample>.npz  saved uncertainty maps (gallery)
+OUT/results.csv|.parquet, curves.parquet, summary.json, run.log
+```
+A condition whose state file exists is finished; a killed run leaves at most temporary
+files (``.*.tmp*``), which are ignored and cleaned on the next start.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from shiftbench import io
+from shiftbench.errors import ShiftbenchError
+from shiftbench.runner.conditions import Condition
+
+MANIFEST = "manifest.json"
+OUTPUTS = ("results.csv", "results.parquet", "curves.parquet", "summary.json")
+
+
+class RunStore:
+    def __init__(self, root: str | Path):
+        self.root = Path(root)
+
+    # ----------------------------------------------------------------- manifest
+    def open(self, suite_name: str, digest: str, force: bool = False) -> None:
+        """Create the run directory, or check that it belongs to the same suite."""
+        manifest = self.root / MANIFEST
+        if manifest.exists():
+            import json
+
+            try:
+                old = json.loads(manifest.read_text())
+            except (OSError, ValueError):
+                old = {}
+            if old.get("digest") != digest:
+                if not force:
+                    raise ShiftbenchError(
+                        f"{self.root}: holds a run of a different suite ({old.get('suite', 'unknown')!r}, "
+                        f"digest {str(old.get('digest'))[:12]}); use another --out, or --force to discard it")
+                self.discard()
+        elif self.root.exists() and any(self.root.iterdir()) and not force:
+            raise ShiftbenchError(f"{self.root}: exists and is not a shiftbench run directory; "
+                                  "use another --out, or --force to write into it")
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.clean_temporaries()
+        io.write_json(manifest, {"suite": suite_name, "digest": digest})
+
+    def discard(self) -> None:
+        for name in ("states", "maps"):
+            shutil.rmtree(self.root / name, ignore_errors=True)
+        for name in OUTPUTS + (MANIFEST,):
+            (self.root / name).unlink(missing_ok=True)
+
+    def clean_temporaries(self) -> None:
+        for tmp in self.root.rglob(".*.tmp*"):
+            tmp.unlink(missing_ok=True)
+
+    # ----------------------------------------------------------------- states
+    def state_path(self, cond: Condition) -> Path:
+        return self.root / "states" / f"{cond.key}.pt"
+
+    def is_done(self, cond: Condition) -> bool:
+        return self.state_path(cond).exists()
+
+    def save_state(self, cond: Condition, payload: dict[str, Any]) -> None:
+        io.torch_save(payload, self.state_path(cond))
+
+    def load_state(self, cond: Condition) -> dict[str, Any]:
+        path = self.state_path(cond)
+        try:
+            return torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as exc:  # a corrupt state file: say which and how to recover
+            raise ShiftbenchError(f"{path}: unreadable state file ({type(exc).__name__}); delete it to recompute "
+                                  "that condition") from None
+
+    def map_path(self, split: str, sample_id: str) -> Path:
+        return self.root / "maps" / split / (sample_id.replace("/", "__") + ".npz")
