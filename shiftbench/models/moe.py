@@ -1,0 +1,109 @@
+"""Model-level mixture of experts: frozen experts, a gate on their ASPP features, a combination rule.
+
+Combination rules (``combine``), for expert logits z_i ``[B,K,H,W]`` and gate weights w:
+
+- ``probs`` (default; the paper's Eq. 1): P = sum_i w_i softmax(z_i), computed in log space as
+  log P = logsumexp_i(log w_i + log_softmax(z_i)). A classwise gate's weights differ per class,
+  so sum_k P_k != 1; P is renormalised over classes. With the final conv, the conv maps
+  log P (valid logits) to new logits: P' = softmax(conv(log P)).
+- ``logits`` (the authors' code): z = sum_i w_i z_i, then the optional final conv, then softmax.
+
+Weights are ``[B,E]`` (simple gate: w_i per image) or ``[B,E,K]`` (classwise: w_ik).
+State-dict layout as the authors': ``expert1.*``, ``expert2.*``, ..., ``gate.*``, ``final_conv.*``
+(a 3x3 KxK conv without bias).
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from shiftbench.errors import ShiftbenchError
+from shiftbench.models.gates import build_gate
+
+
+def _weights_as(weights: Tensor, ref: Tensor) -> Tensor:
+    """Gate weights ``[B,E]`` or ``[B,E,K]`` as ``[E,B,1|K,1,1]`` to broadcast over ``[E,B,K,H,W]``."""
+    w = weights.movedim(1, 0)
+    return w.reshape(*w.shape[:2], -1, 1, 1).to(ref.dtype)
+
+
+def combine_probs(logits: Tensor, weights: Tensor, final_conv: nn.Module | None) -> Tensor:
+    """log P ``[B,K,H,W]`` from expert logits ``[E,B,K,H,W]``: P = sum_i w_i softmax(z_i) (renormalised)."""
+    log_w = torch.log(_weights_as(weights, logits).clamp_min(torch.finfo(logits.dtype).tiny))
+    log_p = torch.logsumexp(log_w + torch.log_softmax(logits, dim=2), dim=0)
+    if weights.dim() == 3:
+        log_p = torch.log_softmax(log_p, dim=1)
+    return log_p if final_conv is None else torch.log_softmax(final_conv(log_p), dim=1)
+
+
+def combine_logits(logits: Tensor, weights: Tensor, final_conv: nn.Module | None) -> Tensor:
+    """log P ``[B,K,H,W]`` with z = sum_i w_i z_i, optional final conv, softmax."""
+    z = (_weights_as(weights, logits) * logits).sum(0)
+    return torch.log_softmax(z if final_conv is None else final_conv(z), dim=1)
+
+
+COMBINE: dict[str, Callable[[Tensor, Tensor, nn.Module | None], Tensor]] = {
+    "probs": combine_probs, "logits": combine_logits,
+}
+
+
+class MoEHead(nn.Module):
+    """The trainable part of an MoE: gate (+ final conv) and the combination rule.
+
+    forward(features: list of E ASPP maps ``[B,C,h,w]``, logits ``[E,B,K,H,W]``)
+    -> (log-probabilities ``[B,K,H,W]``, gate weights ``[B,E]`` or ``[B,E,K]``).
+    """
+
+    def __init__(self, gate: str, experts: int, channels: int, classes: int, grid: tuple[int, int],
+                 final_conv: bool = False, combine: str = "probs"):
+        super().__init__()
+        if combine not in COMBINE:
+            raise ShiftbenchError(f"unknown combine rule {combine!r}; allowed: {', '.join(COMBINE)}")
+        self.kind, self.combine, self.grid, self.experts_n = gate, combine, tuple(grid), experts
+        self.gate = build_gate(gate, experts * channels, experts, classes, grid)
+        self.final_conv = nn.Conv2d(classes, classes, 3, 1, 1, bias=False) if final_conv else None
+
+    def forward(self, features: Sequence[Tensor], logits: Tensor) -> tuple[Tensor, Tensor]:
+        if len(features) != self.experts_n or logits.shape[0] != self.experts_n:
+            raise ShiftbenchError(f"this MoE has {self.experts_n} experts, got {len(features)} feature maps")
+        weights = self.gate(torch.cat(list(features), 1)).float()
+        log_p = COMBINE[self.combine](logits.float(), weights, self.final_conv)
+        return log_p, weights
+
+
+class MixtureOfExperts(MoEHead):
+    """Experts + head in one module, the authors' layout (``expert{i}.*``, ``gate.*``, ``final_conv.*``).
+
+    Experts are frozen: no gradients, and :meth:`train` keeps them in eval mode, so BatchNorm
+    statistics and dropout stay as trained. forward(x) -> (log P ``[B,K,H,W]``, weights, expert
+    logits ``[E,B,K,H,W]``), each expert run once.
+    """
+
+    def __init__(self, experts: Sequence[nn.Module], gate: str, classes: int, grid: tuple[int, int],
+                 final_conv: bool = False, combine: str = "probs", channels: int | None = None):
+        channels = channels or experts[0].classifier.aspp.project[0].out_channels
+        super().__init__(gate, len(experts), channels, classes, grid, final_conv, combine)
+        for i, expert in enumerate(experts, 1):
+            expert.requires_grad_(False)
+            self.add_module(f"expert{i}", expert)
+        self.train(False)
+
+    @property
+    def experts(self) -> list[nn.Module]:
+        return [getattr(self, f"expert{i}") for i in range(1, self.experts_n + 1)]
+
+    def train(self, mode: bool = True) -> "MixtureOfExperts":
+        super().train(mode)
+        for expert in self.experts:
+            expert.eval()
+        return self
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        with torch.no_grad():
+            outs = [expert.forward_features(x) for expert in self.experts]
+        logits = torch.stack([z for _, z in outs])
+        log_p, weights = super().forward([f for f, _ in outs], logits)
+        return log_p, weights, logits

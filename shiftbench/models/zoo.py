@@ -1,0 +1,253 @@
+"""The evaluation entry point: every model of a suite from one pass through each expert.
+
+``ModelZoo.from_suite(suite)(x [B,3,H,W], seeds int64 [B])`` returns
+``{model name: shiftbench.uncertainty.Prediction}``. Each expert runs once per batch; the
+ensembles, single-expert models and every MoE variant (simple/classwise gate, with/without
+final conv, either combination rule) are derived from those shared passes. The MC-dropout
+baseline runs its backbone once and its head for the T keyed passes. Probabilities are
+float32 even under autocast.
+"""
+
+from __future__ import annotations
+
+import importlib
+import re
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from shiftbench.errors import ShiftbenchError
+from shiftbench.models.backbones import backbone_spec
+from shiftbench.models.checkpoints import check_classes, load_strict, read_checkpoint
+from shiftbench.models.deeplab import DeepLabV3Plus
+from shiftbench.models.gates import grid_from_state
+from shiftbench.models.moe import MoEHead
+from shiftbench.uncertainty import Prediction
+
+
+_EXPERT_KEY = re.compile(r"expert\d+\.")
+
+
+@dataclass
+class _Shared:
+    """One batch's expert passes, with member stacks cached per tuple of expert names."""
+
+    features: dict[str, Tensor]
+    logits: dict[str, Tensor]
+    probs: dict[str, Tensor]
+    stacks: dict[tuple[str, ...], tuple[Tensor, Tensor]] = field(default_factory=dict)
+
+    def stack(self, names: tuple[str, ...]) -> tuple[Tensor, Tensor]:
+        """(logits, probs) ``[E,B,K,H,W]`` of ``names``; built once per batch and reused."""
+        if names not in self.stacks:
+            self.stacks[names] = (torch.stack([self.logits[n] for n in names]),
+                                  torch.stack([self.probs[n] for n in names]))
+        return self.stacks[names]
+
+
+def _predict_expert(zoo: "ModelZoo", name: str, x: Tensor, seeds: list[int], shared: _Shared) -> Prediction:
+    return Prediction(probs=shared.probs[zoo.members[name][0]])
+
+
+def _predict_ensemble(zoo: "ModelZoo", name: str, x: Tensor, seeds: list[int], shared: _Shared) -> Prediction:
+    _, probs = shared.stack(zoo.members[name])
+    return Prediction(probs=probs.mean(0), members=probs)
+
+
+def _predict_moe(zoo: "ModelZoo", name: str, x: Tensor, seeds: list[int], shared: _Shared) -> Prediction:
+    names = zoo.members[name]
+    logits, probs = shared.stack(names)
+    log_p, weights = zoo.heads[name]([shared.features[n].float() for n in names], logits)
+    return Prediction(probs=log_p.exp(), members=probs, gate=weights)
+
+
+def _predict_mc(zoo: "ModelZoo", name: str, x: Tensor, seeds: list[int], shared: _Shared) -> Prediction:
+    with zoo.autocast(x):
+        logits = zoo.singles[name].mc_logits(x, seeds, zoo.passes[name])
+    members = torch.softmax(logits.float(), dim=2)
+    return Prediction(probs=members.mean(0), members=members)
+
+
+def _predict_custom(zoo: "ModelZoo", name: str, x: Tensor, seeds: list[int], shared: _Shared) -> Prediction:
+    with zoo.autocast(x):
+        logits = zoo.singles[name](x)
+    if logits.dim() != 4 or logits.shape[1] != zoo.classes or logits.shape[-2:] != x.shape[-2:]:
+        raise ShiftbenchError(f"model {name!r} returned {list(logits.shape)}; a custom model must map "
+                              f"[B,3,H,W] images to logits [B,{zoo.classes},H,W]")
+    return Prediction(probs=torch.softmax(logits.float(), dim=1))
+
+
+PREDICTORS: dict[str, Callable[["ModelZoo", str, Tensor, list[int], _Shared], Prediction]] = {
+    "expert": _predict_expert, "ensemble": _predict_ensemble, "moe": _predict_moe,
+    "mc_dropout": _predict_mc, "custom": _predict_custom,
+}
+
+
+class ModelZoo(nn.Module):
+    """All models of a suite; ``forward(x, seeds)`` -> ``{name: Prediction}``.
+
+    experts: the shared expert bank (name -> DeepLabV3Plus).
+    heads:   MoE name -> MoEHead (gate + final conv + combine rule).
+    singles: MC-dropout and custom models, name -> module.
+    kinds / members / passes: each model's kind, its experts, its MC passes.
+    """
+
+    def __init__(self, classes: int, amp: bool = False):
+        super().__init__()
+        self.classes, self.amp = classes, amp
+        self.experts = nn.ModuleDict()
+        self.heads = nn.ModuleDict()
+        self.singles = nn.ModuleDict()
+        self.kinds: dict[str, str] = {}
+        self.members: dict[str, tuple[str, ...]] = {}
+        self.passes: dict[str, int] = {}
+
+    def autocast(self, x: Tensor) -> torch.autocast:
+        dtype = torch.float16 if x.device.type == "cuda" else torch.bfloat16
+        return torch.autocast(x.device.type, dtype=dtype, enabled=self.amp)
+
+    @torch.no_grad()
+    def expert_passes(self, x: Tensor, names: Sequence[str]) -> _Shared:
+        """One forward of each named expert: ASPP features, logits and float32 probabilities."""
+        feats, logits = {}, {}
+        with self.autocast(x):
+            for n in names:
+                feats[n], logits[n] = self.experts[n].forward_features(x)
+        probs = {n: torch.softmax(z.float(), dim=1) for n, z in logits.items()}
+        return _Shared(feats, {n: z.float() for n, z in logits.items()}, probs)
+
+    @torch.no_grad()
+    def forward(self, x: Tensor, seeds: Tensor | Sequence[int], names: Sequence[str] | None = None
+                ) -> dict[str, Prediction]:
+        """Predictions of ``names`` (default: all models) for images ``x [B,3,H,W]`` in [0,1]
+        and per-sample seeds ``[B]`` (the MC-dropout masks)."""
+        names = list(self.kinds) if names is None else list(names)
+        for n in names:
+            if n not in self.kinds:
+                raise ShiftbenchError(f"no model named {n!r}; models: {', '.join(self.kinds)}")
+        seeds = [int(s) for s in (seeds.tolist() if isinstance(seeds, Tensor) else seeds)]
+        if len(seeds) != x.shape[0]:
+            raise ShiftbenchError(f"got {len(seeds)} seeds for a batch of {x.shape[0]} images; give one per image")
+        used = list(dict.fromkeys(e for n in names if self.kinds[n] in ("expert", "ensemble", "moe")
+                                  for e in self.members[n]))
+        shared = self.expert_passes(x, used)
+        return {n: PREDICTORS[self.kinds[n]](self, n, x, seeds, shared) for n in names}
+
+    def train(self, mode: bool = True) -> "ModelZoo":
+        """A zoo only evaluates: it stays in eval mode."""
+        return super().train(False)
+
+    # ------------------------------------------------------------------ building
+
+    @classmethod
+    def from_suite(cls, suite: Any, device: str | torch.device = "cpu", names: Sequence[str] | None = None,
+                   amp: bool | None = None) -> "ModelZoo":
+        """Build the suite's models (or ``names``) and load their checkpoints onto ``device``."""
+        zoo = cls(suite.dataset.classes, suite.run.amp if amp is None else amp)
+        specs = [suite.model(n) for n in names] if names is not None else list(suite.models)
+        moe_files = {m.name: _read(m.checkpoint, f"models.{m.name}.checkpoint") for m in specs if m.kind == "moe"}
+        embedded = _embedded_experts(specs, moe_files)
+        for e in dict.fromkeys(e for m in specs if m.kind in ("expert", "ensemble", "moe") for e in m.experts):
+            zoo.experts[e] = load_expert(suite.experts[e], suite.dataset.classes, embedded.get(e, []))
+        for m in specs:
+            zoo.kinds[m.name], zoo.members[m.name] = m.kind, tuple(m.experts)
+            BUILDERS[m.kind](zoo, m, moe_files.get(m.name))
+        return zoo.to(device).eval().requires_grad_(False)
+
+
+def _read(path: Any, where: str) -> dict[str, Any]:
+    if path is None:
+        raise ShiftbenchError(f"{where}: missing; this model needs a checkpoint (train it with `shiftbench train`)")
+    return read_checkpoint(path)
+
+
+def _embedded_experts(specs: Sequence[Any], files: dict[str, dict[str, Any]]
+                      ) -> dict[str, list[tuple[str, dict[str, Tensor]]]]:
+    """Expert weights carried inside MoE files (the authors' ``expert{i}.*``), per expert name."""
+    out: dict[str, list[tuple[str, dict[str, Tensor]]]] = {}
+    for m in specs:
+        if m.kind != "moe":
+            continue
+        state = files[m.name]["state_dict"]
+        for i, e in enumerate(m.experts, 1):
+            prefix = f"expert{i}."
+            sub = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+            if sub:
+                out.setdefault(e, []).append((f"{m.checkpoint} ({prefix}*)", sub))
+    return out
+
+
+def load_expert(spec: Any, classes: int, embedded: list[tuple[str, dict[str, Tensor]]]) -> DeepLabV3Plus:
+    """An expert from its checkpoint, or from the weights an MoE file carries; weights carried
+    by MoE files must equal the expert's own (the experts are frozen and shared)."""
+    model = DeepLabV3Plus(spec.backbone, classes)
+    if spec.checkpoint is not None:
+        source, state = str(spec.checkpoint), read_checkpoint(spec.checkpoint)["state_dict"]
+    elif embedded:
+        source, state = embedded[0]
+    else:
+        raise ShiftbenchError(f"experts.{spec.name}.checkpoint: missing; give the expert's checkpoint "
+                              "(or an MoE checkpoint that carries its weights)")
+    check_classes(state, classes, source)
+    load_strict(model, state, source)
+    own = model.state_dict()
+    for other, sub in embedded:
+        if other != source and (sub.keys() != own.keys() or any(not torch.equal(sub[k], own[k]) for k in own)):
+            raise ShiftbenchError(f"{other} carries weights for expert {spec.name!r} that differ from {source}; "
+                                  "the experts are shared and frozen, so both must be the same weights")
+    return model
+
+
+def _build_moe(zoo: ModelZoo, spec: Any, file: dict[str, Any] | None) -> None:
+    assert file is not None
+    source, meta = str(spec.checkpoint), file["meta"]
+    state = {k: v for k, v in file["state_dict"].items() if not _EXPERT_KEY.match(k)}
+    if meta.get("gate", spec.gate) != spec.gate:
+        raise ShiftbenchError(f"{source} holds a {meta['gate']} gate, the suite says gate: {spec.gate}")
+    check_classes(state, zoo.classes, source)
+    grid = tuple(meta["gate_grid"]) if "gate_grid" in meta else grid_from_state(state, source)
+    channels = backbone_spec(zoo.experts[spec.experts[0]].backbone_name).aspp
+    head = MoEHead(spec.gate, len(spec.experts), channels, zoo.classes, grid, spec.final_conv, spec.combine)
+    load_strict(head, state, source)
+    zoo.heads[spec.name] = head
+
+
+def _build_mc(zoo: ModelZoo, spec: Any, file: dict[str, Any] | None) -> None:
+    model = DeepLabV3Plus(spec.backbone, zoo.classes, dropout=spec.dropout, mc_dropout=True)
+    state = _read(spec.checkpoint, f"models.{spec.name}.checkpoint")["state_dict"]
+    check_classes(state, zoo.classes, str(spec.checkpoint))
+    load_strict(model, state, str(spec.checkpoint))
+    zoo.singles[spec.name], zoo.passes[spec.name] = model, spec.passes
+
+
+def import_factory(path: str) -> Callable[..., nn.Module]:
+    """``package.module:function`` -> the function; one-line errors when it does not import."""
+    module_name, _, attr = path.partition(":")
+    if not module_name or not attr:
+        raise ShiftbenchError(f"factory {path!r} is not of the form package.module:function")
+    try:
+        module = importlib.import_module(module_name)
+    except Exception as exc:  # any import-time failure is the user's module
+        raise ShiftbenchError(f"factory {path!r}: cannot import {module_name!r} "
+                              f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})") from None
+    fn = getattr(module, attr, None)
+    if not callable(fn):
+        raise ShiftbenchError(f"factory {path!r}: module {module_name!r} has no function {attr!r}")
+    return fn
+
+
+def _build_custom(zoo: ModelZoo, spec: Any, file: dict[str, Any] | None) -> None:
+    model = import_factory(spec.factory)(**spec.kwargs)
+    if not isinstance(model, nn.Module):
+        raise ShiftbenchError(f"factory {spec.factory!r} returned {type(model).__name__}, not a torch.nn.Module")
+    if spec.checkpoint is not None:
+        load_strict(model, read_checkpoint(spec.checkpoint)["state_dict"], str(spec.checkpoint))
+    zoo.singles[spec.name] = model
+
+
+BUILDERS: dict[str, Callable[[ModelZoo, Any, dict[str, Any] | None], None]] = {
+    "expert": lambda zoo, spec, file: None, "ensemble": lambda zoo, spec, file: None,
+    "moe": _build_moe, "mc_dropout": _build_mc, "custom": _build_custom,
+}

@@ -1,0 +1,371 @@
+"""Models: architecture, authors' state-dict layout, gates, combination rules, MC dropout, safety."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+import torchvision
+from torch import nn
+
+from shiftbench.errors import ShiftbenchError
+from shiftbench.models import (DeepLabV3Plus, KeyedDropout, MixtureOfExperts, MoEHead, build_gate, load_strict,
+                               read_checkpoint, save_checkpoint)
+from shiftbench.models.backbones import backbone_spec, dilate_last_stage
+from shiftbench.models.checkpoints import check_classes
+from shiftbench.models.gates import grid_from_state
+from shiftbench.models.moe import combine_logits, combine_probs
+from shiftbench.models.training import confusion_matrix, miou
+from shiftbench.seeding import key
+
+K = 11
+
+
+def _features_shapes(backbone: str, h: int, w: int):
+    with torch.device("meta"):
+        model = DeepLabV3Plus(backbone, K).eval()
+        feats = model.encode(torch.empty(1, 3, h, w))
+        aspp, logits = model.forward_features(torch.empty(1, 3, h, w))
+    return feats, aspp, logits
+
+
+@pytest.mark.parametrize("backbone", ["tiny", "resnet18", "resnet50", "resnet101"])
+def test_output_strides_and_the_authors_912_feature_map(backbone):
+    feats, aspp, logits = _features_shapes(backbone, 912, 912)
+    spec = backbone_spec(backbone)
+    assert feats["low_level"].shape[1:] == (spec.low_level, 228, 228)       # stride 4
+    assert feats["out"].shape[1:] == (spec.out, 57, 57)                     # stride 16
+    assert aspp.shape[1:] == (spec.aspp, 57, 57)
+    assert logits.shape == (1, K, 912, 912)
+    # the authors' gate: FC input hard-coded to 3249 = 57 * 57 (train_deeplab.py, linear_feat = 3249)
+    assert 57 * 57 == 3249 and (backbone == "tiny" or spec.gate_grid == (57, 57))
+
+
+def test_tiny_gate_grid_is_the_demo_feature_map():
+    _, aspp, _ = _features_shapes("tiny", 128, 256)
+    assert tuple(aspp.shape[-2:]) == backbone_spec("tiny").gate_grid == (8, 16)
+
+
+def test_dilated_resnet50_equals_torchvision_replace_stride_with_dilation():
+    torch.manual_seed(0)
+    ours = torchvision.models.resnet50(weights=None)
+    dilate_last_stage(ours.layer4)
+    ref = torchvision.models.resnet50(weights=None, replace_stride_with_dilation=[False, False, True])
+    ref.load_state_dict(ours.state_dict())
+    ours.eval(), ref.eval()
+    x = torch.rand(1, 3, 64, 64)
+    body = lambda m: m.layer4(m.layer3(m.layer2(m.layer1(m.maxpool(m.relu(m.bn1(m.conv1(x))))))))  # noqa: E731
+    with torch.no_grad():
+        a, b = body(ours), body(ref)
+    assert a.shape == (1, 2048, 4, 4)
+    torch.testing.assert_close(a, b)
+
+
+# --------------------------------------------------------------------------- the authors' layout
+
+def _bn(prefix: str, c: int) -> dict:
+    return {f"{prefix}.weight": [c], f"{prefix}.bias": [c], f"{prefix}.running_mean": [c],
+            f"{prefix}.running_var": [c], f"{prefix}.num_batches_tracked": []}
+
+
+def authors_head_shapes(low: int, out: int, classes: int) -> dict:
+    """Key -> shape of VainF's / the authors' DeepLabHeadV3Plus (models/deeplab.py), written from
+    their code: project 1x1 -> 48, ASPP (1x1, three 3x3, pooling) -> 256, 1x1 over 5*256,
+    classifier 3x3 over 48+256 -> 256, 1x1 -> classes."""
+    shapes = {"classifier.project.0.weight": [48, low, 1, 1], **_bn("classifier.project.1", 48),
+              "classifier.aspp.convs.0.0.weight": [256, out, 1, 1], **_bn("classifier.aspp.convs.0.1", 256)}
+    for i in (1, 2, 3):
+        shapes.update({f"classifier.aspp.convs.{i}.0.weight": [256, out, 3, 3], **_bn(f"classifier.aspp.convs.{i}.1", 256)})
+    shapes.update({"classifier.aspp.convs.4.1.weight": [256, out, 1, 1], **_bn("classifier.aspp.convs.4.2", 256),
+                   "classifier.aspp.project.0.weight": [256, 1280, 1, 1], **_bn("classifier.aspp.project.1", 256),
+                   "classifier.classifier.0.weight": [256, 304, 3, 3], **_bn("classifier.classifier.1", 256),
+                   "classifier.classifier.3.weight": [classes, 256, 1, 1], "classifier.classifier.3.bias": [classes]})
+    return shapes
+
+
+def authors_expert_state(arch: str, low: int, out: int, classes: int) -> dict:
+    """A state dict with the authors' names and shapes: their backbone is torchvision's ResNet
+    (models/backbone/resnet.py) behind IntermediateLayerGetter, so it keeps every key but fc.*."""
+    gen = torch.Generator().manual_seed(1)
+    backbone = {f"backbone.{k}": v for k, v in getattr(torchvision.models, arch)(weights=None).state_dict().items()
+                if not k.startswith("fc.")}
+    head = {k: (torch.randint(0, 5, s, generator=gen) if k.endswith("num_batches_tracked")
+                else torch.rand(s, generator=gen)) for k, s in authors_head_shapes(low, out, classes).items()}
+    return {**backbone, **head}
+
+
+def authors_gate_state(kind: str, experts: int, classes: int, in_features: int = 3249) -> dict:
+    """The authors' models/gate.py: conv1 (E*256 -> 1, 3x3, bias), fc1 (in_features -> 128), fc2 (128 -> E);
+    classwise = gates.{k}.* for every class."""
+    simple = {"conv1.weight": [1, 256 * experts, 3, 3], "conv1.bias": [1], "fc1.weight": [128, in_features],
+              "fc1.bias": [128], "fc2.weight": [experts, 128], "fc2.bias": [experts]}
+    if kind == "simple":
+        return {f"gate.{k}": torch.randn(s) * 0.01 for k, s in simple.items()}
+    return {f"gate.gates.{c}.{k}": torch.randn(s) * 0.01 for c in range(classes) for k, s in simple.items()}
+
+
+def test_authors_resnet101_expert_checkpoint_loads(tmp_path):
+    state = authors_expert_state("resnet101", 256, 2048, 38)
+    model = DeepLabV3Plus("resnet101", 38)
+    load_strict(model, state, "authors")
+    assert torch.equal(model.state_dict()["classifier.classifier.3.bias"], state["classifier.classifier.3.bias"])
+    assert set(model.state_dict()) == set(state)
+
+
+def test_authors_checkpoint_file_with_numpy_scalar_loads_safely(tmp_path):
+    state = authors_expert_state("resnet18", 64, 512, K)
+    path = tmp_path / "model_best.pth.tar"
+    torch.save({"epoch": 50, "state_dict": state, "best_pred": np.float64(0.71)}, path)  # as their Saver writes
+    loaded = read_checkpoint(path)["state_dict"]
+    model = DeepLabV3Plus("resnet18", K)
+    load_strict(model, loaded, str(path))
+    assert torch.equal(model.backbone.layer4[1].conv2.weight, state["backbone.layer4.1.conv2.weight"])
+
+
+@pytest.mark.parametrize("gate", ["simple", "classwise"])
+def test_authors_moe_state_dict_loads(gate):
+    experts = authors_expert_state("resnet18", 64, 512, K)
+    state = {**{f"expert1.{k}": v for k, v in experts.items()}, **{f"expert2.{k}": v for k, v in experts.items()},
+             **authors_gate_state(gate, 2, K), "final_conv.weight": torch.randn(K, K, 3, 3)}
+    assert grid_from_state(state, "authors") == (57, 57)
+    moe = MixtureOfExperts([DeepLabV3Plus("resnet18", K), DeepLabV3Plus("resnet18", K)], gate, K, (57, 57),
+                           final_conv=True, channels=256)
+    load_strict(moe, state, "authors")
+    assert torch.equal(moe.final_conv.weight, state["final_conv.weight"])
+
+
+# --------------------------------------------------------------------------- gates
+
+def authors_gate_forward(features, conv_w, conv_b, w1, b1, w2, b2):
+    """Their GateLayerSimple.forward: conv -> relu -> view(B,-1) -> fc1 -> relu -> fc2 -> softmax."""
+    h = F.relu(F.conv2d(features, conv_w, conv_b, padding=1)).view(features.shape[0], -1)
+    return torch.softmax(F.relu(h @ w1.T + b1) @ w2.T + b2, dim=1)
+
+
+def adaptive_pool_brute(x, grid):
+    """PyTorch's adaptive average pooling bins: rows floor(i*h/gh) .. ceil((i+1)*h/gh)."""
+    h, w = x.shape[-2:]
+    out = torch.empty(*x.shape[:-2], *grid)
+    for i in range(grid[0]):
+        for j in range(grid[1]):
+            r0, r1 = (i * h) // grid[0], math.ceil((i + 1) * h / grid[0])
+            c0, c1 = (j * w) // grid[1], math.ceil((j + 1) * w / grid[1])
+            out[..., i, j] = x[..., r0:r1, c0:c1].mean((-2, -1))
+    return out
+
+
+@pytest.mark.parametrize("kind", ["simple", "classwise"])
+def test_gate_at_its_grid_equals_the_authors_gate(kind):
+    torch.manual_seed(0)
+    gate = build_gate(kind, 2 * 8, 2, 3, (5, 7))
+    feats = torch.randn(4, 16, 5, 7)
+    with torch.no_grad():
+        w = gate(feats)
+    heads = [gate] if kind == "simple" else list(gate.gates)
+    ref = torch.stack([authors_gate_forward(feats, h.conv1.weight, h.conv1.bias, h.fc1.weight, h.fc1.bias,
+                                            h.fc2.weight, h.fc2.bias) for h in heads], -1)
+    assert w.shape == ((4, 2) if kind == "simple" else (4, 2, 3))
+    torch.testing.assert_close(w, ref[..., 0] if kind == "simple" else ref)
+
+
+@pytest.mark.parametrize("kind", ["simple", "classwise"])
+def test_gate_works_at_any_size_by_pooling_to_its_grid(kind):
+    torch.manual_seed(0)
+    gate = build_gate(kind, 16, 3, 4, (5, 7))
+    feats = torch.randn(2, 16, 11, 23)
+    with torch.no_grad():
+        w = gate(feats)
+        heads = [gate] if kind == "simple" else list(gate.gates)
+        ref = []
+        for h in heads:
+            m = adaptive_pool_brute(F.relu(F.conv2d(feats, h.conv1.weight, h.conv1.bias, padding=1)), (5, 7))
+            ref.append(torch.softmax(F.relu(m.flatten(1) @ h.fc1.weight.T + h.fc1.bias) @ h.fc2.weight.T
+                                     + h.fc2.bias, 1))
+    torch.testing.assert_close(w, ref[0] if kind == "simple" else torch.stack(ref, -1))
+    torch.testing.assert_close(w.sum(1), torch.ones_like(w.sum(1)))
+
+
+# --------------------------------------------------------------------------- combination rules
+
+def _expert_outputs(E=3, B=2, H=5, W=6, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(E, B, K, H, W, generator=g) * 3
+
+
+@pytest.mark.parametrize("classwise", [False, True])
+@pytest.mark.parametrize("with_conv", [False, True])
+def test_combine_probs_is_eq1(classwise, with_conv):
+    z = _expert_outputs()
+    E, B = z.shape[:2]
+    w = torch.softmax(torch.randn(B, E, K) if classwise else torch.randn(B, E), dim=1)
+    conv = nn.Conv2d(K, K, 3, 1, 1, bias=False) if with_conv else None
+    p = torch.zeros(B, K, *z.shape[-2:])
+    for i in range(E):  # P_k = sum_i w_ik P_ik
+        wi = w[:, i, :, None, None] if classwise else w[:, i, None, None, None]
+        p += wi * torch.softmax(z[i], dim=1)
+    p = p / p.sum(1, keepdim=True)  # a classwise gate's mixture is renormalised over classes
+    if with_conv:
+        p = torch.softmax(conv(torch.log(p)), dim=1)
+    with torch.no_grad():
+        torch.testing.assert_close(combine_probs(z, w, conv).exp(), p, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("with_conv", [False, True])
+def test_combine_logits_is_the_authors_rule(with_conv):
+    z = _expert_outputs()
+    w = torch.softmax(torch.randn(2, 3, K), dim=1)
+    conv = nn.Conv2d(K, K, 3, 1, 1, bias=False) if with_conv else None
+    mixed = sum(w[:, i, :, None, None] * z[i] for i in range(3))  # out_i *= weight_i; out_1 + out_2
+    ref = torch.softmax(conv(mixed) if with_conv else mixed, dim=1)
+    with torch.no_grad():
+        torch.testing.assert_close(combine_logits(z, w, conv).exp(), ref, atol=1e-5, rtol=1e-4)
+
+
+def test_any_number_of_experts():
+    torch.manual_seed(0)
+    experts = [DeepLabV3Plus("tiny", K).eval() for _ in range(5)]
+    moe = MixtureOfExperts(experts, "classwise", K, (2, 4), final_conv=True)
+    log_p, w, logits = moe(torch.rand(2, 3, 32, 64))
+    assert log_p.shape == (2, K, 32, 64) and w.shape == (2, 5, K) and logits.shape == (5, 2, K, 32, 64)
+    torch.testing.assert_close(log_p.exp().sum(1), torch.ones(2, 32, 64))
+    assert [k for k in moe.state_dict() if k.startswith("expert5.")]
+
+
+# --------------------------------------------------------------------------- MC dropout
+
+def test_keyed_dropout_masks_follow_their_keys():
+    drop = KeyedDropout(0.25, seeds=[11, 22], passes=2)
+    x = torch.ones(4, 3, 5, 5)
+    y = drop(x, 2)
+    for t in range(2):
+        for b, s in enumerate([11, 22]):
+            g = torch.Generator().manual_seed(key(s, "mc_dropout", t, 2))
+            keep = (torch.rand(3, 5, 5, generator=g) >= 0.25).float()
+            torch.testing.assert_close(y[t * 2 + b], keep / 0.75)
+
+
+def test_keyed_dropout_rate():
+    drop = KeyedDropout(0.1, seeds=[5], passes=1)
+    m = drop.mask((200, 50, 50), 0, torch.device("cpu"), torch.float32)
+    assert abs(float((m == 0).float().mean()) - 0.1) < 0.005
+    assert abs(float(m.mean()) - 1.0) < 0.01
+
+
+def test_mc_passes_do_not_depend_on_batch_size_or_position():
+    torch.manual_seed(0)
+    model = DeepLabV3Plus("tiny", K, dropout=0.3, mc_dropout=True).eval()
+    x = torch.rand(3, 3, 64, 96)
+    seeds = [101, 202, 303]
+    with torch.no_grad():
+        full = model.mc_logits(x, seeds, passes=3)
+        alone = model.mc_logits(x[1:2], seeds[1:2], passes=3)
+        perm = model.mc_logits(x[[2, 1, 0]], [303, 202, 101], passes=3)
+        other_seed = model.mc_logits(x[1:2], [999], passes=3)
+    assert full.shape == (3, 3, K, 64, 96)
+    torch.testing.assert_close(full[:, 1], alone[:, 0], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(full[:, 1], perm[:, 1], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(full[:, 0], perm[:, 2], atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(full[0, 1], full[1, 1])          # passes differ
+    assert not torch.allclose(full[:, 1], other_seed[:, 0])    # seeds matter
+    with torch.no_grad():
+        assert torch.equal(model(x), model(x))                 # eval forward is deterministic
+
+
+def test_mc_dropout_reaches_every_site():
+    seen = set()
+
+    class Spy(KeyedDropout):
+        def __call__(self, x, site):
+            seen.add(site)
+            return super().__call__(x, site)
+
+    model = DeepLabV3Plus("tiny", K, mc_dropout=True).eval()
+    feats = model.encode(torch.rand(1, 3, 32, 64))
+    with torch.no_grad():
+        model.classifier(feats, Spy(0.1, [0], 1))
+    assert seen == {0, 1, 2, 3, 4, 5, 6}
+
+
+# --------------------------------------------------------------------------- checkpoints and errors
+
+class Opaque:
+    def __init__(self):
+        self.x = 1
+
+
+def test_checkpoint_needing_pickled_code_is_refused(tmp_path):
+    path = tmp_path / "evil.pt"
+    torch.save({"state_dict": {"w": torch.zeros(1)}, "extra": Opaque()}, path)
+    with pytest.raises(ShiftbenchError) as exc:
+        read_checkpoint(path)
+    msg = str(exc.value)
+    assert "refused" in msg and "arbitrary pickled code" in msg and "Opaque" in msg and "\n" not in msg
+
+
+@pytest.mark.parametrize("content, expected", [
+    (b"not a torch file", "is not a readable torch file"),
+    (None, "not found"),
+])
+def test_unreadable_checkpoints(tmp_path, content, expected):
+    path = tmp_path / "x.pt"
+    if content is not None:
+        path.write_bytes(content)
+    with pytest.raises(ShiftbenchError, match=expected):
+        read_checkpoint(path)
+
+
+def test_key_and_shape_mismatches_are_listed_in_one_error():
+    model = DeepLabV3Plus("tiny", K)
+    state = dict(model.state_dict())
+    for k in list(state)[:7]:
+        del state[k]
+    state["extra.weight"] = torch.zeros(1)
+    state["classifier.classifier.0.weight"] = torch.zeros(3, 3, 3, 3)
+    with pytest.raises(ShiftbenchError) as exc:
+        load_strict(model, state, "ckpt.pt")
+    msg = str(exc.value)
+    assert "\n" not in msg and "ckpt.pt does not fit the model" in msg
+    assert "missing keys (7): backbone.stem.0.weight" in msg and ", ..." in msg
+    assert "unexpected keys (1): extra.weight" in msg
+    assert "classifier.classifier.0.weight [3, 3, 3, 3] != [48, 80, 3, 3]" in msg
+
+
+def test_wrong_number_of_classes_unknown_backbone_and_gate():
+    state = DeepLabV3Plus("tiny", 19).state_dict()
+    with pytest.raises(ShiftbenchError, match=r"^x.pt predicts 19 classes, the suite's dataset has 11"):
+        check_classes(state, 11, "x.pt")
+    with pytest.raises(ShiftbenchError, match=r"unknown backbone 'resnet34'; allowed: resnet18, resnet50, resnet101, tiny"):
+        DeepLabV3Plus("resnet34", K)
+    with pytest.raises(ShiftbenchError, match=r"unknown gate type 'topk'; allowed: simple, classwise"):
+        MoEHead("topk", 2, 64, K, (2, 2))
+    with pytest.raises(ShiftbenchError, match=r"unknown combine rule 'max'; allowed: probs, logits"):
+        MoEHead("simple", 2, 64, K, (2, 2), combine="max")
+
+
+def test_saved_checkpoint_round_trips_with_plain_meta(tmp_path):
+    model = DeepLabV3Plus("tiny", K)
+    save_checkpoint(tmp_path / "m.pt", model.state_dict(), {"kind": "expert", "val_miou": [0.5]})
+    ckpt = read_checkpoint(tmp_path / "m.pt")
+    assert ckpt["meta"]["kind"] == "expert" and set(ckpt["meta"]["versions"]) == {"shiftbench", "torch", "torchvision"}
+    load_strict(DeepLabV3Plus("tiny", K), ckpt["state_dict"], "m.pt")
+    assert [p.name for p in tmp_path.iterdir()] == ["m.pt"]
+
+
+# --------------------------------------------------------------------------- metrics used in training
+
+def test_miou_matches_brute_force():
+    g = torch.Generator().manual_seed(0)
+    label = torch.randint(0, 5, (2, 9, 13), generator=g)
+    label[0, :3] = 255
+    pred = torch.randint(0, 4, (2, 9, 13), generator=g)  # class 4 never predicted
+    conf = confusion_matrix(pred, label, 6)              # class 5 absent everywhere
+    ious = []
+    for c in range(6):
+        valid = label != 255
+        tp = ((pred == c) & (label == c) & valid).sum().item()
+        union = (((pred == c) | (label == c)) & valid).sum().item()
+        if union:
+            ious.append(tp / union)
+    assert conf.sum() == (label != 255).sum()
+    assert miou(conf) == pytest.approx(sum(ious) / len(ious))

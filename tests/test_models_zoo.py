@@ -1,0 +1,188 @@
+"""ModelZoo: every model of a suite from one pass through each expert."""
+
+import textwrap
+
+import pytest
+import torch
+import yaml
+
+from shiftbench.errors import ShiftbenchError
+from shiftbench.models import DeepLabV3Plus, ModelZoo, MoEHead, save_checkpoint
+from shiftbench.suite import load_suite
+
+K = 11
+GRID = [2, 4]  # the tiny backbone's stride-16 map of a 32x64 image
+
+MODELS = [
+    {"name": "baseline", "kind": "mc_dropout", "backbone": "tiny", "checkpoint": "baseline.pt", "passes": 3},
+    {"name": "ensemble", "kind": "ensemble", "experts": ["highway", "urban"]},
+    {"name": "highway_only", "kind": "expert", "experts": ["highway"]},
+    {"name": "moe_simple", "kind": "moe", "experts": ["highway", "urban"], "gate": "simple",
+     "checkpoint": "moe_simple.pt"},
+    {"name": "moe_simple_conv", "kind": "moe", "experts": ["highway", "urban"], "gate": "simple",
+     "final_conv": True, "checkpoint": "moe_simple_conv.pt"},
+    {"name": "moe_classwise", "kind": "moe", "experts": ["highway", "urban"], "gate": "classwise",
+     "checkpoint": "moe_classwise.pt"},
+    {"name": "moe_classwise_logits", "kind": "moe", "experts": ["highway", "urban"], "gate": "classwise",
+     "final_conv": True, "combine": "logits", "checkpoint": "moe_classwise_logits.pt"},
+    {"name": "mine", "kind": "custom", "factory": "zoo_custom_models:build", "kwargs": {"width": 4},
+     "checkpoint": "mine.pt"},
+]
+
+CUSTOM = textwrap.dedent("""
+    from torch import nn
+
+    def build(width=8):
+        return nn.Sequential(nn.Conv2d(3, width, 3, padding=1), nn.ReLU(), nn.Conv2d(width, 11, 1))
+""")
+
+
+def write_suite(folder, models=MODELS, experts=None) -> object:
+    experts = experts or {n: {"backbone": "tiny", "checkpoint": f"expert_{n}.pt"} for n in ("highway", "urban")}
+    data = {"name": "zoo_test", "dataset": {"name": "synthetic", "size": [32, 64], "classes": K,
+                                            "eval": {"id": ["highway_test"]}},
+            "experts": experts, "models": models, "corruptions": {"names": "none"}}
+    path = folder / "suite.yaml"
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    return load_suite(path)
+
+
+@pytest.fixture()
+def suite(tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend(str(tmp_path))
+    (tmp_path / "zoo_custom_models.py").write_text(CUSTOM)
+    torch.manual_seed(0)
+    for n in ("highway", "urban"):
+        save_checkpoint(tmp_path / f"expert_{n}.pt", _trained_like(DeepLabV3Plus("tiny", K)).state_dict(),
+                        {"kind": "expert"})
+    save_checkpoint(tmp_path / "baseline.pt", _trained_like(DeepLabV3Plus("tiny", K, mc_dropout=True)).state_dict(),
+                    {"kind": "mc_dropout"})
+    for m in MODELS:
+        if m["kind"] == "moe":
+            head = MoEHead(m["gate"], 2, 64, K, GRID, m.get("final_conv", False), m.get("combine", "probs"))
+            save_checkpoint(tmp_path / m["checkpoint"], head.state_dict(), {"kind": "moe", "gate": m["gate"],
+                                                                           "gate_grid": GRID})
+    import zoo_custom_models
+
+    save_checkpoint(tmp_path / "mine.pt", zoo_custom_models.build(4).state_dict(), {"kind": "custom"})
+    return write_suite(tmp_path)
+
+
+def _trained_like(model):
+    """Random BN statistics, so eval-mode outputs are not trivially equal across models."""
+    for m in model.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.1, 0.1)
+            m.running_var.uniform_(0.5, 1.5)
+    return model
+
+
+def test_every_model_from_one_pass_per_expert(suite):
+    zoo = ModelZoo.from_suite(suite)
+    calls = {n: 0 for n in zoo.experts}
+    for n, e in zoo.experts.items():
+        e.backbone.register_forward_hook(lambda *a, n=n: calls.__setitem__(n, calls[n] + 1))
+    x = torch.rand(2, 3, 32, 64)
+    out = zoo(x, torch.tensor([3, 4]))
+    assert calls == {"highway": 1, "urban": 1}
+    assert list(out) == [m["name"] for m in MODELS]
+    for name, p in out.items():
+        assert p.probs.shape == (2, K, 32, 64) and p.probs.dtype == torch.float32, name
+        torch.testing.assert_close(p.probs.sum(1), torch.ones(2, 32, 64))
+    ens = out["ensemble"]
+    assert ens.members.shape == (2, 2, K, 32, 64) and ens.gate is None
+    torch.testing.assert_close(ens.probs, ens.members.mean(0))
+    for name in ("moe_simple", "moe_simple_conv", "moe_classwise", "moe_classwise_logits"):
+        assert out[name].members is ens.members  # shared, not recomputed
+    w = out["moe_simple"].gate
+    assert w.shape == (2, 2)
+    torch.testing.assert_close(out["moe_simple"].probs, (w.T[:, :, None, None, None] * ens.members).sum(0))
+    assert out["moe_classwise"].gate.shape == (2, 2, K)
+    torch.testing.assert_close(out["highway_only"].probs, ens.members[0])
+    assert out["baseline"].members.shape == (3, 2, K, 32, 64)
+    torch.testing.assert_close(out["baseline"].probs, out["baseline"].members.mean(0))
+    assert out["mine"].members is None and out["mine"].gate is None
+
+
+def test_only_the_experts_a_subset_needs_run(suite):
+    zoo = ModelZoo.from_suite(suite, names=["baseline", "highway_only"])
+    calls = []
+    for e in zoo.experts.values():
+        e.backbone.register_forward_hook(lambda *a: calls.append(1))
+    out = zoo(torch.rand(1, 3, 32, 64), [0])
+    assert list(out) == ["baseline", "highway_only"] and len(calls) == 1 and list(zoo.experts) == ["highway"]
+
+
+def test_mc_passes_of_a_sample_do_not_depend_on_its_batch(suite):
+    zoo = ModelZoo.from_suite(suite, names=["baseline"])
+    x = torch.rand(3, 3, 32, 64)
+    full = zoo(x, [7, 8, 9])["baseline"].members
+    alone = zoo(x[2:], [9])["baseline"].members
+    torch.testing.assert_close(full[:, 2], alone[:, 0], atol=1e-5, rtol=1e-5)
+
+
+def test_autocast_returns_float32_probabilities(suite):
+    zoo = ModelZoo.from_suite(suite, names=["moe_classwise", "baseline"], amp=True)
+    out = zoo(torch.rand(1, 3, 32, 64), [1])
+    assert all(p.probs.dtype == torch.float32 and p.members.dtype == torch.float32 for p in out.values())
+    ref = ModelZoo.from_suite(suite, names=["moe_classwise"], amp=False)(torch.rand(1, 3, 32, 64), [1])
+    assert ref["moe_classwise"].probs.dtype == torch.float32
+
+
+def test_zoo_stays_in_eval_mode_without_gradients(suite):
+    zoo = ModelZoo.from_suite(suite).train()
+    assert not any(m.training for m in zoo.modules())
+    assert not any(p.requires_grad for p in zoo.parameters())
+
+
+def test_authors_moe_file_supplies_its_experts(tmp_path):
+    torch.manual_seed(1)
+    experts = [_trained_like(DeepLabV3Plus("tiny", K)) for _ in range(2)]
+    head = MoEHead("simple", 2, 64, K, (4, 4))
+    state = {**{f"expert{i}.{k}": v for i, e in enumerate(experts, 1) for k, v in e.state_dict().items()},
+             **head.state_dict()}
+    torch.save({"epoch": 3, "state_dict": state}, tmp_path / "authors_moe.pth.tar")  # no meta: grid from fc1 (16 = 4x4)
+    models = [{"name": "moe", "kind": "moe", "experts": ["highway", "urban"], "gate": "simple", "combine": "logits",
+               "checkpoint": "authors_moe.pth.tar"}]
+    s = write_suite(tmp_path, models, experts={n: {"backbone": "tiny"} for n in ("highway", "urban")})
+    zoo = ModelZoo.from_suite(s)
+    assert torch.equal(zoo.experts["urban"].classifier.classifier[3].weight, experts[1].classifier.classifier[3].weight)
+    assert zoo.heads["moe"].grid == (4, 4)
+    assert zoo(torch.rand(1, 3, 64, 64), [0])["moe"].gate.shape == (1, 2)
+    # an expert checkpoint that disagrees with the weights inside the MoE file is refused
+    save_checkpoint(tmp_path / "other.pt", DeepLabV3Plus("tiny", K).state_dict(), {})
+    s = write_suite(tmp_path, models, experts={"highway": {"backbone": "tiny", "checkpoint": "other.pt"},
+                                               "urban": {"backbone": "tiny"}})
+    with pytest.raises(ShiftbenchError, match=r"carries weights for expert 'highway' that differ from .*other.pt"):
+        ModelZoo.from_suite(s)
+
+
+def _error(suite_obj) -> str:
+    with pytest.raises(ShiftbenchError) as exc:
+        ModelZoo.from_suite(suite_obj)
+    assert "\n" not in str(exc.value)
+    return str(exc.value)
+
+
+def test_bad_models_give_one_line_errors(suite, tmp_path):
+    bad = [dict(MODELS[-1], factory="no_such_pkg.models:build")]
+    assert "factory 'no_such_pkg.models:build': cannot import 'no_such_pkg.models' (ModuleNotFoundError" in _error(
+        write_suite(tmp_path, bad))
+    bad = [dict(MODELS[-1], factory="zoo_custom_models:missing")]
+    assert "module 'zoo_custom_models' has no function 'missing'" in _error(write_suite(tmp_path, bad))
+    bad = [dict(MODELS[3], gate="classwise")]
+    assert "moe_simple.pt holds a simple gate, the suite says gate: classwise" in _error(write_suite(tmp_path, bad))
+    bad = [dict(MODELS[0], checkpoint=None)]
+    assert "models.baseline.checkpoint: missing" in _error(write_suite(tmp_path, bad))
+    save_checkpoint(tmp_path / "k19.pt", DeepLabV3Plus("tiny", 19).state_dict(), {})
+    bad = [dict(MODELS[0], checkpoint="k19.pt")]
+    assert "k19.pt predicts 19 classes, the suite's dataset has 11" in _error(write_suite(tmp_path, bad))
+    bad = [dict(MODELS[0], backbone="resnet18")]
+    assert "baseline.pt does not fit the model: missing keys" in _error(write_suite(tmp_path, bad))
+
+
+def test_custom_model_with_wrong_output_is_refused(suite, tmp_path):
+    (tmp_path / "zoo_bad_models.py").write_text("from torch import nn\ndef build():\n    return nn.Conv2d(3, 5, 1)\n")
+    s = write_suite(tmp_path, [{"name": "bad", "kind": "custom", "factory": "zoo_bad_models:build"}])
+    with pytest.raises(ShiftbenchError, match=r"model 'bad' returned \[1, 5, 32, 64\]; a custom model must map"):
+        ModelZoo.from_suite(s)(torch.rand(1, 3, 32, 64), [0])
