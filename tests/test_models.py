@@ -12,7 +12,7 @@ from torch import nn
 from shiftbench.errors import ShiftbenchError
 from shiftbench.models import (DeepLabV3Plus, KeyedDropout, MixtureOfExperts, MoEHead, build_gate, load_strict,
                                read_checkpoint, save_checkpoint)
-from shiftbench.models.backbones import backbone_spec, dilate_last_stage
+from shiftbench.models.backbones import backbone_spec, dilate_last_stage, feature_grid
 from shiftbench.models.checkpoints import check_classes
 from shiftbench.models.gates import grid_from_state
 from shiftbench.models.moe import combine_logits, combine_probs
@@ -40,6 +40,13 @@ def test_output_strides_and_the_authors_912_feature_map(backbone):
     assert logits.shape == (1, K, 912, 912)
     # the authors' gate: FC input hard-coded to 3249 = 57 * 57 (train_deeplab.py, linear_feat = 3249)
     assert 57 * 57 == 3249 and (backbone == "tiny" or spec.gate_grid == (57, 57))
+
+
+@pytest.mark.parametrize("backbone", ["tiny", "resnet18"])
+@pytest.mark.parametrize("size", [(912, 912), (128, 256), (100, 150), (33, 47)])
+def test_feature_grid_is_the_stride_16_map(backbone, size):
+    _, aspp, _ = _features_shapes(backbone, *size)
+    assert tuple(aspp.shape[-2:]) == feature_grid(size)
 
 
 def test_tiny_gate_grid_is_the_demo_feature_map():

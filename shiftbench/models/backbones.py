@@ -20,6 +20,7 @@ from torchvision.models._utils import IntermediateLayerGetter
 from shiftbench.errors import ShiftbenchError
 
 RETURN_LAYERS = {"layer1": "low_level", "layer4": "out"}
+OUTPUT_STRIDE = 16
 
 
 @dataclass(frozen=True)
@@ -30,7 +31,9 @@ class BackboneSpec:
     rates:           ASPP atrous rates.
     aspp, project, decoder: channels of the ASPP output, of the low-level projection and of
                      the decoder's 3x3 conv (256 / 48 / 256 in DeepLabv3+).
-    gate_grid:       the fixed grid a gate pools its conv map to before the FC layers.
+    gate_grid:       the grid a new gate pools its conv map to before the FC layers when the
+                     suite's image size is unknown (native sizes); otherwise the gate's grid is
+                     :func:`feature_grid` of that size, so pooling is the identity there.
     """
 
     build: Callable[[], nn.Module]
@@ -110,6 +113,12 @@ def backbone_spec(name: str) -> BackboneSpec:
     if name not in BACKBONES:
         raise ShiftbenchError(f"unknown backbone {name!r}; allowed: {', '.join(BACKBONES)}")
     return BACKBONES[name]
+
+
+def feature_grid(size: tuple[int, int]) -> tuple[int, int]:
+    """The stride-16 map of an ``H x W`` image, ``(ceil(H/16), ceil(W/16))``: each of the four
+    stride-2 layers (k=3,p=1 / k=7,p=3 / k=1,p=0) maps n to ceil(n/2). 912 -> 57."""
+    return tuple(-(-int(n) // OUTPUT_STRIDE) for n in size)
 
 
 def load_imagenet(backbone: nn.Module, state: dict[str, torch.Tensor], name: str, source: str) -> None:

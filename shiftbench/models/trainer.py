@@ -1,0 +1,185 @@
+"""Train a suite's models in order: experts on their own splits, the MC-dropout baselines on
+``train.splits``, then the gates of every MoE on ``train.splits`` with the experts frozen.
+
+Each checkpoint is written atomically as ``{"state_dict", "meta"}``; ``meta`` records the model,
+the suite (name and digest), the training settings, the validation mIoU per epoch and the
+package versions. An MoE checkpoint holds only its gate (and final conv); its experts come
+from the expert checkpoints.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+from torch.utils.data import ConcatDataset, Dataset
+
+from shiftbench.errors import ShiftbenchError
+from shiftbench.models.backbones import backbone_spec, feature_grid, load_imagenet
+from shiftbench.models.checkpoints import read_checkpoint, save_checkpoint
+from shiftbench.models.deeplab import DeepLabV3Plus
+from shiftbench.models.moe import MoEHead
+from shiftbench.models.training import GateJob, Stage, init_seed, train_gates, train_segmenter
+from shiftbench.models.zoo import load_expert
+
+TRAINABLE = ("mc_dropout", "moe")
+
+
+# ---------------------------------------------------------------------------- data
+
+
+def _synthetic(suite: Any, split: str) -> Dataset:
+    from shiftbench.data.synthetic import SyntheticStreetScenes
+
+    domain, _, part = split.rpartition("_")
+    ds = suite.dataset
+    return SyntheticStreetScenes(domain, part, ds.count[part], seed=ds.seed, size=tuple(ds.size))
+
+
+def _from_data_layer(suite: Any, split: str) -> Dataset:
+    try:
+        from shiftbench.data import open_split
+    except ImportError:
+        raise ShiftbenchError(f"training on {suite.dataset.name} needs shiftbench.data.open_split, "
+                              "which this installation lacks; train on the synthetic dataset") from None
+    return open_split(suite, split)
+
+
+#: dataset name -> how to open one split by name
+OPENERS: dict[str, Callable[[Any, str], Dataset]] = {
+    "synthetic": _synthetic, "a2d2": _from_data_layer, "cityscapes": _from_data_layer,
+}
+
+
+def open_splits(suite: Any, splits: Sequence[str]) -> Dataset | None:
+    """The named splits of the suite's dataset, concatenated (None when none are named)."""
+    if not splits:
+        return None
+    parts = [OPENERS[suite.dataset.name](suite, s) for s in splits]
+    return parts[0] if len(parts) == 1 else ConcatDataset(parts)
+
+
+# ---------------------------------------------------------------------------- plan
+
+
+def _targets(suite: Any, only: Sequence[str] | None) -> tuple[list[Any], list[Any]]:
+    """(experts, models) to train: all trainable ones, or those named in ``only``."""
+    experts = [e for e in suite.experts.values() if e.train]
+    models = [m for m in suite.models if m.kind in TRAINABLE]
+    if only is None:
+        return experts, models
+    allowed = [e.name for e in experts] + [m.name for m in models]
+    for name in only:
+        if name not in allowed:
+            raise ShiftbenchError(f"--only: {name!r} is not a trainable expert or model of suite {suite.name!r}; "
+                                  f"trainable: {', '.join(allowed) or 'none'} (experts need train splits; "
+                                  f"models of kind {' or '.join(TRAINABLE)})")
+    return [e for e in experts if e.name in only], [m for m in models if m.name in only]
+
+
+def _target_path(checkpoint: Path | None, name: str, out: Path | None, where: str) -> Path:
+    if out is not None:
+        return out / (checkpoint.name if checkpoint is not None else f"{name}.pt")
+    if checkpoint is None:
+        raise ShiftbenchError(f"{where}.checkpoint: missing; give a path to write to, or use --out DIR")
+    return checkpoint
+
+
+def _stage(suite: Any, name: str) -> Stage:
+    t = suite.train
+    s = getattr(t, name)
+    return Stage(s.epochs, s.lr, s.weight_decay, t.batch_size, t.seed)
+
+
+def _meta(suite: Any, kind: str, name: str, stage: Stage, splits: Sequence[str], stats: dict, **extra: Any) -> dict:
+    return {"kind": kind, "name": name, "classes": suite.dataset.classes, "dataset": suite.dataset.name,
+            "suite": suite.name, "suite_digest": suite.digest(), "seed": stage.seed, "epochs": stage.epochs,
+            "lr": stage.lr, "weight_decay": stage.weight_decay, "batch_size": stage.batch_size,
+            "train_splits": list(splits), **stats, **extra}
+
+
+# ---------------------------------------------------------------------------- stages
+
+
+def _segmenter(suite: Any, name: str, model: DeepLabV3Plus, pretrained: Path | None, splits: Sequence[str],
+               val: Sequence[str], stage: Stage, device: torch.device, quiet: bool) -> dict:
+    if pretrained is not None:
+        load_imagenet(model.backbone, read_checkpoint(pretrained)["state_dict"], model.backbone_name, str(pretrained))
+    return train_segmenter(model, open_splits(suite, splits), open_splits(suite, val), stage, name, device, quiet)
+
+
+def _gate_jobs(suite: Any, models: Sequence[Any], experts: dict[str, DeepLabV3Plus]) -> list[GateJob]:
+    jobs = []
+    for m in models:
+        backbones = {experts[e].backbone_name for e in m.experts}
+        specs = [backbone_spec(b) for b in backbones]
+        if len({s.aspp for s in specs}) > 1:
+            raise ShiftbenchError(f"models.{m.name}: its experts' ASPP widths differ ({', '.join(sorted(backbones))}); "
+                                  "a gate needs experts with the same feature width")
+        init_seed(suite.train.seed, m.name)
+        size = suite.dataset.size
+        grid = feature_grid(size) if size else specs[0].gate_grid
+        head = MoEHead(m.gate, len(m.experts), specs[0].aspp, suite.dataset.classes, grid, m.final_conv, m.combine)
+        jobs.append(GateJob(m.name, head, tuple(m.experts)))
+    return jobs
+
+
+def train_suite(suite: Any, only: Sequence[str] | None = None, out: Path | None = None,
+                device: str | torch.device = "cpu", quiet: bool = False,
+                log: Callable[[str], None] = print) -> dict[str, dict]:
+    """Train the suite's experts, MC-dropout baselines and gates (or those in ``only``); write
+    their checkpoints (into ``out`` when given); returns ``{name: meta}``."""
+    if suite.train is None:
+        raise ShiftbenchError("train: missing; the suite needs a train section to train its models")
+    device = torch.device(device)
+    experts, models = _targets(suite, only)
+    classes, results = suite.dataset.classes, {}
+    trained: dict[str, DeepLabV3Plus] = {}
+    for e in experts:
+        path = _target_path(e.checkpoint, e.name, out, f"experts.{e.name}")
+        init_seed(suite.train.seed, e.name)
+        model = DeepLabV3Plus(e.backbone, classes)
+        stage = _stage(suite, "experts")
+        stats = _segmenter(suite, e.name, model, e.pretrained, e.train, e.val, stage, device, quiet)
+        results[e.name] = _meta(suite, "expert", e.name, stage, e.train, stats, backbone=e.backbone)
+        save_checkpoint(path, model.state_dict(), results[e.name])
+        trained[e.name] = model
+        log(f"{e.name}: wrote {path}")
+    if any(m.kind == "mc_dropout" for m in models) and not suite.train.splits:
+        raise ShiftbenchError("train.splits: empty; the MC-dropout baseline trains on these splits")
+    for m in (m for m in models if m.kind == "mc_dropout"):
+        path = _target_path(m.checkpoint, m.name, out, f"models.{m.name}")
+        init_seed(suite.train.seed, m.name)
+        model = DeepLabV3Plus(m.backbone, classes, dropout=m.dropout, mc_dropout=True)
+        stage = _stage(suite, "baseline")
+        stats = _segmenter(suite, m.name, model, m.pretrained, suite.train.splits, suite.train.val, stage, device, quiet)
+        results[m.name] = _meta(suite, "mc_dropout", m.name, stage, suite.train.splits, stats, backbone=m.backbone,
+                                dropout=m.dropout, passes=m.passes)
+        save_checkpoint(path, model.state_dict(), results[m.name])
+        log(f"{m.name}: wrote {path}")
+    moes = [m for m in models if m.kind == "moe"]
+    if moes:
+        results.update(_train_moes(suite, moes, trained, out, device, quiet, log))
+    return results
+
+
+def _train_moes(suite: Any, moes: Sequence[Any], trained: dict[str, DeepLabV3Plus], out: Path | None,
+                device: torch.device, quiet: bool, log: Callable[[str], None]) -> dict[str, dict]:
+    if not suite.train.splits:
+        raise ShiftbenchError("train.splits: empty; the gates train on these splits")
+    paths = {m.name: _target_path(m.checkpoint, m.name, out, f"models.{m.name}") for m in moes}
+    names = dict.fromkeys(e for m in moes for e in m.experts)
+    experts = {n: trained.get(n) or load_expert(suite.experts[n], suite.dataset.classes, []) for n in names}
+    jobs = _gate_jobs(suite, moes, experts)
+    stage = _stage(suite, "gates")
+    stats = train_gates(experts, jobs, open_splits(suite, suite.train.splits), open_splits(suite, suite.train.val),
+                        stage, device, quiet)
+    results = {}
+    for m, job in zip(moes, jobs):
+        results[m.name] = _meta(suite, "moe", m.name, stage, suite.train.splits, stats[m.name], gate=m.gate,
+                                final_conv=m.final_conv, combine=m.combine, gate_grid=list(job.head.grid),
+                                experts=list(m.experts))
+        save_checkpoint(paths[m.name], job.head.state_dict(), results[m.name])
+        log(f"{m.name}: wrote {paths[m.name]}")
+    return results

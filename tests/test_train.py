@@ -1,0 +1,157 @@
+"""Training: frozen experts while gates train, determinism, the train command."""
+
+import pytest
+import torch
+import yaml
+from torch.utils.data import Dataset
+
+from shiftbench.cli import main
+from shiftbench.models import DeepLabV3Plus, ModelZoo, MoEHead, read_checkpoint
+from shiftbench.models import trainer
+from shiftbench.models.training import GateJob, Stage, init_seed, train_gates, train_segmenter
+from shiftbench.suite import load_suite
+
+K = 11
+
+
+class Blobs(Dataset):
+    """Tiny learnable scenes: the label is the brightest channel's class band (0..2) plus a domain offset."""
+
+    def __init__(self, domain: str, count: int, size=(32, 64), seed=0):
+        g = torch.Generator().manual_seed(seed + (0 if domain == "highway" else 100))
+        self.x = torch.rand(count, 3, *size, generator=g)
+        self.y = self.x.argmax(1) + (0 if domain == "highway" else 3)
+        self.y[:, :2] = 255
+        self.ids = [f"{domain}/{i:06d}" for i in range(count)]
+
+    def __len__(self):
+        return len(self.x)
+
+    def __getitem__(self, i):
+        return self.x[i], self.y[i], self.ids[i]
+
+
+def _experts(n=2):
+    experts = {}
+    for i, name in enumerate(["highway", "urban", "rural"][:n]):
+        torch.manual_seed(i)
+        e = DeepLabV3Plus("tiny", K)
+        for m in e.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.1, 0.1)
+                m.running_var.uniform_(0.5, 1.5)
+        experts[name] = e
+    return experts
+
+
+def test_experts_stay_frozen_and_in_eval_mode_while_gates_train():
+    experts = _experts()
+    before = {n: {k: v.clone() for k, v in e.state_dict().items()} for n, e in experts.items()}
+    x = torch.rand(2, 3, 32, 64)
+    with torch.no_grad():
+        out_before = {n: e.eval()(x) for n, e in experts.items()}
+    for e in experts.values():
+        e.train()  # whatever state they come in, training the gates must not use it
+    modes = []
+    for e in experts.values():
+        for m in e.modules():
+            m.register_forward_pre_hook(lambda mod, inp: modes.append(mod.training))
+    jobs = [GateJob("simple", MoEHead("simple", 2, 64, K, (2, 4)), ("highway", "urban")),
+            GateJob("cw_conv", MoEHead("classwise", 2, 64, K, (2, 4), final_conv=True), ("urban", "highway"))]
+    heads_before = [{k: v.clone() for k, v in j.head.state_dict().items()} for j in jobs]
+    ds = Blobs("highway", 8)
+    train_gates(experts, jobs, ds, ds, Stage(epochs=2, lr=0.01, weight_decay=0.0, batch_size=4, seed=0),
+                torch.device("cpu"), quiet=True)
+    assert modes and not any(modes)
+    for n, e in experts.items():
+        after = e.state_dict()
+        assert all(torch.equal(before[n][k], after[k]) for k in after), n  # weights, BN running stats, counters
+        assert all(not p.requires_grad and p.grad is None for p in e.parameters())
+        with torch.no_grad():
+            assert torch.equal(e(x), out_before[n])
+    for j, hb in zip(jobs, heads_before):
+        assert any(not torch.equal(hb[k], v) for k, v in j.head.state_dict().items()), j.name
+
+
+def test_segmenter_training_is_deterministic_and_learns():
+    ds = Blobs("highway", 8)
+    stage = Stage(epochs=3, lr=0.05, weight_decay=1e-4, batch_size=4, seed=3)
+    states, stats = [], []
+    for _ in range(2):
+        init_seed(3, "e")
+        model = DeepLabV3Plus("tiny", K, mc_dropout=True)
+        stats.append(train_segmenter(model, ds, ds, stage, "e", torch.device("cpu"), quiet=True))
+        states.append(model.state_dict())
+    assert all(torch.equal(states[0][k], states[1][k]) for k in states[0])
+    assert stats[0]["val_miou"] == stats[1]["val_miou"] and len(stats[0]["val_miou"]) == 3
+
+
+SUITE = {
+    "name": "train_test",
+    "dataset": {"name": "synthetic", "size": [32, 64], "classes": K, "count": {"train": 8, "val": 4, "test": 4},
+                "eval": {"id": ["highway_test", "urban_test"]}},
+    "experts": {"highway": {"backbone": "tiny", "checkpoint": "ck/expert_highway.pt", "train": ["highway_train"],
+                            "val": ["highway_val"]},
+                "urban": {"backbone": "tiny", "checkpoint": "ck/expert_urban.pt", "train": ["urban_train"],
+                          "val": ["urban_val"]}},
+    "models": [
+        {"name": "baseline", "kind": "mc_dropout", "backbone": "tiny", "checkpoint": "ck/baseline.pt"},
+        {"name": "ensemble", "kind": "ensemble", "experts": ["highway", "urban"]},
+        {"name": "moe_simple", "kind": "moe", "experts": ["highway", "urban"], "gate": "simple",
+         "checkpoint": "ck/moe_simple.pt"},
+        {"name": "moe_classwise_conv", "kind": "moe", "experts": ["highway", "urban"], "gate": "classwise",
+         "final_conv": True, "checkpoint": "ck/moe_classwise_conv.pt"},
+    ],
+    "train": {"seed": 0, "batch_size": 4, "splits": ["highway_train", "urban_train"], "val": ["highway_val", "urban_val"],
+              "experts": {"epochs": 1, "lr": 0.01}, "baseline": {"epochs": 1, "lr": 0.01},
+              "gates": {"epochs": 1, "lr": 0.001}},
+    "corruptions": {"names": "none"},
+}
+
+
+@pytest.fixture()
+def fake_data(monkeypatch):
+    def opener(suite, split):
+        domain, _, part = split.rpartition("_")
+        return Blobs(domain, suite.dataset.count[part], tuple(suite.dataset.size), seed=len(part))
+
+    monkeypatch.setitem(trainer.OPENERS, "synthetic", opener)
+
+
+def test_train_command_writes_checkpoints_the_zoo_loads(tmp_path, fake_data, capsys):
+    path = tmp_path / "suite.yaml"
+    path.write_text(yaml.safe_dump(SUITE, sort_keys=False))
+    assert main(["train", str(path), "--quiet"]) == 0
+    out = capsys.readouterr().out
+    assert "trained 5 model(s)" in out
+    suite = load_suite(path)
+    for name in ("expert_highway", "expert_urban", "baseline", "moe_simple", "moe_classwise_conv"):
+        meta = read_checkpoint(tmp_path / "ck" / f"{name}.pt")["meta"]
+        assert meta["suite"] == "train_test" and meta["suite_digest"] == suite.digest()
+        assert set(meta["versions"]) == {"shiftbench", "torch", "torchvision"} and len(meta["val_miou"]) == 1
+    meta = read_checkpoint(tmp_path / "ck" / "moe_classwise_conv.pt")
+    assert meta["meta"]["gate_grid"] == [2, 4] and meta["meta"]["experts"] == ["highway", "urban"]
+    assert not any(k.startswith("expert") for k in meta["state_dict"])  # gates only; experts from their files
+    preds = ModelZoo.from_suite(suite)(torch.rand(2, 3, 32, 64), [0, 1])
+    assert set(preds) == {"baseline", "ensemble", "moe_simple", "moe_classwise_conv"}
+    assert not list((tmp_path / "ck").glob(".*"))  # atomic writes leave no temporaries
+
+    # --only a gate, into another folder: it trains on the suite's expert checkpoints
+    assert main(["train", str(path), "--only", "moe_simple", "--out", str(tmp_path / "other"), "--quiet"]) == 0
+    assert [p.name for p in (tmp_path / "other").iterdir()] == ["moe_simple.pt"]
+
+
+def test_train_command_errors_are_one_line(tmp_path, fake_data, capsys):
+    path = tmp_path / "suite.yaml"
+    path.write_text(yaml.safe_dump(SUITE, sort_keys=False))
+    assert main(["train", str(path), "--only", "ensemble"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1
+    assert "--only: 'ensemble' is not a trainable expert or model of suite 'train_test'; trainable: highway, urban, " \
+           "baseline, moe_simple, moe_classwise_conv" in err
+    assert main(["train", str(path), "--only", "moe_simple", "--quiet"]) == 2  # experts not trained yet
+    assert "expert_highway.pt not found" in capsys.readouterr().err
+    no_train = {k: v for k, v in SUITE.items() if k != "train"}
+    path.write_text(yaml.safe_dump(no_train, sort_keys=False))
+    assert main(["train", str(path)]) == 2
+    assert "train: missing; the suite needs a train section" in capsys.readouterr().err
