@@ -1,1 +1,148 @@
-"""digital corruptions."""
+"""Digital corruptions: brightness, contrast, saturate, pixelate, jpeg_compression, elastic_transform.
+
+Every function takes and returns float32 ``[B,3,H,W]`` in [0,1] (``corrupt`` clamps afterwards).
+"""
+
+from __future__ import annotations
+
+import functools
+import warnings
+
+import kornia
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from corruptions._core import Rng, register
+from corruptions._ops import gaussian
+
+BRIGHTNESS = (0.1, 0.2, 0.3, 0.4, 0.5)  # added to the HSV value channel
+CONTRAST = (0.4, 0.3, 0.2, 0.1, 0.05)  # factor on the deviation from the per-channel mean
+SATURATE = ((0.3, 0.0), (0.1, 0.0), (2.0, 0.0), (5.0, 0.1), (20.0, 0.2))  # (scale, shift) of HSV saturation
+PIXELATE = (0.6, 0.5, 0.4, 0.3, 0.25)  # downscale factor
+JPEG_QUALITY = (25, 18, 15, 10, 7)  # libjpeg quality
+ELASTIC_ALPHA = (250 * 0.05, 250 * 0.065, 250 * 0.085, 250 * 0.1, 250 * 0.12)  # displacement gain
+ELASTIC_SIGMA = 0.01  # smoothing sigma of the displacement field, as a fraction of (H, W)
+ELASTIC_MAX = 0.005  # raw displacements ~ U(-m, m), m = 0.005 * H (both axes, as in the reference)
+ELASTIC_TRUNCATE = 3.0  # the reference's truncate of the field's gaussian
+
+
+@register
+def brightness(x: Tensor, severity: int, rng: Rng) -> Tensor:
+    """HSV value V' = clip(V + c, 0, 1), hue and saturation kept (skimage rgb2hsv/hsv2rgb semantics)."""
+    hsv = kornia.color.rgb_to_hsv(x)
+    hsv[:, 2] = (hsv[:, 2] + BRIGHTNESS[severity - 1]).clamp(0.0, 1.0)
+    return kornia.color.hsv_to_rgb(hsv)
+
+
+@register
+def contrast(x: Tensor, severity: int, rng: Rng) -> Tensor:
+    """(x - m) * c + m, m the mean of each image channel over H, W."""
+    means = x.mean(dim=(-2, -1), keepdim=True)
+    return (x - means) * CONTRAST[severity - 1] + means
+
+
+@register
+def saturate(x: Tensor, severity: int, rng: Rng) -> Tensor:
+    """HSV saturation S' = clip(S * a + b, 0, 1); grey pixels have hue 0, so b > 0 tints them red."""
+    a, b = SATURATE[severity - 1]
+    hsv = kornia.color.rgb_to_hsv(x)
+    hsv[:, 1] = (hsv[:, 1] * a + b).clamp(0.0, 1.0)
+    return kornia.color.hsv_to_rgb(hsv)
+
+
+@functools.lru_cache(maxsize=64)
+def _box_taps(n_in: int, n_out: int, device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
+    """Pillow's BOX resampling from n_in to n_out samples along one axis, as taps.
+
+    Output i averages the inputs j with -1/2 < (j + 1/2 - c_i) / s <= 1/2, c_i = (i + 1/2) s,
+    s = n_in / n_out, within Pillow's window [int(c_i - s/2 + 1/2), int(c_i + s/2 + 1/2)),
+    evaluated in float64 in Pillow's order so that boundary ties fall the same way.
+    Returns (index [T, n_out], mask [T, n_out], count [n_out]), T the widest box.
+    """
+    s = n_in / n_out
+    centre = (np.arange(n_out) + 0.5) * s
+    lo = np.maximum((centre - s * 0.5 + 0.5).astype(np.int64), 0)
+    hi = np.minimum((centre + s * 0.5 + 0.5).astype(np.int64), n_in)
+    j = lo + np.arange(int((hi - lo).max()))[:, None]
+    v = (j - centre + 0.5) * (1.0 / s)
+    mask = (j < hi) & (v > -0.5) & (v <= 0.5)
+    index = np.minimum(j, n_in - 1)
+    as_tensor = functools.partial(torch.tensor, device=device)
+    return as_tensor(index), as_tensor(mask, dtype=torch.float32), as_tensor(mask.sum(0), dtype=torch.float32)
+
+
+def _box_resize_8bit(y: Tensor, size: tuple[int, int]) -> Tensor:
+    """Pillow ``resize(size, BOX)`` of an 8-bit image held as float [B,C,H,W] in 0..255.
+
+    Horizontal pass, then vertical, each rounding half up to integers as Pillow's fixed point does
+    (sums of at most 5 integers are exact in float32, so the rounding is exact).
+    """
+    (h, w), (H, W) = size, y.shape[-2:]
+    index, mask, count = _box_taps(W, w, y.device)
+    y = sum(y[..., index[t]] * mask[t] for t in range(len(index)))
+    y = torch.floor(y / count + 0.5)
+    index, mask, count = _box_taps(H, h, y.device)
+    y = sum(y[..., index[t], :] * mask[t, :, None] for t in range(len(index)))
+    return torch.floor(y / count[:, None] + 0.5)
+
+
+@functools.lru_cache(maxsize=64)
+def _nearest_index(n_in: int, n_out: int, device: torch.device) -> Tensor:
+    """Pillow NEAREST: output i reads int(x_i), x_0 = s/2, x_{i+1} = x_i + s (float64, accumulated), s = n_in/n_out."""
+    s = n_in / n_out
+    x = np.cumsum(np.r_[0.5 * s, np.full(n_out - 1, s)])
+    return torch.tensor(np.minimum(x.astype(np.int64), n_in - 1), device=device)
+
+
+@register
+def pixelate(x: Tensor, severity: int, rng: Rng) -> Tensor:
+    """Pillow on the 8-bit image round(255 x): BOX downscale to (int(H*c), int(W*c)), NEAREST upscale to (H, W).
+
+    As in the reference, the result is quantised to 1/255 steps.
+    """
+    c = PIXELATE[severity - 1]
+    H, W = x.shape[-2:]
+    small = _box_resize_8bit((x * 255).round_(), (int(H * c), int(W * c)))
+    rows = _nearest_index(small.shape[-2], H, x.device)
+    cols = _nearest_index(small.shape[-1], W, x.device)
+    return small[..., rows, :][..., cols] / 255
+
+
+@register
+def jpeg_compression(x: Tensor, severity: int, rng: Rng) -> Tensor:
+    """Encode each image as JPEG at quality q and decode it (torchvision.io, libjpeg-turbo or nvJPEG)."""
+    from torchvision.io import decode_jpeg, encode_jpeg
+
+    q = JPEG_QUALITY[severity - 1]
+    images = list((x * 255).round_().to(torch.uint8))
+    with warnings.catch_warnings():  # torchvision 0.29 deprecates its codecs in favour of TorchCodec
+        warnings.simplefilter("ignore", UserWarning)
+        decoded = decode_jpeg(encode_jpeg(images, quality=q), device=x.device)
+    return torch.stack(decoded).float().div_(255)
+
+
+def _symmetric_gaussian(field: Tensor, sigma: tuple[float, float]) -> Tensor:
+    """scipy gaussian_filter(mode='reflect', truncate=3) of [B,1,H,W]: symmetric padding, radius int(3*sigma+0.5)."""
+    return gaussian(field, sigma, mode="reflect", truncate=ELASTIC_TRUNCATE)
+
+
+@register
+def elastic_transform(x: Tensor, severity: int, rng: Rng) -> Tensor:
+    """x sampled (bilinear, reflected at the borders) at (i + dy, j + dx).
+
+    dx, dy = alpha * G_sigma * U(-m, m) per pixel, G_sigma a gaussian with sigma = 0.01 * (H, W),
+    m = 0.005 * H. The reference's map_coordinates(order=1, mode='reflect') reflects about the
+    pixel borders, which is grid_sample(padding_mode='reflection', align_corners=False).
+    """
+    B, _, H, W = x.shape
+    m = ELASTIC_MAX * H
+    sigma = (ELASTIC_SIGMA * H, ELASTIC_SIGMA * W)
+    alpha = ELASTIC_ALPHA[severity - 1]
+    dx = _symmetric_gaussian(rng.uniform(1, H, W, low=-m, high=m), sigma) * alpha
+    dy = _symmetric_gaussian(rng.uniform(1, H, W, low=-m, high=m), sigma) * alpha
+    rows = torch.arange(H, device=x.device, dtype=x.dtype)[:, None] + dy[:, 0]
+    cols = torch.arange(W, device=x.device, dtype=x.dtype)[None, :] + dx[:, 0]
+    grid = torch.stack(((2 * cols + 1) / W - 1, (2 * rows + 1) / H - 1), dim=-1)
+    return F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
