@@ -95,11 +95,13 @@ def test_clipped_zoom_reproduces_scipys_zero_edge(ref):
     assert np.abs(_np(_ops.clipped_zoom(_t(img), 1.27)) - expected).max() < 1e-5
 
 
-@pytest.mark.parametrize("h,w", [(37, 50), (97, 160), (33, 34)])
-def test_motion_blur_matches_reference(ref, h, w):
+@pytest.mark.parametrize("h,w,angles", [(37, 50, (-45.0, -30.3, 0.0, 12.7, 45.0, -100.0, -135.0)),
+                                         (33, 34, (-45.0, 0.0, 12.7, -135.0)),  # taps stop at the border
+                                         (97, 160, (-17.2, 38.0))])
+def test_motion_blur_matches_reference(ref, h, w, angles):
     img = _image(h, w) * 255
     for radius, sigma in [(10, 3), (15, 8), (20, 15), (12, 8)]:
-        for angle in (-45.0, -30.3, 0.0, 12.7, 45.0, -100.0, -135.0):
+        for angle in angles:
             expected = ref._motion_blur(img, radius=radius, sigma=sigma, angle=angle)
             ours = _ops.motion_blur(_t(img), radius, sigma, torch.tensor([angle], dtype=torch.float64))
             assert np.abs(_np(ours) - expected).max() < 1e-3, (radius, angle)
@@ -123,3 +125,60 @@ def test_filter2d_fft_matches_cv2_reflect101(ref, radius, alias):
     expected = cv2.filter2D(img, -1, kernel, borderType=cv2.BORDER_REFLECT_101)
     ours = _ops.filter2d_fft(torch.from_numpy(img)[None, None], torch.from_numpy(kernel))[0, 0].numpy()
     assert np.abs(ours - expected).max() < 1e-9
+
+
+# ---------------------------------------------------------------- glass_blur's sweeps
+
+
+def _reference_sweep(image: np.ndarray, delta: int, shifts: np.ndarray) -> np.ndarray:
+    """imagecorruptions' glass_blur loop, statement for statement, with given (dx, dy) per visit."""
+    x = image.copy()
+    k = 0
+    for h in range(x.shape[0] - delta, delta, -1):
+        for w in range(x.shape[1] - delta, delta, -1):
+            dx, dy = shifts[k]
+            k += 1
+            h_prime, w_prime = h + dy, w + dx
+            x[h, w], x[h_prime, w_prime] = x[h_prime, w_prime], x[h, w]
+    return x
+
+
+@pytest.mark.parametrize("h,w,delta", [(33, 47, 1), (40, 35, 2), (37, 50, 4)])
+def test_sweep_sources_reproduce_the_sequential_loop(h, w, delta):
+    from corruptions.blur import sweep_sources, visits
+
+    n = visits(h, w, delta, torch.device("cpu")).numel()
+    rs = np.random.RandomState(h)
+    shifts = rs.randint(-delta, delta, size=(2, n, 2))  # two samples
+    # The pixel index as a 3-channel image, so x[h, w] is a view like in the reference.
+    index = np.repeat(np.arange(h * w).reshape(h, w, 1), 3, axis=2)
+    expected = np.stack([_reference_sweep(index, delta, s)[..., 0].ravel() for s in shifts])
+    ours = sweep_sources(torch.from_numpy(shifts), h, w, delta).numpy()
+    assert (expected != np.arange(h * w)).mean() > 0.5
+    assert np.array_equal(ours, expected)
+
+
+@pytest.mark.parametrize("severity", [1, 3, 5])
+def test_glass_blur_equals_reference_given_its_random_draws(severity):
+    """With the reference's own shifts (np.random seeded), ours matches it like a deterministic one."""
+    from corruptions import blur
+    from tests.reference import photo, reference, to_tensor, to_uint8
+
+    img = photo("coffee", (41, 58))
+    sigma, delta, sweeps = blur.GLASS_BLUR[severity - 1]
+    n = blur.visits(41, 58, delta, torch.device("cpu")).numel()
+    np.random.seed(7)
+    shifts = [torch.from_numpy(np.random.randint(-delta, delta, size=(n, 2)))[None] for _ in range(sweeps)]
+
+    class Replay:
+        device = torch.device("cpu")
+
+        def randint(self, low, high, *shape):
+            assert (low, high, shape) == (-delta, delta, (n, 2))
+            return shifts.pop(0)
+
+    expected = reference(img, "glass_blur", severity, seed=7).astype(float)
+    ours = to_uint8(blur.glass_blur(to_tensor(img), severity, Replay())).astype(float)
+    assert not shifts
+    diff = np.abs(ours - expected)
+    assert diff.mean() <= 0.5 and np.percentile(diff, 99) <= 2
