@@ -28,9 +28,9 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from shiftbench.data._render import (BLOCKER, BUILDINGS, CAR, DRIVABLE, GROUND_SURFACE, INFO, LANES, NATURE,
-                                     NONDRIVABLE, PERSON, SKY, SKY_SURFACE, TRUCK, Camera, Canvas, Thing, lookup,
-                                     paint_plane, paint_thing, profile, smooth_noise, tileable_texture)
+from shiftbench.data._render import (BLOCKER, BUILDINGS, DRIVABLE, GROUND_SURFACE, INFO, LANES, NATURE,
+                                     NONDRIVABLE, SKY, SKY_SURFACE, Camera, Canvas, Thing, frac, lookup, paint_plane,
+                                     paint_thing, sensor_noise, smooth_noise, texture)
 from shiftbench.errors import ShiftbenchError
 from shiftbench.seeding import key
 
@@ -114,6 +114,7 @@ CLOTHES = np.array([[0.1, 0.1, 0.12], [0.2, 0.25, 0.45], [0.6, 0.1, 0.1], [0.8, 
 #: billboard kind -> (width range, height range) in metres
 SIZES = {"car": ((1.7, 1.95), (1.35, 1.7)), "van": ((1.9, 2.1), (1.9, 2.5)), "truck": ((2.45, 2.6), (3.2, 4.0)),
          "person": ((0.45, 0.65), (1.5, 1.95)), "block": ((0.3, 1.2), (0.6, 1.1))}
+FACADES = ("facade_light", "facade_brick", "facade_grey")
 FAR = 400.0  # depth of the horizon silhouette (m)
 
 
@@ -146,6 +147,13 @@ def generate(domain: str, index: int, seed: int = 0, size: tuple[int, int] = DEF
 
     Deterministic per (seed, domain, split, index); each split is its own index space.
     """
+    image, label = render(domain, index, seed, size, split)
+    return np.ascontiguousarray(image.transpose(1, 2, 0)), label
+
+
+def render(domain: str, index: int, seed: int = 0, size: tuple[int, int] = DEFAULT_SIZE,
+           split: str = "train") -> tuple[np.ndarray, np.ndarray]:
+    """:func:`generate` with the image channel-first: (uint8 [3,H,W], uint8 [H,W])."""
     check_split(domain, split)
     H, W = _check_size(size)
     if int(index) < 0:
@@ -179,8 +187,8 @@ class SyntheticStreetScenes(Dataset):
         if not -self.count <= index < self.count:
             raise IndexError(f"index {index} out of range for {self.count} scenes")
         index %= self.count
-        image, label = generate(self.domain, index, self.seed, self.size, self.split)
-        x = torch.from_numpy(image).permute(2, 0, 1).float().div_(255)
+        image, label = render(self.domain, index, self.seed, self.size, self.split)
+        x = torch.from_numpy(image).float().div_(255)
         return x, torch.from_numpy(label).long(), self.sample_id(index)
 
 
@@ -209,9 +217,11 @@ def _draw(rng: np.random.Generator, spec) -> float:
 
 
 def _colour(rng: np.random.Generator, material: str) -> np.ndarray:
+    """A material's colour with per-image brightness and tint jitter, float32 [3,1,1]."""
     base, jitter = MATERIALS[material]
-    tint = rng.normal(0, jitter / 2, 3) + rng.normal(0, jitter)  # shared brightness + per-channel tint
-    return np.clip(np.asarray(base) + tint, 0.02, 1).astype(np.float32)
+    n = rng.standard_normal(4)
+    tint = (n[:3] * 0.5 + n[3]) * jitter  # per-channel tint + shared brightness
+    return (np.asarray(base) + tint).clip(0.02, 1).astype(np.float32).reshape(3, 1, 1)
 
 
 # ------------------------------------------------------------------------------------ layout
@@ -248,7 +258,7 @@ class Line:
 class Scene:
     bands: list[Band] = field(default_factory=list)
     lines: list[Line] = field(default_factory=list)
-    planes: list[tuple[float, object]] = field(default_factory=list)  # (X0, surface_fn)
+    planes: list[tuple[float, object, float]] = field(default_factory=list)  # (X0, surface_fn, top)
     things: list[Thing] = field(default_factory=list)
     crosswalk: tuple[float, float, float, float] | None = None  # (z0, z1, x0, x1)
     shadows: list[tuple[float, float, object]] = field(default_factory=list)  # (x edge, side, is_building(Z))
@@ -311,12 +321,12 @@ def _guardrail(s: Scene, X0: float, rng: np.random.Generator) -> None:
     spacing, top = rng.uniform(2.0, 4.0), rng.uniform(0.7, 0.8)
 
     def surface(Z, Yup):
-        posts = (Z % spacing < 0.15) & (Yup >= 0) & (Yup < top)
+        posts = (frac(Z / spacing) < 0.15 / spacing) & (Yup >= 0) & (Yup < top)
         beam = (Yup >= top - 0.32) & (Yup < top)
-        shine = np.where(Yup > top - 0.16, 1.1, 0.8)[..., None]
-        return beam | posts, INFO, np.where(beam[..., None], rail * shine, rail * 0.6)
+        shine = np.float32(0.6) + np.float32(0.2) * beam + np.float32(0.3) * (Yup > top - 0.16)
+        return beam | posts, INFO, rail * shine
 
-    s.planes.append((X0, surface))
+    s.planes.append((X0, surface, top))
 
 
 def _roadside(s: Scene, p: dict, side: int, edge: float, road_rgb: np.ndarray, rng: np.random.Generator) -> None:
@@ -377,61 +387,60 @@ def _barrier(s: Scene, X0: float, rng: np.random.Generator) -> None:
 
     def surface(Z, Yup):
         mask = (Yup >= 0) & (Yup < top) & (Z > z0) & (Z < z1)
-        ribs = np.where((Z % panel) < 0.2, 0.7, 1.0)
-        return mask, BLOCKER, colour * ribs[..., None] * (0.85 + 0.15 * np.clip(Yup / top, 0, 1))[..., None]
+        ribs = np.float32(1) - np.float32(0.3) * (frac(Z / panel) < 0.2 / panel)
+        return mask, BLOCKER, colour * ribs * (np.float32(0.85) + np.float32(0.15 / top) * Yup)
 
-    s.planes.append((X0, surface))
+    s.planes.append((X0, surface, top))
 
 
 def _facades(s: Scene, p: dict, X0: float, side: int, rng: np.random.Generator, gap: float,
              taller: int = 0) -> None:
     """A row of buildings along the road: segments in Z with their own height, colour and windows."""
-    edges, heights, colours = [rng.uniform(-5, 30)], [], []
-    while edges[-1] < 300:
-        edges.append(edges[-1] + rng.uniform(8, 35))
-        built = rng.random() >= gap
-        storeys = _draw(rng, p["storeys"]) + taller
-        heights.append(storeys * _draw(rng, p["storey"]) if built else -1.0)
-        colours.append(_colour(rng, ("facade_light", "facade_brick", "facade_grey")[rng.integers(3)]))
-    edges_a = np.asarray(edges, np.float32)
-    heights_a = np.asarray(heights, np.float32)
-    colours_a = np.asarray(colours, np.float32)
+    n = 24
+    edges = rng.uniform(-5, 30) + np.concatenate([[0], np.cumsum(rng.uniform(8, 35, n))]).astype(np.float32)
+    lo, hi = p["storeys"]
     storey = _draw(rng, p["storey"])
+    heights = (rng.integers(lo, hi + 1, n) + taller) * storey * rng.uniform(0.9, 1.1, n)
+    heights = np.where(rng.random(n) < gap, -1.0, heights).astype(np.float32)
+    palette = np.concatenate([_colour(rng, m) for m in FACADES], axis=2)  # [3,1,3]
+    colours = palette[:, :, rng.integers(len(FACADES), size=n)] * rng.uniform(0.8, 1.2, (3, 1, n)).astype(np.float32)
     win_w, win_gap = rng.uniform(1.0, 1.8), rng.uniform(2.5, 4.0)
-    glass = _colour(rng, "sky_overcast") * rng.uniform(0.25, 0.5)
-    lit = 1.0 if side * rng.choice((-1, 1)) > 0 else rng.uniform(0.6, 0.85)  # sunny or shaded side
+    glass = _colour(rng, "sky_overcast") * np.float32(rng.uniform(0.25, 0.5))
+    lit = rng.choice((1.0, rng.uniform(0.6, 0.85)))  # sunny or shaded side
 
     def surface(Z, Yup):
-        seg = np.clip(np.searchsorted(edges_a, Z[0]) - 1, 0, len(heights_a) - 1)
-        inside = (Z[0] > edges_a[0]) & (Z[0] < edges_a[-1])
-        top = np.where(inside, heights_a[seg], -1.0)[None, :]
+        seg = np.clip(np.searchsorted(edges, Z[0]) - 1, 0, n - 1)
+        inside = (Z[0] > edges[0]) & (Z[0] < edges[-1])
+        top = np.where(inside, heights[seg], -1.0)[None, :]
         mask = (Yup >= 0) & (Yup < top)
-        window = ((Z - edges_a[seg][None, :]) % win_gap < win_w) & (Yup % storey > 0.9) & (Yup % storey < 2.3) \
+        floor_pos = frac(Yup / storey) * storey
+        window = (frac((Z - edges[seg]) / win_gap) * win_gap < win_w) & (floor_pos > 0.9) & (floor_pos < 2.3) \
             & (Yup > storey) & (Yup < top - 0.6)
-        rgb = colours_a[seg][None, :, :] * lit * (0.9 + 0.1 * np.clip(Yup / 20, 0, 1))[..., None]
-        return mask, BUILDINGS, np.where(window[..., None], glass, rgb)
+        colour = colours[:, :, seg] * (np.float32(0.9 * lit) + np.float32(0.005 * lit) * np.minimum(Yup, 20))
+        np.copyto(colour, glass, where=window)
+        return mask, BUILDINGS, colour
 
-    s.planes.append((X0, surface))
+    s.planes.append((X0, surface, float(heights.max())))
     if side < 0:  # the facade shades the ground next to it
-        s.shadows.append((X0, side, (edges_a, heights_a)))
+        s.shadows.append((X0, side, (edges, heights)))
 
 
 def _treeline(s: Scene, p: dict, X0: float, rng: np.random.Generator) -> None:
     """A wall of trees and bushes (Nature) with a bumpy top, gaps and dappled foliage."""
     lo, hi = p["tree_height"]
     foliage = _colour(rng, "foliage")
-    scale = rng.uniform(3, 10)
+    scale = rng.uniform(1.5, 5)
     knots = np.arange(-10, 420, scale)
     heights = rng.uniform(lo, hi, len(knots)) * (rng.random(len(knots)) > 0.12)
-    texture = tileable_texture(rng, 32)
+    tex_map = texture(rng)
 
     def surface(Z, Yup):
         top = np.interp(Z, knots, heights).astype(np.float32)
         mask = (Yup >= 0) & (Yup < top)
-        tex = lookup(texture, Yup * 2.0, Z * 1.0)
-        return mask, NATURE, foliage * (0.8 + 0.25 * tex)[..., None] * (0.7 + 0.3 * np.clip(Yup / hi, 0, 1))[..., None]
+        tex = lookup(tex_map, Yup * 3.0, Z * 1.5)
+        return mask, NATURE, foliage * ((0.8 + 0.25 * tex) * (0.7 + 0.3 * np.clip(Yup / hi, 0, 1)))
 
-    s.planes.append((X0, surface))
+    s.planes.append((X0, surface, hi))
 
 
 def _objects(s: Scene, p: dict, rng: np.random.Generator) -> None:
@@ -502,14 +511,14 @@ def _person(s: Scene, X: float, Z: float, rng: np.random.Generator) -> None:
 
 def _tree(s: Scene, X: float, Z: float, rng: np.random.Generator) -> None:
     h = rng.uniform(4, 9)
-    s.things.append(Thing("tree", X, Z, h * rng.uniform(0.5, 0.8), h, tuple(_colour(rng, "foliage")),
+    s.things.append(Thing("tree", X, Z, h * rng.uniform(0.5, 0.8), h, tuple(_colour(rng, "foliage").ravel()),
                           variant=int(rng.integers(100))))
 
 
 def _pole(s: Scene, X: float, Z: float, rng: np.random.Generator, sign: bool, light: bool = False) -> None:
     """A pole (Blocker), optionally carrying a sign or a traffic light (Info)."""
     height = rng.uniform(2.5, 3.5) if sign or light else rng.uniform(4, 9)
-    grey = tuple(_colour(rng, "metal") * rng.uniform(0.5, 1.0))
+    grey = tuple(_colour(rng, "metal").ravel() * rng.uniform(0.5, 1.0))
     s.things.append(Thing("pole", X, Z + 0.05, rng.uniform(0.08, 0.2), height, grey))
     if sign:
         size = rng.uniform(0.6, 0.9)
@@ -528,74 +537,72 @@ def _render(s: Scene, p: dict, cam: Camera, rng: np.random.Generator) -> tuple[n
     haze_rgb = _sky(canvas, cam, rng)
     _horizon(canvas, cam, p, rng)
     _ground(canvas, cam, s, rng)
-    for X0, surface in s.planes:
-        paint_plane(canvas, cam, X0, surface)
+    for X0, surface, top in s.planes:
+        paint_plane(canvas, cam, X0, surface, top)
     for t in sorted(s.things, key=lambda t: -t.Z):
         paint_thing(canvas, cam, t)
     return _finish(canvas, cam, p, haze_rgb, rng), canvas.label
 
 
 def _sky(canvas: Canvas, cam: Camera, rng: np.random.Generator) -> np.ndarray:
-    """Sky gradient with soft clouds; returns the horizon (haze) colour."""
+    """Sky gradient with soft clouds; returns the horizon (haze) colour [3,1,1]."""
     overcast = rng.random() < 0.35
     zenith = _colour(rng, "sky_overcast" if overcast else "sky_clear")
     horizon_rgb = np.clip(zenith * 0.5 + _colour(rng, "sky_overcast") * 0.6, 0, 1)
-    ramp = np.clip(cam.rows / max(cam.horizon, 1), 0, 1)[:, None, None]
+    ramp = np.clip(cam.rows / np.float32(max(cam.horizon, 1)), 0, 1)[:, None]
     clouds = smooth_noise(rng, (cam.H, cam.W), (3, int(rng.integers(4, 9))))
-    cover = rng.uniform(0.0, 1.0)
-    amount = np.clip((clouds - (1 - cover)) * 3, 0, 1)[..., None]
-    cloud_rgb = np.full(3, rng.uniform(0.75, 0.95), np.float32)
-    canvas.rgb[:] = (zenith * (1 - ramp) + horizon_rgb * ramp) * (1 - amount) + cloud_rgb * amount
-    return horizon_rgb.astype(np.float32)
+    amount = np.clip((clouds - np.float32(rng.uniform(0.0, 1.0))) * 3, 0, 1)
+    sky = zenith + (horizon_rgb - zenith) * ramp
+    canvas.rgb[:] = sky + (np.float32(rng.uniform(0.75, 0.95)) - sky) * amount
+    return horizon_rgb
 
 
 def _horizon(canvas: Canvas, cam: Camera, p: dict, rng: np.random.Generator) -> None:
     """A distant silhouette standing on the horizon: hills / forest or a city skyline."""
     city = rng.random() < p["far_city"]
-    cls = BUILDINGS if city else NATURE
-    colour = _colour(rng, "facade_grey" if city else "foliage") * 0.8
     if city:  # blocks of constant height
         n = int(rng.integers(6, 20))
-        bounds = np.sort(rng.uniform(0, cam.W, n))
         tops = rng.uniform(5, 45, n + 1) * (rng.random(n + 1) > 0.25)
-        height = tops[np.searchsorted(bounds, cam.cols)]
-    else:
-        height = profile(rng, 0, rng.uniform(8, 40), cam.cols / cam.W * 100, rng.uniform(5, 25))
-    top_row = cam.horizon - cam.f * height / FAR
+        height = tops[np.searchsorted(np.sort(rng.uniform(0, cam.W, n)), cam.cols)]
+    else:  # rolling hills: knots every few percent of the width
+        knots = np.linspace(0, cam.W, int(rng.integers(5, 25)))
+        height = np.interp(cam.cols, knots, rng.uniform(0, rng.uniform(8, 40), len(knots)))
+    top_row = np.float32(cam.horizon) - np.float32(cam.f / FAR) * height.astype(np.float32)
     mask = (cam.rows[:, None] >= top_row[None, :]) & (cam.rows[:, None] < cam.horizon + 1)
-    canvas.paint(slice(0, cam.H), slice(0, cam.W), mask, FAR, cls, colour)
+    colour = _colour(rng, "facade_grey" if city else "foliage") * 0.8
+    canvas.paint(slice(0, cam.H), slice(0, cam.W), mask, FAR, BUILDINGS if city else NATURE, colour)
 
 
 def _ground(canvas: Canvas, cam: Camera, s: Scene, rng: np.random.Generator) -> None:
     """The ground plane below the horizon: bands by lateral offset, lines, crosswalk, shadows."""
     r0 = int(np.floor(cam.horizon + 0.5))
     rows = slice(r0, cam.H)
-    dy = (cam.rows[rows] - cam.horizon)[:, None]
-    Z = cam.f * cam.height / dy                            # [h,1]
-    X = (cam.cols - cam.cx)[None, :] * cam.height / dy      # [h,W]
+    dy = (cam.rows[rows] - np.float32(cam.horizon))[:, None]
+    Z = np.float32(cam.f * cam.height) / dy                                 # [h,1]
+    X = (cam.cols - np.float32(cam.cx))[None, :] * (np.float32(cam.height) / dy)  # [h,W]
     bands = sorted(s.bands, key=lambda b: b.x0)             # adjacent strips, left to right
-    which = np.clip(np.searchsorted(np.array([b.x0 for b in bands[1:]]), X, side="right"), 0, len(bands) - 1)
+    which = np.clip(np.searchsorted(np.array([b.x0 for b in bands[1:]], np.float32), X, side="right"),
+                    0, len(bands) - 1)
     band_cls = np.array([b.cls for b in bands], np.uint8)[which]
-    rgb = np.array([b.colour for b in bands], np.float32)[which]
     tex_amp = np.array([b.texture for b in bands], np.float32)[which]
-    texture = tileable_texture(rng)
-    tex = lookup(texture, Z * 3.0, X * 3.0)
-    rgb *= (1 + tex_amp * tex)[..., None]
-    paint = _colour(rng, "paint") * rng.uniform(0.75, 1.0)
-    lines = np.zeros(X.shape, bool)
+    tex = lookup(texture(rng), Z * 20.0, X * 20.0)
+    colour = np.concatenate([b.colour.reshape(3, 1) for b in bands], axis=1)[:, which]   # [3,h,W]
+    colour *= 1 + tex_amp * tex
+    paint = _colour(rng, "paint") * np.float32(rng.uniform(0.75, 1.0))
+    marks = np.zeros(X.shape, bool)
     for ln in s.lines:
         on = np.abs(X - ln.x) < ln.width / 2
         if ln.period > 0:
-            on &= ((Z + ln.phase) % ln.period) < ln.period * ln.duty
-        lines |= on
-    band_cls[lines] = LANES
-    rgb[lines] = paint * (1 + 0.1 * tex[lines])[:, None]
+            on &= frac((Z + ln.phase) / ln.period) < ln.duty
+        marks |= on
+    band_cls[marks] = LANES
     if s.crosswalk is not None:
         z0, z1, x0, x1 = s.crosswalk
-        zebra = (Z >= z0) & (Z < z1) & (X >= x0) & (X < x1) & ((X % 1.0) < 0.5)
+        zebra = (Z >= z0) & (Z < z1) & (X >= x0) & (X < x1) & (frac(X) < 0.5)
         band_cls[zebra] = INFO
-        rgb[zebra] = paint * (1 + 0.1 * tex[zebra])[:, None]
-    canvas.paint(rows, slice(0, cam.W), np.ones(X.shape, bool), np.broadcast_to(Z, X.shape), band_cls, rgb,
+        marks |= zebra
+    np.copyto(colour, paint * (1 + 0.1 * tex), where=marks)
+    canvas.paint(rows, slice(0, cam.W), np.ones(X.shape, bool), np.broadcast_to(Z, X.shape), band_cls, colour,
                  surface=GROUND_SURFACE)
     _ground_shade(canvas, rows, X, Z, s, rng)
 
@@ -617,17 +624,20 @@ def _ground_shade(canvas: Canvas, rows: slice, X: np.ndarray, Z: np.ndarray, s: 
 
 
 def _finish(canvas: Canvas, cam: Camera, p: dict, haze_rgb: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    """Shadows, haze with depth, exposure and colour cast, blur, sensor noise -> uint8 [H,W,3]."""
-    rgb = canvas.rgb
+    """Shadows, haze with depth, exposure and colour cast, blur, tone curve, sensor noise -> uint8 [3,H,W]."""
+    colour = canvas.rgb
     ground = canvas.surface == GROUND_SURFACE
-    rgb *= np.where(ground, canvas.shade, 1.0)[..., None]
-    visibility = _draw(rng, p["haze"])
-    depth = np.where(canvas.surface == SKY_SURFACE, 0.0, np.minimum(canvas.depth, 2 * FAR))
-    alpha = (1 - np.exp(-depth / visibility))[..., None]
-    rgb = rgb * (1 - alpha) + haze_rgb * alpha
-    rgb = rgb * rng.uniform(0.65, 1.25) * (1 + rng.normal(0, 0.05, 3)).astype(np.float32)
-    if rng.random() < 0.3:  # slight defocus
-        rgb = (rgb + np.roll(rgb, 1, 0) + np.roll(rgb, 1, 1) + np.roll(rgb, (1, 1), (0, 1))) / 4
-    rgb = np.clip(rgb, 0, 1) ** rng.uniform(0.8, 1.1)
-    rgb = rgb + rng.normal(0, rng.uniform(0.005, 0.03), rgb.shape).astype(np.float32)
-    return (np.clip(rgb, 0, 1) * 255 + 0.5).astype(np.uint8)
+    colour *= np.float32(1) + (canvas.shade - np.float32(1)) * ground
+    depth = np.minimum(canvas.depth, np.float32(2 * FAR)) * (canvas.surface != SKY_SURFACE)
+    transmission = np.exp(depth * np.float32(-1 / _draw(rng, p["haze"])))
+    colour = haze_rgb + (colour - haze_rgb) * transmission
+    colour *= (rng.uniform(0.65, 1.25) * (1 + rng.normal(0, 0.05, 3))).astype(np.float32).reshape(3, 1, 1)
+    if rng.random() < 0.3:  # slight defocus: 2x2 box filter
+        colour[:, :-1] = (colour[:, :-1] + colour[:, 1:]) * np.float32(0.5)
+        colour[:, :, :-1] = (colour[:, :, :-1] + colour[:, :, 1:]) * np.float32(0.5)
+    np.clip(colour, 0, 1, out=colour)
+    colour += np.float32(rng.uniform(-0.25, 0.35)) * colour * (1 - colour)  # tone curve (gamma-like)
+    colour *= np.float32(255)
+    colour += sensor_noise(rng, cam.H, cam.W) * np.float32(rng.uniform(1.2, 7.5))
+    colour += np.float32(0.5)
+    return np.clip(colour, 0, 255, out=colour).astype(np.uint8)
