@@ -1,0 +1,132 @@
+"""corruptions.corrupt: names, shapes, dtypes, range, errors and per-sample seeding, for all 19."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from corruptions import CORRUPTIONS, SEVERITIES, CorruptionError, corrupt
+from tests.reference import shim
+
+#: corruptions that draw random numbers; the others must ignore the seed.
+RANDOM = ("gaussian_noise", "shot_noise", "impulse_noise", "glass_blur", "motion_blur", "snow", "frost", "fog",
+          "elastic_transform", "speckle_noise", "spatter")
+DETERMINISTIC = tuple(n for n in CORRUPTIONS if n not in RANDOM)
+
+
+def _images(b: int, h: int, w: int, seed: int = 0) -> torch.Tensor:
+    """Smooth images with edges and saturated regions (not just uniform noise)."""
+    g = torch.Generator().manual_seed(seed)
+    coarse = torch.rand(b, 3, 5, 7, generator=g)
+    x = torch.nn.functional.interpolate(coarse, size=(h, w), mode="bicubic", align_corners=False)
+    return (x * 1.2 - 0.1).clamp(0, 1)
+
+
+def test_names_are_imagecorruptions_order():
+    assert list(CORRUPTIONS) == shim().get_corruption_names("all")
+    assert SEVERITIES == (1, 2, 3, 4, 5)
+
+
+@pytest.mark.parametrize("name", CORRUPTIONS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16])
+def test_shape_dtype_device_range_on_odd_sizes(name, dtype):
+    x = _images(2, 33, 47).to(dtype)
+    for severity in SEVERITIES:
+        y = corrupt(x, name, severity, seed=torch.tensor([3, 4]))
+        assert y.shape == x.shape and y.dtype == dtype and y.device == x.device
+        assert bool(torch.isfinite(y).all()) and float(y.min()) >= 0 and float(y.max()) <= 1
+    assert not torch.equal(y, x)  # severity 5 changes the image
+
+
+@pytest.mark.parametrize("name", CORRUPTIONS)
+def test_tall_and_wide_minimum_sizes(name):
+    for h, w in [(32, 32), (32, 75), (64, 33)]:
+        assert corrupt(_images(1, h, w), name, 3, seed=1).shape == (1, 3, h, w)
+
+
+@pytest.mark.parametrize("name", RANDOM)
+def test_each_sample_depends_only_on_its_seed(name):
+    """A batch of 3 equals each sample alone (bitwise), and the seed changes the draw."""
+    x = _images(3, 40, 52, seed=1)
+    seeds = torch.tensor([5, 6, 7])
+    batch = corrupt(x, name, 3, seed=seeds)
+    for b in range(3):
+        alone = corrupt(x[b:b + 1], name, 3, seed=seeds[b:b + 1])
+        assert torch.equal(batch[b:b + 1], alone), (name, b)
+    # Reversed batch order: the same per-sample outputs.
+    assert torch.equal(corrupt(x.flip(0), name, 3, seed=seeds.flip(0)), batch.flip(0))
+    # Same seed, same output; another seed, another output; an int seed is that seed for every sample.
+    assert torch.equal(corrupt(x, name, 3, seed=seeds), batch)
+    assert not torch.equal(corrupt(x, name, 3, seed=seeds + 100), batch)
+    assert torch.equal(corrupt(x[:1], name, 3, seed=5), batch[:1])
+
+
+@pytest.mark.parametrize("name", RANDOM)
+def test_severity_keys_the_stream(name):
+    """Different severities use different streams (keyed by (seed, name, severity))."""
+    from corruptions import Rng
+
+    a = Rng([0], name, 1, torch.device("cpu")).uniform(4)
+    b = Rng([0], name, 2, torch.device("cpu")).uniform(4)
+    assert not torch.equal(a, b)
+
+
+@pytest.mark.parametrize("name", DETERMINISTIC)
+def test_deterministic_corruptions_ignore_the_seed_and_batch(name):
+    x = _images(2, 40, 52, seed=2)
+    y = corrupt(x, name, 4, seed=torch.tensor([1, 2]))
+    assert torch.equal(corrupt(x, name, 4, seed=99), y)
+    assert torch.equal(corrupt(x[1:], name, 4), y[1:])
+
+
+# ---------------------------------------------------------------- bad input
+
+
+def _error(match: str, *args, **kwargs) -> str:
+    with pytest.raises(CorruptionError, match=match) as exc:
+        corrupt(*args, **kwargs)
+    message = str(exc.value)
+    assert "\n" not in message
+    return message
+
+
+def test_unknown_name_lists_the_valid_names():
+    message = _error("unknown corruption 'gausian_noise'", _images(1, 32, 32), "gausian_noise", 1)
+    assert all(n in message for n in CORRUPTIONS)
+    assert isinstance(CorruptionError("x"), ValueError)
+
+
+@pytest.mark.parametrize("severity", [0, 6, -1, True, 2.0, "3", None])
+def test_bad_severity(severity):
+    _error("severity .* use an integer in 1..5", _images(1, 32, 32), "fog", severity)
+
+
+@pytest.mark.parametrize("shape", [(3, 32, 32), (1, 1, 32, 32), (1, 4, 32, 32), (1, 1, 3, 32, 32)])
+def test_wrong_shape(shape):
+    _error(r"shape \[B,3,H,W\]", torch.zeros(shape), "contrast", 1)
+
+
+def test_not_a_tensor():
+    _error("must be a torch.Tensor", [[0.5]], "contrast", 1)
+
+
+@pytest.mark.parametrize("dtype", [torch.uint8, torch.int64, torch.bool])
+def test_integer_dtype(dtype):
+    _error("float tensor in \\[0,1\\]", torch.zeros(1, 3, 32, 32, dtype=dtype), "contrast", 1)
+
+
+@pytest.mark.parametrize("value", [1.5, -0.01, float("nan"), float("inf")])
+def test_values_outside_0_1(value):
+    x = _images(1, 32, 32)
+    x[0, 1, 5, 7] = value
+    _error(r"\[0,1\]", x, "brightness", 2)
+
+
+@pytest.mark.parametrize("hw", [(31, 40), (40, 31), (8, 8)])
+def test_smaller_than_32_pixels(hw):
+    _error("at least 32x32", torch.zeros(1, 3, *hw), "gaussian_blur", 1)
+
+
+@pytest.mark.parametrize("seed", [1.5, "7", True, torch.tensor([1, 2]), torch.tensor([1.0]), torch.tensor(3)])
+def test_bad_seed(seed):
+    _error("seed must be an int", _images(1, 32, 32), "gaussian_noise", 1, seed=seed)
