@@ -1,0 +1,246 @@
+"""`shiftbench check`: baseline round trip, direction-aware regressions, NaN rules, unusable input."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from shiftbench.cli import main as cli
+from shiftbench.errors import ShiftbenchError
+from shiftbench.report import baseline as bl
+from shiftbench.report.load import load_run
+from tests.run_fixture import MODELS, make_run
+
+SMALL = {k: MODELS[k] for k in ("baseline", "moe_simple")}
+
+
+@pytest.fixture(scope="module")
+def template(tmp_path_factory):
+    return make_run(tmp_path_factory.mktemp("template") / "run", models=SMALL, n_patches=300, curves=False,
+                    maps=False)
+
+
+@pytest.fixture()
+def run_dir(template, tmp_path):
+    """A fresh copy of the small fabricated run, free to edit."""
+    return Path(shutil.copytree(template, tmp_path / "run"))
+
+
+@pytest.fixture()
+def baseline(run_dir, tmp_path):
+    path = tmp_path / "baseline.json"
+    assert cli(["check", str(run_dir), "--write-baseline", str(path)]) == 0
+    return path
+
+
+def edit_results(run_dir, mask, column, change):
+    """Rewrite results.csv with ``column`` changed on the rows selected by ``mask(frame)``."""
+    df = pd.read_csv(run_dir / "results.csv")
+    rows = mask(df)
+    assert rows.any()
+    df.loc[rows, column] = change(df.loc[rows, column])
+    df.to_csv(run_dir / "results.csv", index=False)
+
+
+def clean_row(model="baseline", est="predictive_entropy", split="id"):
+    return lambda d: (d["model"] == model) & (d["estimator"] == est) & (d["split"] == split) & (d["severity"] == 0)
+
+
+def check(run_dir, baseline, *extra):
+    return cli(["check", str(run_dir), "--baseline", str(baseline), *extra])
+
+
+def status_of(out: str, *parts: str) -> str:
+    """The status column of the printed row that contains every part."""
+    lines = [ln for ln in out.splitlines() if all(f" {p} " in f" {ln} " for p in parts)]
+    assert len(lines) == 1, (parts, lines)
+    return lines[0].split("  ")[-1].strip()
+
+
+# ------------------------------------------------------------------ gate
+def test_unchanged_run_passes_and_prints_every_value(run_dir, baseline, capsys):
+    capsys.readouterr()
+    assert check(run_dir, baseline) == 0
+    out = capsys.readouterr().out
+    n = len(bl.baseline_values(json.loads(baseline.read_text())))
+    assert n == len(bl.run_values(load_run(run_dir)))
+    assert out.count("\n") == n + 2  # header, one line per value, summary
+    assert out.rstrip().endswith(f"PASS: {n} values compared ({n} same)")
+
+
+def test_injected_regression_fails(run_dir, baseline, capsys):
+    fog2 = lambda d: (d["model"] == "moe_simple") & (d["estimator"] == "expert_variance") & (d["corruption"] == "fog") \
+        & (d["severity"] == 2)
+    edit_results(run_dir, fog2, "ece", lambda v: v + 0.03)  # the mean over 3 corruptions moves by 0.01 > 0.005
+    capsys.readouterr()
+    assert check(run_dir, baseline) == 1
+    out = capsys.readouterr().out
+    assert status_of(out, "moe_simple", "expert_variance", "severity 2", "ece") == "REGRESSED"
+    assert status_of(out, "moe_simple", "expert_variance", "severity 1", "ece") == "same"
+    assert "+0.01 " in out and out.rstrip().splitlines()[-1].startswith("FAIL")
+
+
+@pytest.mark.parametrize("column, delta, expected, code", [
+    ("ece", +0.004, "worse (within tolerance)", 0),
+    ("ece", +0.006, "REGRESSED", 1),
+    ("ece", -0.2, "better", 0),
+    ("nll", +0.03, "REGRESSED", 1),
+    ("mce", +0.015, "worse (within tolerance)", 0),
+    ("miou", -0.01, "REGRESSED", 1),  # higher is better
+    ("miou", +0.2, "better", 0),
+    ("au_pavpu", -0.006, "REGRESSED", 1),
+    ("au_pavpu", +0.006, "better", 0),
+    ("peak_pavpu", -0.004, "worse (within tolerance)", 0),
+])
+def test_direction_and_default_tolerances(run_dir, baseline, capsys, column, delta, expected, code):
+    edit_results(run_dir, clean_row(), column, lambda v: v + delta)
+    capsys.readouterr()
+    assert check(run_dir, baseline) == code
+    assert status_of(capsys.readouterr().out, "id", "baseline", "predictive_entropy", "clean", column) == expected
+
+
+def test_custom_tolerance_tightens_the_gate(run_dir, baseline, capsys):
+    edit_results(run_dir, clean_row(), "ece", lambda v: v + 0.004)
+    assert check(run_dir, baseline) == 0
+    assert check(run_dir, baseline, "--tolerance", "ece=0.001,nll=0.1") == 1
+    assert check(run_dir, baseline, "--tolerance", "ece=0.01") == 0
+
+
+def test_nan_rules(run_dir, baseline, capsys):
+    edit_results(run_dir, clean_row(), "brier", lambda v: np.nan)
+    capsys.readouterr()
+    assert check(run_dir, baseline) == 1
+    assert status_of(capsys.readouterr().out, "id", "baseline", "predictive_entropy", "clean", "brier") == "BECAME NaN"
+    # the NaN run as a baseline: NaN vs NaN is equal, NaN -> number passes and is reported
+    nan_baseline = baseline.with_name("nan.json")
+    assert cli(["check", str(run_dir), "--write-baseline", str(nan_baseline)]) == 0
+    assert json.loads(nan_baseline.read_text())["values"]["id"]["baseline"]["predictive_entropy"]["clean"]["brier"] \
+        is None
+    capsys.readouterr()
+    assert check(run_dir, nan_baseline) == 0
+    edit_results(run_dir, clean_row(), "brier", lambda v: 0.1)
+    capsys.readouterr()
+    assert check(run_dir, nan_baseline) == 0
+    assert status_of(capsys.readouterr().out, "id", "baseline", "predictive_entropy", "clean", "brier") == "now defined"
+
+
+def test_status_rules_directly():
+    assert bl._status("ece", 0.1, 0.1 + 0.005, 0.005) == "worse (within tolerance)"  # exactly at the tolerance
+    assert bl._status("ece", 0.1, 0.1051, 0.005) == "REGRESSED"
+    assert bl._status("peak_pavpu", 0.9, 0.8, 0.05) == "REGRESSED"
+    assert bl._status("peak_pavpu", 0.8, 0.9, 0.0) == "better"
+    assert bl._status("nll", math.inf, math.inf, 0.02) == "same"
+    assert bl._status("nll", 1.0, math.inf, 0.02) == "REGRESSED"
+    assert bl._status("nll", math.inf, 1.0, 0.02) == "better"
+    assert bl._status("ece", math.nan, math.nan, 0.0) == "same"
+
+
+def test_run_values_are_clean_and_means_over_corruptions(run_dir):
+    values = bl.run_values(load_run(run_dir))
+    df = pd.read_csv(run_dir / "results.csv")
+    for (split, model, est, cond, metric), v in list(values.items())[::7]:
+        sel = df[(df["split"] == split) & (df["model"] == model) & (df["estimator"] == est)]
+        sel = sel[sel["severity"] == (0 if cond == "clean" else int(cond.split()[1]))]
+        assert len(sel) == (1 if cond == "clean" else 3)
+        assert v == pytest.approx(sel[metric].mean(), nan_ok=True)
+    assert {k[3] for k in values} == {"clean", "severity 1", "severity 2"}
+
+
+def test_baseline_round_trips_infinity(tmp_path):
+    data = {"format": bl.FORMAT, "version": bl.VERSION, "suite": {}, "coverage": {},
+            "values": {"id": {"m": {"e": {"clean": {"nll": bl._dump(math.inf), "ece": bl._dump(math.nan),
+                                                     "mce": bl._dump(0.25)}}}}}}
+    path = tmp_path / "b.json"
+    path.write_text(json.dumps(data))
+    values = bl.baseline_values(bl.read_baseline(path))
+    assert values[("id", "m", "e", "clean", "nll")] == math.inf
+    assert math.isnan(values[("id", "m", "e", "clean", "ece")]) and values[("id", "m", "e", "clean", "mce")] == 0.25
+    assert "Infinity" not in path.read_text() and "NaN" not in path.read_text()
+
+
+def test_new_values_are_reported_not_failed(run_dir, tmp_path, capsys):
+    small = Path(shutil.copytree(run_dir, tmp_path / "small"))
+    df = pd.read_csv(small / "results.csv")
+    df[df["model"] != "moe_simple"].to_csv(small / "results.csv", index=False)
+    path = tmp_path / "small.json"
+    assert cli(["check", str(small), "--write-baseline", str(path)]) == 0
+    capsys.readouterr()
+    assert check(run_dir, path) == 0  # the bigger run has the moe_simple values too
+    out = capsys.readouterr().out
+    assert status_of(out, "id", "moe_simple", "expert_variance", "clean", "ece") == "new"
+    assert status_of(out, "id", "baseline", "mutual_information", "clean", "ece") == "same"
+
+
+# ------------------------------------------------------------------ unusable input: exit 2, one line
+def _one_line_error(capsys, *fragments):
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and err.startswith("shiftbench: error: "), err
+    for fragment in fragments:
+        assert fragment in err, err
+
+
+def test_baseline_of_another_suite_is_refused(run_dir, tmp_path, baseline, capsys):
+    other = make_run(tmp_path / "other", models=SMALL, n_patches=300, curves=False, maps=False, suite="other")
+    capsys.readouterr()
+    assert check(other, baseline) == 2
+    _one_line_error(capsys, "baseline is of suite 'fixture'", "'other'")
+    changed = make_run(tmp_path / "digest", models=SMALL, n_patches=300, curves=False, maps=False, digest="e" * 64)
+    assert check(changed, baseline) == 2
+    _one_line_error(capsys, "digest ffffffffffff", "digest eeeeeeeeeeee")
+
+
+def test_other_corruptions_are_refused(tmp_path, baseline, capsys):
+    other = make_run(tmp_path / "cov", models=SMALL, n_patches=300, curves=False, maps=False,
+                     corruptions=("fog", "contrast"))
+    capsys.readouterr()
+    assert check(other, baseline) == 2
+    _one_line_error(capsys, "contrast,fog,gaussian_noise", "run the same conditions")
+
+
+def test_run_lacking_baseline_values_is_refused(run_dir, baseline, capsys):
+    df = pd.read_csv(run_dir / "results.csv")
+    df[df["model"] != "moe_simple"].to_csv(run_dir / "results.csv", index=False)
+    capsys.readouterr()
+    assert check(run_dir, baseline) == 2
+    _one_line_error(capsys, "the run lacks", "moe_simple")
+
+
+@pytest.mark.parametrize("content, fragment", [
+    ("{not json", "unreadable JSON"),
+    ("[1, 2]", "not a shiftbench baseline"),
+    ('{"format": "shiftbench-baseline", "version": 99}', "version 99 is not supported"),
+    ('{"format": "shiftbench-baseline", "version": 1, "suite": {}, "coverage": {}}', "missing or malformed 'values'"),
+])
+def test_unreadable_baselines(run_dir, tmp_path, capsys, content, fragment):
+    path = tmp_path / "bad.json"
+    path.write_text(content)
+    assert check(run_dir, path) == 2
+    _one_line_error(capsys, fragment)
+
+
+def test_malformed_values_are_refused(tmp_path):
+    path = tmp_path / "b.json"
+    path.write_text(json.dumps({"format": bl.FORMAT, "version": 1, "suite": {}, "coverage": {},
+                                "values": {"id": {"m": {"e": {"clean": {"ece": "high"}}}}}}))
+    with pytest.raises(ShiftbenchError, match="malformed 'values'"):
+        bl.baseline_values(bl.read_baseline(path))
+
+
+def test_missing_paths_and_bad_tolerances(run_dir, tmp_path, baseline, capsys):
+    assert check(tmp_path / "absent", baseline) == 2
+    _one_line_error(capsys, "does not exist")
+    assert check(run_dir, tmp_path / "absent.json") == 2
+    _one_line_error(capsys, "does not exist", "--write-baseline")
+    for bad, fragment in (("ece", "expected METRIC=VALUE"), ("foo=1", "METRIC one of ece"),
+                          ("ece=-0.1", "finite number >= 0"), ("ece=nan", "finite number >= 0")):
+        assert check(run_dir, baseline, "--tolerance", bad) == 2
+        _one_line_error(capsys, fragment)
+    with pytest.raises(SystemExit) as exc:
+        cli(["check", str(run_dir)])
+    assert exc.value.code == 2

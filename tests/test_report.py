@@ -1,0 +1,304 @@
+"""`shiftbench report` on a fabricated run (tests/run_fixture.py): files, numbers, degraded runs, CLI errors."""
+
+from __future__ import annotations
+
+import math
+import re
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from shiftbench.cli import main as cli
+from shiftbench.errors import ShiftbenchError
+from shiftbench.report import aggregate, tables
+from shiftbench.report.build import build_report
+from shiftbench.report.load import load_run
+from shiftbench.report.style import ESTIMATOR_STYLES, estimator_label
+from tests.run_fixture import MODELS, make_run
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    return make_run(tmp_path_factory.mktemp("run") / "fixture")
+
+
+@pytest.fixture(scope="module")
+def report(run_dir):
+    return build_report(run_dir, fmt="pdf")
+
+
+def parse_markdown(text: str) -> tuple[list[str], list[list[str]], list[list[bool]]]:
+    """Header, cells (bold markers removed) and bold flags of a Markdown table."""
+    lines = [ln for ln in text.strip().splitlines() if ln.startswith("|")]
+
+    def split(line: str) -> list[str]:
+        return [c.strip().replace("\0", "|") for c in line.strip().strip("|").replace("\\|", "\0").split("|")]
+
+    body = [split(ln) for ln in lines[2:]]
+    return split(lines[0]), [[c.strip("*") for c in r] for r in body], [[c.startswith("**") for c in r] for r in body]
+
+
+def number(cell: str) -> float:
+    return math.nan if cell == tables.MISSING else float(cell)
+
+
+LABEL_TO_ESTIMATOR = {estimator_label(e): e for e in ESTIMATOR_STYLES}
+
+
+# ------------------------------------------------------------------ files
+def test_every_figure_and_table_is_written(report):
+    out = report.out
+    families = {f.family for f in report.figures}
+    assert families == {"calibration_vs_severity", "conditional_vs_severity", "threshold_sweeps", "id_vs_ood",
+                        "gate_entropy", "reliability", "gallery"}
+    names = {f.name for f in report.figures}
+    assert {"calibration_ece_id", "calibration_mce_id", "calibration_brier_id", "calibration_nll_id",
+            "routing_calibration", "reliability_ood", "gallery"} <= names
+    for fig in report.figures:
+        assert [p.suffix for p in fig.files] == [".pdf", ".png"]
+        for rel in fig.files:
+            assert (out / rel).stat().st_size > 2000, rel
+        assert (out / fig.files[0]).read_bytes().startswith(b"%PDF")
+        assert (out / fig.files[1]).read_bytes().startswith(b"\x89PNG")
+    assert {t.name for t, _ in report.tables} == {"table3", "table2_id", "robustness_id"}
+    for _, files in report.tables:
+        assert all((out / f).stat().st_size > 200 for f in files)
+    assert report.notes == []
+    assert not list(out.rglob(".*.tmp*")), "temporary files left behind"
+
+
+def test_html_and_markdown_reference_every_figure_relatively(report):
+    page = (report.out / "report.html").read_text()
+    md = (report.out / "report.md").read_text()
+    srcs = re.findall(r'<img src="([^"]+)"', page)
+    assert sorted(srcs) == sorted(f.files[-1].as_posix() for f in report.figures)
+    assert all(not s.startswith("/") and (report.out / s).is_file() for s in srcs)
+    assert page.count("<table>") == len(report.tables)
+    for fig in report.figures:
+        assert f"]({fig.files[-1].as_posix()})" in md
+    for table, files in report.tables:
+        assert tables.to_markdown(table).strip() in md
+        assert files[1].as_posix() in page
+
+
+# ------------------------------------------------------------------ numbers
+def _expected(results: pd.DataFrame, split: str, metrics, corrupted: bool) -> dict[tuple[str, str], list[float]]:
+    """Brute force: per (estimator, model), the clean value or the mean over corrupted rows."""
+    out = {}
+    rows = results[(results["split"] == split) & ((results["corruption"] != "clean") == corrupted)]
+    for (est, model), g in rows.groupby(["estimator", "model"]):
+        out[(est, model)] = [float(np.nanmean(g[m])) if g[m].notna().any() else math.nan for m in metrics]
+    return out
+
+
+def _assert_table(md: str, expected: dict, scales: list[float], decimals: list[int], first_col: int = 2):
+    header, rows, _ = parse_markdown(md)
+    assert len(rows) == len(expected)
+    for row in rows:
+        values = expected[(LABEL_TO_ESTIMATOR[row[0]], row[1])]
+        for cell, v, scale, dec in zip(row[first_col:], values, scales, decimals):
+            if math.isnan(v):
+                assert cell == tables.MISSING
+            else:
+                assert abs(float(cell) - v * scale) <= 0.5 * 10 ** -dec + 1e-9, (row, cell, v)
+
+
+def test_table2_holds_the_mean_peaks_over_corrupted_data(report, run_dir):
+    results = pd.read_csv(run_dir / "results.csv")
+    metrics = ["peak_p_accurate_certain", "peak_p_uncertain_inaccurate", "peak_pavpu", "au_pavpu"]
+    md = (report.out / "tables" / "table2_id.md").read_text()
+    _assert_table(md, _expected(results, "id", metrics, corrupted=True), [100] * 4, [2] * 4)
+
+
+def test_table3_holds_clean_values_per_split_and_corrupted_means(report, run_dir):
+    results = pd.read_csv(run_dir / "results.csv")
+    metrics = ["miou", "ece", "mce", "brier", "nll"]
+    scales, decimals = [100, 100, 100, 1, 1], [2, 2, 2, 4, 3]
+    clean_id, clean_ood = (_expected(results, s, metrics, False) for s in ("id", "ood"))
+    corr = _expected(results, "id", metrics, True)
+    expected = {k: clean_id[k] + clean_ood[k] + corr[k] for k in clean_id}
+    md = (report.out / "tables" / "table3.md").read_text()
+    header, _, _ = parse_markdown(md)
+    assert header[2:4] == ["clean id: mIoU (%)", "clean id: ECE (%)"]
+    assert header[-5] == "corrupted id (mean): mIoU (%)"
+    _assert_table(md, expected, scales * 3, decimals * 3)
+
+
+def test_robustness_table_is_clean_corrupted_and_their_ratio(report, run_dir):
+    results = pd.read_csv(run_dir / "results.csv")
+    metrics = ["miou", "ece", "au_pavpu"]
+    clean, corr = _expected(results, "id", metrics, False), _expected(results, "id", metrics, True)
+    expected = {k: [v for c0, c1 in zip(clean[k], corr[k]) for v in (c0, c1, c1 / c0)] for k in clean}
+    md = (report.out / "tables" / "robustness_id.md").read_text()
+    _assert_table(md, expected, [100, 100, 100] * 3, [2, 2, 1] * 3)
+
+
+def test_best_value_per_column_is_bold_direction_aware(report):
+    for table, files in report.tables:
+        header, rows, bold = parse_markdown((report.out / files[0]).read_text())
+        for j, col in enumerate(table.columns, start=2):
+            values = [number(r[j]) for r in rows]
+            finite = [v for v in values if math.isfinite(v)]
+            best = max(finite) if col.higher_is_better else min(finite)
+            assert [b[j] for b in bold] == [v == best for v in values], (table.name, header[j])
+    # lower is better for ECE: the bold ECE is the minimum
+    t3 = next(t for t, _ in report.tables if t.name == "table3")
+    assert not t3.columns[1].higher_is_better and t3.columns[0].higher_is_better
+
+
+def test_latex_tables_are_booktabs_with_the_same_bold_cells(report):
+    for table, files in report.tables:
+        tex = (report.out / files[1]).read_text()
+        md = (report.out / files[0]).read_text()
+        for rule in (r"\toprule", r"\midrule", r"\bottomrule", r"\begin{tabular}", r"\end{table}"):
+            assert rule in tex
+        assert tex.count(r"\textbf{") == md.count("**") // 2
+        assert "moe\\_simple" in tex and "moe_simple" not in tex.replace("moe\\_simple", "")
+        body = [ln for ln in tex.splitlines() if ln.endswith(r"\\")]
+        assert all(ln.count("&") == len(table.index) + len(table.columns) - 1 for ln in body[-len(table.rows):])
+
+
+def test_latex_escapes_special_characters():
+    assert tables.latex_escape("a_b & 50% #1 {x}") == r"a\_b \& 50\% \#1 \{x\}"
+
+
+def test_ties_are_all_bold_and_single_values_are_not():
+    col = tables.Column("ECE", higher_is_better=False, scale=100, decimals=2)
+    t = tables.Table("t", "t", "", ("Estimator", "Model"), [col],
+                     [(("PE", "a"), [0.10001]), (("PE", "b"), [0.1]), (("PE", "c"), [0.2]), (("PE", "d"), [math.nan])])
+    assert t.best() == [{0, 1}]
+    assert tables.Table("u", "u", "", ("E", "M"), [col], [(("PE", "a"), [0.1])]).best() == [set()]
+
+
+# ------------------------------------------------------------------ reductions
+def test_pooled_conditional_of_one_condition_is_its_curve(run_dir):
+    curves = pd.read_parquet(run_dir / "curves.parquet")
+    one = curves[(curves["curve"] == "conditional") & (curves["model"] == "moe_simple")
+                 & (curves["estimator"] == "expert_variance") & (curves["corruption"] == "fog")
+                 & (curves["severity"] == 2)]
+    pooled = aggregate.pooled_conditional(one)
+    for metric in ("p_accurate_certain", "p_uncertain_inaccurate", "pavpu"):
+        np.testing.assert_allclose(pooled[metric], one.sort_values("x")[metric], equal_nan=True)
+
+
+def test_pooled_conditional_sums_counts_over_conditions(run_dir):
+    curves = pd.read_parquet(run_dir / "curves.parquet")
+    rows = curves[(curves["curve"] == "conditional") & (curves["model"] == "baseline")
+                  & (curves["estimator"] == "predictive_entropy") & (curves["severity"] == 1)]
+    pooled = aggregate.pooled_conditional(rows).set_index("x")
+    for x in (0.0, 0.3, 0.5, 1.0):
+        at = rows[np.isclose(rows["x"], x)]
+        ac, au, ic, iu = (at[c].sum() for c in ("n_ac", "n_au", "n_ic", "n_iu"))
+        assert pooled.loc[x, "pavpu"] == pytest.approx((ac + iu) / (ac + au + ic + iu))
+        assert pooled.loc[x, "p_accurate_certain"] == pytest.approx(ac / (ac + ic)) if ac + ic else True
+
+
+def test_pooled_reliability_weights_bins_by_count():
+    frame = pd.DataFrame({"x": [0.25, 0.25, 0.75, 0.75], "bin_confidence": [0.2, 0.3, 0.7, np.nan],
+                          "bin_accuracy": [0.0, 1.0, 0.5, np.nan], "bin_count": [1.0, 3.0, 2.0, 0.0]})
+    pooled = aggregate.pooled_reliability(frame)
+    assert pooled["bin_confidence"].tolist() == pytest.approx([(0.2 + 3 * 0.3) / 4, 0.7])
+    assert pooled["bin_accuracy"].tolist() == pytest.approx([0.75, 0.5])
+    assert pooled["bin_count"].tolist() == [4.0, 2.0]
+
+
+def test_at_threshold_reads_the_grid_point(run_dir):
+    curves = pd.read_parquet(run_dir / "curves.parquet")
+    at = aggregate.at_threshold(curves, 0.5)
+    cond = curves[(curves["curve"] == "conditional") & np.isclose(curves["x"], 0.5)]
+    assert len(at) == len(cond) == len(pd.read_csv(run_dir / "results.csv"))
+    np.testing.assert_array_equal(at["pavpu"].to_numpy(), cond["pavpu"].to_numpy())
+    with pytest.raises(ShiftbenchError, match="must lie in"):
+        aggregate.at_threshold(curves, 1.5)
+    coarse = curves[np.isclose(curves["x"] * 4, np.round(curves["x"] * 4))]  # grid 0, .25, .5, .75, 1
+    assert aggregate.at_threshold(coarse, 0.3)["pavpu"].equals(aggregate.at_threshold(coarse, 0.25)["pavpu"])
+
+
+def test_severity_means_against_a_loop(run_dir):
+    results = pd.read_csv(run_dir / "results.csv")
+    frame = aggregate.severity_means(results, ["ece", "peak_pavpu"])
+    for row in frame.itertuples():
+        rows = results[(results["split"] == row.split) & (results["model"] == row.model)
+                       & (results["estimator"] == row.estimator) & (results["severity"] == row.severity)]
+        assert len(rows) == (1 if row.severity == 0 else 3)
+        assert row.ece == pytest.approx(sum(rows["ece"]) / len(rows))
+
+
+# ------------------------------------------------------------------ degraded runs
+BASE, ENS, MOE = ({k: MODELS[k]} for k in ("baseline", "ensemble", "moe_classwise"))
+DEGRADED = {  # run -> (fixture arguments, notes expected, figure families that must be missing)
+    "one_split_no_moe_one_severity": (dict(splits=("id",), models={**BASE, **ENS}, severities=(3,),
+                                           corruptions=("fog", "contrast")),
+                                      ["ID vs OOD", "Gate entropy"], {"id_vs_ood", "gate_entropy"}),
+    "no_corruptions": (dict(models={**BASE, **MOE}, corruptions=()),
+                       ["Calibration vs severity", "Conditional metrics vs severity", "Table 2"],
+                       {"calibration_vs_severity", "conditional_vs_severity"}),
+    "no_curves_no_maps": (dict(models=BASE, splits=("id",), corruptions=("fog",), curves=False, maps=False),
+                          ["Threshold sweeps", "Reliability", "Gallery"], {"threshold_sweeps", "reliability",
+                                                                            "gallery"}),
+}
+
+
+@pytest.mark.parametrize("case", sorted(DEGRADED))
+def test_degraded_runs_report_what_they_have(tmp_path, case):
+    kwargs, notes, missing = DEGRADED[case]
+    report = build_report(make_run(tmp_path / case, n_patches=300, **kwargs), fmt="svg")
+    assert report.figures and report.tables
+    assert not missing & {f.family for f in report.figures}
+    for note in notes:
+        assert any(n.startswith(note) for n in report.notes), (note, report.notes)
+    for fig in report.figures:
+        assert (report.out / fig.files[0]).read_text().lstrip().startswith("<?xml")
+    assert (report.out / "report.html").read_text().count("<img") == len(report.figures)
+
+
+# ------------------------------------------------------------------ CLI
+def test_cli_report_writes_and_prints(tmp_path, capsys):
+    run = make_run(tmp_path / "r", models={"baseline": MODELS["baseline"]}, splits=("id",), corruptions=("fog",),
+                   severities=(1,), n_patches=200, maps=False)
+    assert cli(["report", str(run), "--format", "png", "--out", str(tmp_path / "o"), "--threshold", "0.3",
+                "--sweep-severities", "0,1"]) == 0
+    assert "report.html" in capsys.readouterr().out
+    assert (tmp_path / "o" / "figures" / "threshold_sweeps_id.png").is_file()
+
+
+def run_cli(argv: list[str]) -> int:
+    """The CLI's exit code, whether it returns it or argparse exits."""
+    try:
+        return cli(argv)
+    except SystemExit as exc:
+        return exc.code
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--threshold", "1.5"], "--threshold 1.5: must lie in [0, 1]"),
+    (["--sweep-severities", "4"], "--sweep-severities 4: not in this run"),
+    (["--gallery-models", "nope"], "--gallery-models nope: not in this run"),
+    (["--sweep-severities", "a"], "expected comma-separated severities"),
+    (["--format", "jpg"], "invalid choice"),
+])
+def test_cli_report_bad_input_is_one_line_exit_2(run_dir, capsys, argv, message):
+    code = run_cli(["report", str(run_dir), "--out", str(run_dir / "unused"), *argv])
+    err = capsys.readouterr().err
+    assert code == 2 and message in err and len(err.strip().splitlines()) == 1
+    assert not (run_dir / "unused").exists()
+
+
+def test_missing_or_broken_run_dir(tmp_path, capsys):
+    assert cli(["report", str(tmp_path / "absent")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    (tmp_path / "empty").mkdir()
+    assert cli(["report", str(tmp_path / "empty")]) == 2
+    assert "no results.csv" in capsys.readouterr().err
+    run = make_run(tmp_path / "cols", models={"baseline": MODELS["baseline"]}, splits=("id",), corruptions=(),
+                   n_patches=100, curves=False, maps=False)
+    pd.read_csv(run / "results.csv").drop(columns=["ece"]).to_csv(run / "results.csv", index=False)
+    assert cli(["report", str(run)]) == 2
+    assert "missing column(s) ece" in capsys.readouterr().err
+
+
+def test_model_names_stay_strings(tmp_path):
+    run = make_run(tmp_path / "na", models={"NA": MODELS["baseline"]}, splits=("id",), corruptions=(),
+                   n_patches=100, curves=False, maps=False)
+    assert load_run(run).models == {"NA": "mc_dropout"}
