@@ -204,8 +204,8 @@ def paint_thing(canvas: Canvas, cam: Camera, t: Thing) -> None:
     yb, yt = cam.y(t.y0, t.Z), cam.y(t.y0 + t.h, t.Z)
     if t.shadow:
         _ground_shadow(canvas, cam, x0, x1, yb, yt, t.shadow)
-    c0, c1 = max(0, int(np.ceil(x0 - 0.5))), min(cam.W, int(np.floor(x1 - 0.5)) + 1)
-    r0, r1 = max(0, int(np.ceil(yt - 0.5))), min(cam.H, int(np.floor(yb - 0.5)) + 1)
+    c0, c1 = max(0, int(np.ceil(x0 - 0.5))), min(cam.W, int(np.ceil(x1 - 0.5)))
+    r0, r1 = max(0, int(np.ceil(yt - 0.5))), min(cam.H, int(np.ceil(yb - 0.5)))
     if c0 >= c1 or r0 >= r1:
         return
     cls_map, A, B = sprite(t.kind, t.variant)

@@ -1,0 +1,78 @@
+"""PNG reading and writing for the dataset loaders and exporters, and the shared resize.
+
+PNGs go through Pillow. Any read failure (missing file, truncated or corrupt PNG) becomes a
+one-line :class:`ShiftbenchError` naming the file. Writing is atomic (:mod:`shiftbench.io`).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from shiftbench.errors import ShiftbenchError
+from shiftbench.io import atomic_path
+
+#: our mode names -> Pillow modes
+_MODES = {"rgb": "RGB", "gray": "L"}
+
+
+def read_png(path: str | os.PathLike, mode: str = "rgb") -> np.ndarray:
+    """A PNG as uint8 [C,H,W] (C = 3 for ``"rgb"``, 1 for ``"gray"``)."""
+    from PIL import Image, UnidentifiedImageError
+
+    path = Path(path)
+    if not path.is_file():
+        raise ShiftbenchError(f"{path}: no such file")
+    try:
+        with Image.open(path, formats=["PNG"]) as im:
+            im.load()
+            pixels = np.asarray(im if im.mode == _MODES[mode] else im.convert(_MODES[mode]))
+    except UnidentifiedImageError:
+        raise ShiftbenchError(f"{path}: not a PNG image (empty, corrupt or another format)") from None
+    except (OSError, SyntaxError, ValueError) as exc:
+        raise ShiftbenchError(f"{path}: not a readable PNG, truncated or corrupt ({' '.join(str(exc).split())})") \
+            from None
+    return pixels[None] if pixels.ndim == 2 else pixels.transpose(2, 0, 1)
+
+
+def write_png(path: str | os.PathLike, image: np.ndarray) -> None:
+    """Write uint8 [3,H,W], [1,H,W] or [H,W] as a PNG, atomically."""
+    from PIL import Image
+
+    image = np.asarray(image)
+    if image.dtype != np.uint8:
+        raise TypeError(f"write_png wants uint8, got {image.dtype}")
+    if image.ndim == 3:
+        image = image[0] if image.shape[0] == 1 else image.transpose(1, 2, 0)
+    with atomic_path(path) as tmp:
+        Image.fromarray(np.ascontiguousarray(image)).save(tmp, format="PNG", compress_level=3)
+
+
+def check_size(size) -> tuple[int, int] | None:
+    """None, or (H, W) with two positive integers."""
+    if size is None:
+        return None
+    try:
+        H, W = (int(s) for s in size)
+        ok = (H, W) == tuple(size) and H > 0 and W > 0
+    except (TypeError, ValueError):
+        ok = False
+    if not ok:
+        raise ShiftbenchError(f"size {size!r} is not (H, W) with two positive integers, or None")
+    return H, W
+
+
+def to_sample(image: np.ndarray, label: np.ndarray, size: tuple[int, int] | None
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+    """uint8 image [3,H,W] and label [H,W] -> (float32 [3,h,w] in [0,1], int64 [h,w]), resized to
+    ``size`` when given: bilinear (antialiased when shrinking) for the image, nearest for the label."""
+    x = torch.from_numpy(np.ascontiguousarray(image)).float().div_(255)
+    label = torch.from_numpy(np.ascontiguousarray(label))
+    if size is not None and tuple(x.shape[-2:]) != tuple(size):
+        x = F.interpolate(x[None], size=size, mode="bilinear", align_corners=False, antialias=True)[0].clamp_(0, 1)
+        label = F.interpolate(label[None, None].to(torch.uint8), size=size, mode="nearest-exact")[0, 0]
+    return x, label.long()

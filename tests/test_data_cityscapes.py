@@ -1,0 +1,117 @@
+"""Cityscapes: the official labelId -> trainId table, the exporter -> loader round trip (exact up to
+the documented 11 -> Cityscapes mapping), resizing and the one-line errors."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from shiftbench.data import cityscapes, class_names, open_split
+from shiftbench.data._io import write_png
+from shiftbench.data.export import CITYSCAPES_LABEL_ID_11, export
+from shiftbench.data.synthetic import CLASSES_11, DOMAINS, SPLITS, generate
+from shiftbench.errors import ShiftbenchError
+
+SIZE = (32, 64)
+COUNT = 2
+#: cityscapesScripts labels.py: (name, id, trainId), trainId 255 = ignored in evaluation
+OFFICIAL = [
+    ("unlabeled", 0, 255), ("ego vehicle", 1, 255), ("rectification border", 2, 255), ("out of roi", 3, 255),
+    ("static", 4, 255), ("dynamic", 5, 255), ("ground", 6, 255), ("road", 7, 0), ("sidewalk", 8, 1),
+    ("parking", 9, 255), ("rail track", 10, 255), ("building", 11, 2), ("wall", 12, 3), ("fence", 13, 4),
+    ("guard rail", 14, 255), ("bridge", 15, 255), ("tunnel", 16, 255), ("pole", 17, 5), ("polegroup", 18, 255),
+    ("traffic light", 19, 6), ("traffic sign", 20, 7), ("vegetation", 21, 8), ("terrain", 22, 9), ("sky", 23, 10),
+    ("person", 24, 11), ("rider", 25, 12), ("car", 26, 13), ("truck", 27, 14), ("bus", 28, 15),
+    ("caravan", 29, 255), ("trailer", 30, 255), ("train", 31, 16), ("motorcycle", 32, 17), ("bicycle", 33, 18),
+]
+#: the documented export: 11-class category -> Cityscapes class it is written as (Lanes: lost into road)
+DOCUMENTED = {"Person": "person", "Car": "car", "Truck": "truck", "Drivable": "road", "Nondrivable": "sidewalk",
+              "Blocker": "pole", "Info": "traffic sign", "Sky": "sky", "Buildings": "building",
+              "Nature": "vegetation", "Lanes": "road"}
+
+
+@pytest.fixture(scope="module")
+def tree(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("cityscapes")
+    export("cityscapes", out, DOMAINS, COUNT, seed=3, size=SIZE, progress=False)
+    return out
+
+
+def test_train_id_table_is_official():
+    for name, label_id, train_id in OFFICIAL:
+        assert cityscapes.TRAIN_ID[label_id] == train_id, name
+        if train_id != 255:
+            assert cityscapes.CLASSES_19[train_id] == name
+    assert (cityscapes.TRAIN_ID[34:] == 255).all()
+    assert class_names("cityscapes", 19) == cityscapes.CLASSES_19
+
+
+def test_export_mapping_is_the_documented_one():
+    by_id = {label_id: name for name, label_id, _ in OFFICIAL}
+    assert {c: by_id[i] for c, i in zip(CLASSES_11, CITYSCAPES_LABEL_ID_11)} == DOCUMENTED
+
+
+def test_round_trip_up_to_the_documented_mapping(tree):
+    expected_train_id = np.full(256, 255, np.uint8)
+    for i, c in enumerate(CLASSES_11):
+        expected_train_id[i] = cityscapes.CLASSES_19.index(DOCUMENTED[c])
+    for split in ("train", "val", "test"):
+        ds = cityscapes.CityscapesDataset(tree, split)
+        domains = [d for d in DOMAINS if split in SPLITS[d]]
+        assert len(ds) == COUNT * len(domains)
+        for k in range(len(ds)):
+            x, y, sid = ds[k]
+            city, stem = sid.split("/")
+            index = int(stem.rsplit("_", 1)[1])
+            assert stem == f"{city}_000000_{index:06d}" and city in domains
+            image, label = generate(city, index, seed=3, size=SIZE, split=split)
+            assert torch.equal(y, torch.from_numpy(expected_train_id[label]).long())
+            assert torch.equal((x * 255).round().to(torch.uint8), torch.from_numpy(image).permute(2, 0, 1))
+
+
+def test_resize_and_open_split(tree):
+    from types import SimpleNamespace
+
+    spec = SimpleNamespace(name="cityscapes", root=tree, size=(16, 40))
+    ds = open_split(spec, "val")
+    x, y, _ = ds[0]
+    assert x.shape == (3, 16, 40) and y.shape == (16, 40) and y.dtype == torch.int64
+    full = cityscapes.CityscapesDataset(tree, "val")[0][1]
+    rows = np.floor((np.arange(16) + 0.5) * SIZE[0] / 16).astype(int)
+    cols = np.floor((np.arange(40) + 0.5) * SIZE[1] / 40).astype(int)
+    assert torch.equal(y, full[rows][:, cols])
+
+
+def _one_line_error(fn, *args, **kw) -> str:
+    with pytest.raises(ShiftbenchError) as info:
+        fn(*args, **kw)
+    assert "\n" not in str(info.value)
+    return str(info.value)
+
+
+def test_errors(tree, tmp_path):
+    import shutil
+
+    assert "no such folder" in _one_line_error(cityscapes.CityscapesDataset, tmp_path / "missing", "val")
+    assert "'dev' is not one of train, val, test" in _one_line_error(cityscapes.CityscapesDataset, tree, "dev")
+    (tmp_path / "empty" / "leftImg8bit" / "val" / "x").mkdir(parents=True)
+    assert "no <city>/*_leftImg8bit.png images" in _one_line_error(cityscapes.CityscapesDataset, tmp_path / "empty",
+                                                                   "val")
+    assert "leftImg8bit/val" in _one_line_error(cityscapes.CityscapesDataset, tmp_path, "val")
+    root = tmp_path / "copy"
+    shutil.copytree(tree, root)
+    ds = cityscapes.CityscapesDataset(root, "test")
+    (image0, label0), (_, label1) = ds.pairs[:2]
+    label0.write_bytes(label0.read_bytes()[:50])
+    write_png(label1, np.zeros((SIZE[0] + 1, SIZE[1]), np.uint8))
+    message = _one_line_error(ds.__getitem__, 0)
+    assert label0.name in message and "PNG" in message
+    message = _one_line_error(ds.__getitem__, 1)
+    assert label1.name in message and "label is 64x33 but its image" in message
+    image0.write_bytes(b"")
+    assert f"{image0}: not a PNG image" in _one_line_error(ds.__getitem__, 0)
+    with pytest.raises(ShiftbenchError, match="size"):
+        cityscapes.CityscapesDataset(root, "test", size=(0, 10))
