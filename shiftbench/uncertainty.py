@@ -1,14 +1,33 @@
 """Uncertainty estimators: pure functions on probability tensors.
 
 Every estimator returns a per-pixel map ``[B,H,W]`` in [0,1], normalised by a fixed,
-data-independent bound.
+data-independent bound (log K, log E, ...), never by a statistic of the data.
+
+Shapes: ``probs`` [B,K,H,W] (the evaluated predictive distribution), ``members``
+[M,B,K,H,W] (MC passes, ensemble members, MoE experts), ``gate`` [B,E] (simple gate) or
+[B,E,K] (classwise gate), E = M. Entropies use ``0 log 0 = 0`` (``torch.special.entr``),
+so one-hot inputs give exact zeros, never NaN. Half-precision inputs are computed in
+float32; float64 inputs stay float64.
+
+:data:`ESTIMATORS` maps each estimator's name to an :class:`Estimator`: a function
+``(Prediction) -> Tensor [B,H,W]``, what it needs from the model (members, a gate, a
+simple gate) and a short label for tables and plots.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
+from typing import Callable
 
+import torch
 from torch import Tensor
+
+from shiftbench.errors import ShiftbenchError
+
+#: sup of (1/N) sum_i (P_i(c) - P(c))^2 over all admissible inputs (P, P_i distributions, c = argmax P):
+#: each term is at most max(P(c), 1 - P(c))^2 <= 1, and P one-hot at c with every P_i(c) = 0 reaches 1.
+EV_BOUND = 1.0
 
 
 @dataclass
@@ -25,3 +44,243 @@ class Prediction:
     probs: Tensor
     members: Tensor | None = None
     gate: Tensor | None = None
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _dtype(x: Tensor) -> torch.dtype:
+    """The working precision: float64 for float64 inputs, else float32 (half floats are too coarse)."""
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def _working(x: Tensor) -> Tensor:
+    return x.to(_dtype(x))
+
+
+def _top(probs: Tensor) -> tuple[Tensor, Tensor]:
+    """(max_k P(k), first maximal class) [B,H,W]; ``max(dim)`` is much faster than ``argmax`` on CPU."""
+    top, c = probs.max(1)
+    return _working(top), c
+
+
+def _entropy(p: Tensor, dim: int) -> Tensor:
+    """Shannon entropy -sum p log p along ``dim`` (nats), with 0 log 0 = 0."""
+    return torch.special.entr(_working(p)).sum(dim)
+
+
+def _log_k(probs: Tensor) -> float:
+    k = probs.shape[1]
+    if k < 2:
+        raise ShiftbenchError(f"probabilities have {k} class; entropies need at least 2 classes (normalised by log K)")
+    return math.log(k)
+
+
+def _check_probs(probs: Tensor) -> None:
+    if probs.dim() != 4 or not probs.is_floating_point():
+        raise ShiftbenchError(f"probs must be a float tensor [B,K,H,W]; got {probs.dtype} {list(probs.shape)}")
+
+
+def _check_members(members: Tensor, probs: Tensor | None = None) -> None:
+    if members.dim() != 5 or not members.is_floating_point() or members.shape[0] < 1:
+        raise ShiftbenchError(f"members must be a float tensor [M,B,K,H,W] with M >= 1; "
+                              f"got {members.dtype} {list(members.shape)}")
+    if probs is not None and members.shape[1:] != probs.shape:
+        raise ShiftbenchError(f"members {list(members.shape)} do not match probs {list(probs.shape)} "
+                              "(expected [M, *probs.shape])")
+
+
+def _member_entropies(members: Tensor) -> Tensor:
+    """H(P_i) for every member, [M,B,H,W]; one member at a time so only one [B,K,H,W] temporary lives."""
+    return torch.stack([_entropy(m, 1) for m in members])
+
+
+def _unit(x: Tensor) -> Tensor:
+    """Clamp float rounding (e.g. MI = -1e-8) into [0,1]."""
+    return x.clamp_(0.0, 1.0)
+
+
+def _simple_gate(gate: Tensor | None, members: Tensor, who: str) -> Tensor:
+    """The gate as [E,B] weights; refuses a missing or classwise gate with one line."""
+    if gate is None:
+        raise ShiftbenchError(f"{who} needs an MoE gate; the prediction has none")
+    if gate.dim() == 3:
+        raise ShiftbenchError(f"{who} needs a simple gate [B,E] (one weight per expert); "
+                              f"got a classwise gate {list(gate.shape)}")
+    m, b = members.shape[:2]
+    if gate.dim() != 2 or tuple(gate.shape) != (b, m):
+        raise ShiftbenchError(f"{who}: gate must be [B,E] = [{b},{m}] (one weight per expert); got {list(gate.shape)}")
+    return _working(gate).t()
+
+
+# --------------------------------------------------------------------------- ensembles / MC dropout
+
+
+def predictive_entropy(members: Tensor) -> Tensor:
+    """PE = H(P̄) / log K with P̄ = (1/M) sum_i P_i.  members [M,B,K,H,W] -> [B,H,W]."""
+    _check_members(members)
+    return _unit(_entropy(members.mean(0, dtype=_dtype(members)), 1) / _log_k(members[0]))
+
+
+def mutual_information(members: Tensor) -> Tensor:
+    """MI = (H(P̄) - (1/M) sum_i H(P_i)) / log K.  members [M,B,K,H,W] -> [B,H,W].
+
+    0 <= MI <= H(P̄) <= log K (Jensen); float rounding below 0 is clamped.
+    """
+    _check_members(members)
+    mean_entropy = _member_entropies(members).mean(0)
+    return _unit((_entropy(members.mean(0, dtype=_dtype(members)), 1) - mean_entropy) / _log_k(members[0]))
+
+
+# --------------------------------------------------------------------------- MoE: stacked, weighted, EV, gate
+
+
+def predictive_entropy_stacked(probs: Tensor, members: Tensor) -> Tensor:
+    """PE with the MoE output appended as member M+1: H((sum_i P_i + P) / (M+1)) / log K.  -> [B,H,W]."""
+    _check_probs(probs)
+    _check_members(members, probs)
+    mean = (members.sum(0, dtype=_dtype(members)) + probs) / (members.shape[0] + 1)
+    return _unit(_entropy(mean, 1) / _log_k(probs))
+
+
+def mutual_information_stacked(probs: Tensor, members: Tensor) -> Tensor:
+    """MI over the M experts plus the MoE output: (H(P̄') - (sum_i H(P_i) + H(P)) / (M+1)) / log K.  -> [B,H,W]."""
+    _check_probs(probs)
+    _check_members(members, probs)
+    n = members.shape[0] + 1
+    mean = (members.sum(0, dtype=_dtype(members)) + probs) / n
+    mean_entropy = (_member_entropies(members).sum(0) + _entropy(probs, 1)) / n
+    return _unit((_entropy(mean, 1) - mean_entropy) / _log_k(probs))
+
+
+def predictive_entropy_weighted(probs: Tensor, members: Tensor, gate: Tensor | None) -> Tensor:
+    """PE of the gate-weighted mixture, i.e. of the MoE output itself: H(P) / log K (simple gates only)."""
+    _check_probs(probs)
+    _check_members(members, probs)
+    _simple_gate(gate, members, "predictive_entropy_weighted")
+    return _unit(_entropy(probs, 1) / _log_k(probs))
+
+
+def mutual_information_weighted(probs: Tensor, members: Tensor, gate: Tensor | None) -> Tensor:
+    """MI = max(0, H(P) - sum_i w_i H(P_i)) / log K, w [B,E] the simple gate, P the MoE output.
+
+    With P = sum_i w_i P_i (probabilities combined) this is >= 0 by concavity; an MoE that
+    combines logits or ends in a conv can give H(P) < sum_i w_i H(P_i): clamped at 0.
+    """
+    _check_probs(probs)
+    _check_members(members, probs)
+    w = _simple_gate(gate, members, "mutual_information_weighted")  # [E,B]
+    weighted_entropy = (w[:, :, None, None] * _member_entropies(members)).sum(0)
+    return _unit((_entropy(probs, 1) - weighted_entropy) / _log_k(probs))
+
+
+def expert_variance(probs: Tensor, members: Tensor) -> Tensor:
+    """EV = (1/N) sum_i (P_i(c) - P(c))^2 / EV_BOUND at c = argmax_k P(k).  -> [B,H,W].
+
+    P the MoE output [B,K,H,W], P_i the N experts [N,B,K,H,W]. EV_BOUND = 1 is the sup over all
+    admissible inputs (P one-hot at c, every P_i(c) = 0; reachable when the MoE combines logits
+    or ends in a conv). For P = sum_i w_i P_i the sup is (N-1)/N, for an equal-weight mean 1/4.
+    """
+    _check_probs(probs)
+    _check_members(members, probs)
+    top, c = _top(probs)
+    idx = c[None, :, None].expand(members.shape[0], -1, 1, -1, -1)
+    at_c = members.gather(2, idx).squeeze(2).to(top.dtype)  # [N,B,H,W]
+    return _unit((at_c - top).square_().mean(0) / EV_BOUND)
+
+
+def gate_entropy(probs: Tensor, gate: Tensor | None) -> Tensor:
+    """Routing uncertainty H(w) / log E.  -> [B,H,W].
+
+    Simple gate w [B,E]: one value per image, broadcast over pixels. Classwise gate w [B,E,K]:
+    the entropy of the expert weights of the class the MoE predicts at each pixel (argmax of P).
+    """
+    _check_probs(probs)
+    if gate is None:
+        raise ShiftbenchError("gate_entropy needs an MoE gate; the prediction has none")
+    b, k, h, w = probs.shape
+    if gate.dim() not in (2, 3) or gate.shape[0] != b or (gate.dim() == 3 and gate.shape[2] != k):
+        raise ShiftbenchError(f"gate_entropy: gate must be [B,E] or [B,E,K] with B={b}, K={k}; got {list(gate.shape)}")
+    e = gate.shape[1]
+    if e < 2:
+        raise ShiftbenchError(f"gate_entropy needs at least 2 experts (normalised by log E); the gate has {e}")
+    ent = _entropy(gate, 1) / math.log(e)  # [B] or [B,K]
+    if gate.dim() == 2:
+        return _unit(ent[:, None, None].expand(b, h, w).clone())
+    c = _top(probs)[1]
+    return _unit(ent.gather(1, c.view(b, -1)).view(b, h, w))
+
+
+# --------------------------------------------------------------------------- single deterministic model
+
+
+def softmax_entropy(probs: Tensor) -> Tensor:
+    """H(P) / log K of one model's softmax.  [B,K,H,W] -> [B,H,W]."""
+    _check_probs(probs)
+    return _unit(_entropy(probs, 1) / _log_k(probs))
+
+
+def one_minus_max_prob(probs: Tensor) -> Tensor:
+    """1 - max_k P(k).  [B,K,H,W] -> [B,H,W].
+
+    Kept unscaled (its sup is 1 - 1/K, within [0,1]) so that 1 - u is exactly the top-label
+    probability, the confidence of the probability mode.
+    """
+    _check_probs(probs)
+    return _unit(1.0 - _working(probs.amax(1)))
+
+
+# --------------------------------------------------------------------------- registry
+
+
+@dataclass(frozen=True)
+class Estimator:
+    """An estimator as the suite and the runner see it: ``(Prediction) -> Tensor [B,H,W]``.
+
+    needs_members: needs member distributions (MC passes, ensemble members or experts);
+    needs_gate: needs an MoE gate; simple_gate_only: refuses a classwise gate.
+    """
+
+    name: str
+    label: str
+    fn: Callable[[Prediction], Tensor]
+    needs_members: bool = False
+    needs_gate: bool = False
+    simple_gate_only: bool = False
+
+    def misfit(self, pred: Prediction) -> str | None:
+        """Why this estimator cannot run on ``pred`` (one phrase), or None."""
+        if self.needs_members and pred.members is None:
+            return "needs several members (MC passes, ensemble members or experts); the prediction has none"
+        if self.needs_gate and pred.gate is None:
+            return "needs an MoE gate; the prediction has none"
+        if self.simple_gate_only and pred.gate is not None and pred.gate.dim() != 2:
+            return f"needs a simple gate [B,E] (one weight per expert); got a classwise gate {list(pred.gate.shape)}"
+        return None
+
+    def __call__(self, pred: Prediction) -> Tensor:
+        why = self.misfit(pred)
+        if why:
+            raise ShiftbenchError(f"estimator {self.name!r} {why}")
+        return self.fn(pred)
+
+
+ESTIMATORS: dict[str, Estimator] = {e.name: e for e in (
+    Estimator("predictive_entropy", "PE", lambda p: predictive_entropy(p.members), needs_members=True),
+    Estimator("mutual_information", "MI", lambda p: mutual_information(p.members), needs_members=True),
+    Estimator("predictive_entropy_stacked", "PE (stacked)",
+              lambda p: predictive_entropy_stacked(p.probs, p.members), needs_members=True, needs_gate=True),
+    Estimator("predictive_entropy_weighted", "PE (weighted)",
+              lambda p: predictive_entropy_weighted(p.probs, p.members, p.gate),
+              needs_members=True, needs_gate=True, simple_gate_only=True),
+    Estimator("mutual_information_stacked", "MI (stacked)",
+              lambda p: mutual_information_stacked(p.probs, p.members), needs_members=True, needs_gate=True),
+    Estimator("mutual_information_weighted", "MI (weighted)",
+              lambda p: mutual_information_weighted(p.probs, p.members, p.gate),
+              needs_members=True, needs_gate=True, simple_gate_only=True),
+    Estimator("expert_variance", "EV", lambda p: expert_variance(p.probs, p.members), needs_members=True,
+              needs_gate=True),
+    Estimator("gate_entropy", "GE", lambda p: gate_entropy(p.probs, p.gate), needs_gate=True),
+    Estimator("softmax_entropy", "SE", lambda p: softmax_entropy(p.probs)),
+    Estimator("one_minus_max_prob", "1-MSP", lambda p: one_minus_max_prob(p.probs)),
+)}

@@ -1,0 +1,13 @@
+"""Streaming, exact metrics in constant memory (see :mod:`shiftbench.metrics.base`).
+
+``SegmentationMetrics`` (mIoU, IoU, pixel accuracy), ``CalibrationMetrics`` (ECE, MCE, Brier,
+NLL, reliability bins) and ``ConditionalMetrics`` (p(accurate|certain), p(uncertain|inaccurate),
+PAvPU over a threshold grid, peaks, AU-PAvPU).
+"""
+
+from shiftbench.metrics.base import Accumulator
+from shiftbench.metrics.calibration import CalibrationMetrics
+from shiftbench.metrics.conditional import ConditionalMetrics
+from shiftbench.metrics.segmentation import SegmentationMetrics
+
+__all__ = ["Accumulator", "CalibrationMetrics", "ConditionalMetrics", "SegmentationMetrics"]

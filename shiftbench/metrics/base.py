@@ -1,0 +1,199 @@
+"""The accumulator base class: fixed-size states with a declared reduction.
+
+In the spirit of torchmetrics' ``Metric``, but without its list states: a subclass declares
+each state once with ``add_state(name, tensor, reduce="sum")`` (int64 counts, float64 sums),
+and the base class gives it ``reset()``, ``merge(other)``, ``state_dict()`` /
+``load_state_dict()`` (plain tensors, loadable with ``torch.load(..., weights_only=True)``),
+``to(device)`` and ``all_reduce(group)``. States of batches, processes and resumed runs
+combine exactly because every reduction is associative and the states never grow.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import torch
+from torch import Tensor
+
+from shiftbench.errors import ShiftbenchError
+
+#: reduce name -> (how two states combine, the matching torch.distributed op name)
+REDUCTIONS: dict[str, tuple[Callable[[Tensor, Tensor], Tensor], str]] = {
+    "sum": (torch.add, "SUM"),
+    "max": (torch.maximum, "MAX"),
+    "min": (torch.minimum, "MIN"),
+}
+
+
+class Accumulator:
+    """Base class: subclasses call ``add_state`` in ``__init__`` and implement ``update`` / ``compute``.
+
+    ``config`` (a dict of the constructor's settings) must be equal for two accumulators to merge.
+    States live on one device; ``update`` moves them to its inputs' device (``_follow``).
+    """
+
+    def __init__(self, **config: Any) -> None:
+        self.config = dict(config)
+        self._reduce: dict[str, str] = {}
+        self._default: dict[str, Tensor] = {}
+
+    # ----------------------------------------------------------------- states
+    def add_state(self, name: str, default: Tensor, reduce: str = "sum") -> None:
+        """Declare a state: its initial value (shape and dtype are fixed from here on) and its reduction."""
+        if reduce not in REDUCTIONS:
+            raise ValueError(f"reduce={reduce!r} is not one of {', '.join(REDUCTIONS)}")
+        if name in self._reduce or hasattr(type(self), name):
+            raise ValueError(f"state {name!r} is already defined")
+        self._reduce[name] = reduce
+        self._default[name] = default.detach().clone()
+        setattr(self, name, default.detach().clone())
+
+    @property
+    def state_names(self) -> tuple[str, ...]:
+        return tuple(self._reduce)
+
+    @property
+    def device(self) -> torch.device:
+        return getattr(self, next(iter(self._reduce))).device
+
+    def reset(self) -> Accumulator:
+        """Back to the declared initial values (on the current device)."""
+        for name, default in self._default.items():
+            setattr(self, name, default.to(self.device, copy=True))
+        return self
+
+    def to(self, device: torch.device | str) -> Accumulator:
+        for name in self._reduce:
+            setattr(self, name, getattr(self, name).to(device))
+        return self
+
+    def _follow(self, x: Tensor) -> None:
+        """Move the states to ``x``'s device if they are elsewhere (one transfer of a few KB)."""
+        if x.device != self.device:
+            self.to(x.device)
+
+    # ----------------------------------------------------------------- combine
+    def merge(self, other: Accumulator) -> Accumulator:
+        """Add ``other``'s states into this one's (``a.merge(b)`` == one accumulator updated with both)."""
+        if type(other) is not type(self) or other.config != self.config:
+            raise ShiftbenchError(f"cannot merge {type(other).__name__}({_fmt(other.config)}) into "
+                                  f"{type(self).__name__}({_fmt(self.config)}); both must have the same settings")
+        for name, reduce in self._reduce.items():
+            combine = REDUCTIONS[reduce][0]
+            setattr(self, name, combine(getattr(self, name), getattr(other, name).to(self.device)))
+        return self
+
+    def all_reduce(self, group: Any = None) -> Accumulator:
+        """Reduce the states over a torch.distributed process group, in place (one collective per dtype)."""
+        import torch.distributed as dist
+
+        buckets: dict[tuple[str, torch.dtype], list[str]] = {}
+        for name, reduce in self._reduce.items():
+            buckets.setdefault((reduce, getattr(self, name).dtype), []).append(name)
+        for (reduce, _), names in buckets.items():
+            flat = torch.cat([getattr(self, n).reshape(-1) for n in names])
+            dist.all_reduce(flat, op=getattr(dist.ReduceOp, REDUCTIONS[reduce][1]), group=group)
+            for name, part in zip(names, flat.split([getattr(self, n).numel() for n in names])):
+                setattr(self, name, part.view_as(getattr(self, name)).clone())
+        return self
+
+    # ----------------------------------------------------------------- persistence
+    def state_dict(self) -> dict[str, Tensor]:
+        """The states as plain CPU tensors (``torch.save`` them; load with ``weights_only=True``)."""
+        return {name: getattr(self, name).detach().to("cpu", copy=True) for name in self._reduce}
+
+    def load_state_dict(self, state: dict[str, Tensor]) -> Accumulator:
+        """Replace the states; names, shapes and dtypes must be the declared ones."""
+        if not isinstance(state, dict) or set(state) != set(self._reduce):
+            got = sorted(state) if isinstance(state, dict) else type(state).__name__
+            raise ShiftbenchError(f"{type(self).__name__}: state has keys {got}; expected {sorted(self._reduce)}")
+        for name, value in state.items():
+            mine = getattr(self, name)
+            if not isinstance(value, Tensor) or value.shape != mine.shape or value.dtype != mine.dtype:
+                got = f"{value.dtype} {list(value.shape)}" if isinstance(value, Tensor) else type(value).__name__
+                raise ShiftbenchError(f"{type(self).__name__}: state {name!r} is {got}; expected {mine.dtype} "
+                                      f"{list(mine.shape)} (saved with other settings?)")
+        for name, value in state.items():
+            setattr(self, name, value.to(self.device, copy=True))
+        return self
+
+    # ----------------------------------------------------------------- interface
+    def update(self, *args: Any, **kwargs: Any) -> None:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def compute(self) -> dict[str, Any]:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({_fmt(self.config)})"
+
+
+def _fmt(config: dict[str, Any]) -> str:
+    return ", ".join(f"{k}={v!r}" for k, v in config.items())
+
+
+# --------------------------------------------------------------------------- helpers shared by the metrics
+
+#: pixels per update chunk by device type: on CPU a chunk's per-pixel maps stay in cache and the
+#: [B,K,rows,W] slab is read once for all its reductions; on a GPU one chunk is the whole batch.
+CHUNK_PIXELS: dict[str, int] = {"cpu": 2**18}
+DEFAULT_CHUNK_PIXELS = 2**62
+
+
+def row_chunks(shape: torch.Size, device: torch.device, multiple: int = 1) -> list[slice]:
+    """Row ranges that cut a [B,H,W] batch into chunks of about CHUNK_PIXELS pixels (rows a multiple of ``multiple``)."""
+    b, h, w = shape
+    per_row = max(1, b * w)
+    rows = CHUNK_PIXELS.get(device.type, DEFAULT_CHUNK_PIXELS) // per_row // multiple * multiple
+    rows = min(max(rows, multiple), max(h, 1))
+    return [slice(r, r + rows) for r in range(0, h, rows)] or [slice(0, 0)]
+
+
+
+def check_labels(name: str, x: Tensor, shape: torch.Size | None = None) -> None:
+    """``x`` must be an integer [B,H,W] tensor (of ``shape`` when given)."""
+    if x.dim() != 3 or x.is_floating_point() or x.is_complex() or x.dtype == torch.bool:
+        raise ShiftbenchError(f"{name} must be an integer tensor [B,H,W]; got {x.dtype} {list(x.shape)}")
+    if shape is not None and x.shape != shape:
+        raise ShiftbenchError(f"{name} has shape {list(x.shape)}; expected {list(shape)} like target")
+
+
+def check_map(name: str, x: Tensor, shape: torch.Size) -> None:
+    """``x`` must be a float [B,H,W] tensor of ``shape``."""
+    if not x.is_floating_point() or x.shape != shape:
+        raise ShiftbenchError(f"{name} must be a float tensor {list(shape)} like target; got {x.dtype} {list(x.shape)}")
+
+
+class RangeCheck:
+    """Collects the (min, max) of inputs chunk by chunk and refuses out-of-range values with one line.
+
+    Nothing syncs with the device until :meth:`raise_if_bad`, called before the states change
+    (so a refused update leaves the accumulator as it was).
+    """
+
+    def __init__(self) -> None:
+        self._seen: dict[str, tuple[list[tuple[Tensor, Tensor, Tensor | None]], float, float, str]] = {}
+
+    def add(self, name: str, x: Tensor, low: float, high: float, what: str, where: Tensor | None = None) -> None:
+        """Record ``x`` (only where ``where`` is true, if given); allowed: ``what`` = values in [low, high]."""
+        if x.numel() == 0:
+            return
+        lo_hi = torch.stack(torch.aminmax(x if where is None else x.where(where, low))).double()
+        self._seen.setdefault(name, ([], low, high, what))[0].append((lo_hi, x, where))
+
+    def raise_if_bad(self) -> None:
+        for name, (parts, low, high, what) in self._seen.items():
+            seen = torch.stack([lo_hi for lo_hi, _, _ in parts])
+            lo, hi = seen[:, 0].min().item(), seen[:, 1].max().item()
+            if not (lo >= low and hi <= high):  # NaN fails both
+                values = torch.cat([(x if where is None else x[where]).reshape(-1).double() for _, x, where in parts])
+                raise ShiftbenchError(f"{name} holds values in [{values.min().item():g}, {values.max().item():g}]; "
+                                      f"expected {what}")
+        self._seen.clear()
+
+
+def check_range(name: str, x: Tensor, valid: Tensor | None, low: float, high: float, what: str) -> None:
+    """Refuse values of ``x`` outside [low, high] (or NaN) where ``valid``; one host sync."""
+    check = RangeCheck()
+    check.add(name, x, low, high, what, valid)
+    check.raise_if_bad()

@@ -1,0 +1,256 @@
+"""Calibration: ECE, MCE, Brier, NLL and the reliability diagram, exact and in constant memory.
+
+Two confidence sources (fixed per accumulator):
+
+- probability mode (``update(probs, target)``): confidence = top-label probability max_k p_k;
+  ``brier`` = sum_k (p_k - 1[k=y])^2 and ``nll`` = -log max(p_y, 1e-12) (multiclass).
+- given confidence (``update(probs, target, confidence)``), the authors' protocol: confidence
+  = 1 - normalised uncertainty of an estimator (or 1 - normalised gate entropy for routing
+  calibration), judged against the correctness of argmax(probs). ``brier`` and ``nll`` become
+  the binary scores of that confidence as a forecast of correctness: mean (conf - correct)^2
+  and mean -[correct log conf + (1 - correct) log(1 - conf)], probabilities clamped at 1e-12.
+
+The multiclass scores are always also returned as ``brier_multiclass`` / ``nll_multiclass``.
+Bins: n equal-width bins [e_i, e_i+1) with e = float32 ``linspace(0, 1, n+1)`` (i/n rounded to
+float32: torchmetrics' edges, compared in float32 as torchmetrics does), the last bin closed at 1
+(torchmetrics puts a confidence of exactly 1 into an extra bin of its own).
+ECE = sum_b (n_b/N) |acc_b - conf_b|, MCE = max over non-empty bins.
+``average="pixels"`` pools all valid pixels; ``average="images"`` is the mean of per-image
+values (images without a valid pixel are skipped); the reliability bins are always pooled.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from shiftbench.errors import ShiftbenchError
+from shiftbench.metrics.base import Accumulator, RangeCheck, check_labels, check_map, row_chunks
+
+AVERAGES = ("pixels", "images")
+#: per-pixel scores, in the order of the ``pixel_sum`` / ``image_sum`` states
+SCORES = ("brier", "nll", "brier_multiclass", "nll_multiclass")
+#: per-image calibration errors, before SCORES in ``image_sum``
+ERRORS = ("ece", "mce")
+MODES = ("probability", "given")
+EPS = 1e-12
+#: rounding allowed above 1 for a top-label probability (a gate-weighted mixture can sum to 1 + ulp)
+PROB_SLACK = 1e-4
+
+
+def sum_of_squares(probs: Tensor) -> Tensor:
+    """sum_k p_k^2, [B,K,H,W] -> float32 [B,H,W], one class plane at a time (no [B,K,H,W] temporary)."""
+    out = torch.zeros(probs.shape[:1] + probs.shape[2:], dtype=torch.float32, device=probs.device)
+    for k in range(probs.shape[1]):
+        plane = probs[:, k]
+        out.addcmul_(plane, plane)
+    return out
+
+
+@dataclass
+class _Score:
+    rows: list[int]  # rows of SCORES this map adds to
+    map: Tensor  # [B,r,W] float32
+
+
+@dataclass
+class _Partial:
+    """Per-image sums of one update, filled chunk by chunk, committed only after the checks pass."""
+
+    hist: Tensor  # int64 [B,n,2]: pixels by image, bin and (incorrect, correct)
+    conf_sum: Tensor  # float64 [B,n,2]: their confidence sums
+    scores: Tensor  # float64 [len(SCORES),B]
+    n_valid: Tensor  # int64 [B]
+
+    @classmethod
+    def zeros(cls, b: int, n: int, s: int, device: torch.device) -> _Partial:
+        i64, f64 = dict(dtype=torch.int64, device=device), dict(dtype=torch.float64, device=device)
+        return cls(torch.zeros(b, n, 2, **i64), torch.zeros(b, n, 2, **f64), torch.zeros(s, b, **f64),
+                   torch.zeros(b, **i64))
+
+
+def _edge_margin(edges: Tensor) -> float:
+    """How close to an integer n x (float32) can be for a float32 x whose bucket against ``edges`` is not
+    floor(n x): the edges' own distance to i/n plus the float32 rounding of the product, doubled."""
+    n = edges.numel() - 1
+    exact = torch.arange(n + 1, dtype=torch.float64)
+    return 2 * ((edges.double() * n - exact).abs().max().item() + n * 2.0**-23) + 1e-9
+
+
+class CalibrationMetrics(Accumulator):
+    """Top-label calibration of a segmentation model, see the module docstring for the definitions.
+
+    States: per-bin pixel counts, correct counts (int64) and confidence sums (float64); float64
+    sums of the scores over pixels and of the per-image values over images; pixel and image
+    counts; update counts per confidence mode (mixing modes is refused at ``compute``).
+    """
+
+    def __init__(self, num_classes: int, n_bins: int = 15, ignore_index: int = 255, average: str = "pixels") -> None:
+        if not isinstance(num_classes, int) or num_classes < 1:
+            raise ShiftbenchError(f"num_classes must be a positive integer; got {num_classes!r}")
+        if not isinstance(n_bins, int) or n_bins < 1:
+            raise ShiftbenchError(f"n_bins must be a positive integer; got {n_bins!r}")
+        if average not in AVERAGES:
+            raise ShiftbenchError(f"average={average!r} is not one of {', '.join(AVERAGES)}")
+        super().__init__(num_classes=num_classes, n_bins=n_bins, ignore_index=ignore_index, average=average)
+        self.num_classes, self.n_bins, self.ignore_index, self.average = num_classes, n_bins, ignore_index, average
+        self.edges = torch.linspace(0, 1, n_bins + 1, dtype=torch.float32)  # torchmetrics' edges
+        self._margin = _edge_margin(self.edges)
+        f64, i64 = dict(dtype=torch.float64), dict(dtype=torch.int64)
+        self.add_state("bin_count", torch.zeros(n_bins, **i64))
+        self.add_state("bin_correct", torch.zeros(n_bins, **i64))
+        self.add_state("bin_confidence", torch.zeros(n_bins, **f64))
+        self.add_state("pixel_sum", torch.zeros(len(SCORES), **f64))
+        self.add_state("image_sum", torch.zeros(len(ERRORS) + len(SCORES), **f64))
+        self.add_state("n_images", torch.zeros((), **i64))
+        self.add_state("n_updates", torch.zeros(len(MODES), **i64))
+
+    # ----------------------------------------------------------------- update
+    @torch.no_grad()
+    def update(self, probs: Tensor, target: Tensor, confidence: Tensor | None = None, *,
+               pred: Tensor | None = None) -> None:
+        """probs [B,K,H,W], target [B,H,W]; optional confidence [B,H,W] in [0,1] (checked on valid pixels).
+
+        ``pred`` [B,H,W] may pass argmax(probs) when the caller already has it: it is used as the
+        prediction without being recomputed (on CPU ``probs.max(1)`` is the slowest part of an update).
+        """
+        self._check_shapes(probs, target, confidence, pred)
+        self._follow(target)
+        b, n = target.shape[0], self.n_bins
+        part = _Partial.zeros(b, n, len(SCORES), target.device)
+        for rows in row_chunks(target.shape, target.device):
+            self._chunk(part, probs[:, :, rows], target[:, rows],
+                        None if confidence is None else confidence[:, rows], None if pred is None else pred[:, rows])
+        self._commit(part, given=confidence is not None)
+
+    def _check_shapes(self, probs: Tensor, target: Tensor, confidence: Tensor | None, pred: Tensor | None) -> None:
+        check_labels("target", target)
+        b, h, w = target.shape
+        if probs.dim() != 4 or not probs.is_floating_point() or tuple(probs.shape) != (b, self.num_classes, h, w):
+            raise ShiftbenchError(f"probs must be a float tensor [B,K,H,W] = {[b, self.num_classes, h, w]}; "
+                                  f"got {probs.dtype} {list(probs.shape)}")
+        if confidence is not None:
+            check_map("confidence", confidence, target.shape)
+        if pred is not None:
+            check_labels("pred", pred, target.shape)
+
+    def _chunk(self, part: _Partial, probs: Tensor, target: Tensor, confidence: Tensor | None,
+               pred: Tensor | None) -> None:
+        """Add one row chunk ([B,K,r,W] probabilities) to the per-image partial sums."""
+        k = self.num_classes
+        valid = target != self.ignore_index
+        invalid = ~valid
+        y = target.masked_fill(invalid, 0)
+        checks = RangeCheck()
+        checks.add("target", y, 0, k - 1, f"class ids in [0, {k - 1}] or ignore_index {self.ignore_index}")
+        if confidence is None:
+            top, pred = probs.max(1) if pred is None else (probs.amax(1), pred)
+            conf = top.float()
+            checks.add("probs", conf, 0.0, 1.0 + PROB_SLACK, "probabilities (top-label probability in [0, 1])", valid)
+        else:
+            conf = confidence.float()
+            checks.add("confidence", conf, 0.0, 1.0, "values in [0, 1] on valid pixels", valid)
+            pred = probs.max(1).indices if pred is None else pred
+        checks.raise_if_bad()  # before anything is used as an index; the states are still untouched
+        correct = (pred == target).logical_and_(valid)
+        for score in self._scores(probs, y, conf, correct, given=confidence is not None):
+            per_row = score.map.masked_fill_(invalid, 0).sum(2)  # float32 over W, then float64
+            part.scores[score.rows] += per_row.sum(1, dtype=torch.float64)
+        cell = self._cells(conf, correct, invalid)
+        size = part.hist.numel()
+        part.hist += torch.bincount(cell, minlength=size + 1)[:size].view_as(part.hist)
+        part.conf_sum += torch.bincount(cell, conf.reshape(-1).double(), minlength=size + 1)[:size].view_as(part.hist)
+        part.n_valid += valid.sum((1, 2))
+
+    def _scores(self, probs: Tensor, y: Tensor, conf: Tensor, correct: Tensor, given: bool) -> list[_Score]:
+        """Per-pixel float32 maps with the SCORES rows they add to (probability mode: brier is brier_multiclass).
+
+        Given confidence c and q = c if correct else 1 - c (the forecast probability of what happened):
+        binary Brier = (1 - q)^2, binary NLL = -log max(q, 1e-12).
+        """
+        p_y = probs.gather(1, y.unsqueeze(1)).squeeze(1).float()
+        brier_mc = sum_of_squares(probs).sub_(p_y, alpha=2).add_(1)  # sum_k p_k^2 - 2 p_y + 1
+        nll_mc = p_y.clamp_(min=EPS).log_().neg_()
+        if not given:
+            return [_Score([0, 2], brier_mc), _Score([1, 3], nll_mc)]
+        q = torch.where(correct, conf, 1 - conf)
+        brier = q.neg().add_(1).square_()
+        nll = q.clamp_(min=EPS).log_().neg_()
+        return [_Score([0], brier), _Score([1], nll), _Score([2], brier_mc), _Score([3], nll_mc)]
+
+    def _cells(self, conf: Tensor, correct: Tensor, invalid: Tensor) -> Tensor:
+        """Histogram cell of every pixel, int64 [B*r*W]: (image * n + bin) * 2 + correct; ignored -> 2Bn (dropped).
+
+        bin = bucket [e_i, e_i+1) of the float32 ``edges`` (1.0 in the last bin). floor(n x) is that bucket
+        except within ``_margin`` of an interior integer (a confidence on or next to an edge); those few
+        pixels are bucketized.
+        """
+        b, n = conf.shape[0], self.n_bins
+        t = conf * n
+        bin_ = t.floor()
+        frac = t.sub_(bin_)
+        near = (frac < self._margin).logical_or_(frac > 1 - self._margin).logical_and_(bin_ < n)
+        bin_.clamp_(max=n - 1)
+        if near.any():
+            edges = self.edges.to(conf.device)
+            bin_[near] = (torch.bucketize(conf[near], edges, right=True) - 1).clamp_(max=n - 1).to(bin_.dtype)
+        offset = torch.arange(0, 2 * b * n, 2 * n, device=conf.device, dtype=bin_.dtype).view(b, 1, 1)
+        cell = bin_.mul_(2).add_(correct).add_(offset).masked_fill_(invalid, 2 * b * n)  # exact small ints
+        return cell.reshape(-1).long()
+
+    def _commit(self, part: _Partial, given: bool) -> None:
+        """Fold one update's per-image sums into the states."""
+        count, n_correct, conf_sum = part.hist.sum(2), part.hist[..., 1], part.conf_sum.sum(2)
+        self.bin_count += count.sum(0)
+        self.bin_correct += n_correct.sum(0)
+        self.bin_confidence += conf_sum.sum(0)
+        self.pixel_sum += part.scores.sum(1)
+        has = part.n_valid > 0
+        per_image = torch.cat([_errors(count, n_correct, conf_sum, part.n_valid), part.scores / part.n_valid])
+        self.image_sum += per_image[:, has].sum(1)
+        self.n_images += has.sum()
+        self.n_updates[int(given)] += 1
+
+    # ----------------------------------------------------------------- compute
+    def compute(self) -> dict[str, Any]:
+        """ece, mce, brier, nll, brier_multiclass, nll_multiclass (NaN when nothing was seen), accuracy,
+        mean_confidence, n_pixels, n_images, confidence mode, average, and the pooled reliability bins:
+        bin_edges [n+1], bin_count, bin_accuracy, bin_confidence [n] (NaN for empty bins)."""
+        used = [m for m, c in zip(MODES, self.n_updates.tolist()) if c]
+        if len(used) > 1:
+            raise ShiftbenchError("CalibrationMetrics was updated both with and without a confidence; "
+                                  "use one accumulator per confidence source")
+        count = self.bin_count.double()
+        n = count.sum()
+        if self.average == "pixels":
+            gap = (self.bin_correct.double() - self.bin_confidence).abs()
+            mce = torch.where(count > 0, gap / count, -torch.inf).amax() if n else torch.tensor(torch.nan)
+            errors = torch.stack([gap.sum() / n, mce.to(gap)])
+            scores = self.pixel_sum / n
+        else:
+            errors, scores = (self.image_sum / self.n_images.double()).split([len(ERRORS), len(SCORES)])
+        out: dict[str, Any] = dict(zip(ERRORS + SCORES, (errors.tolist() + scores.tolist())))
+        out.update(
+            accuracy=(self.bin_correct.sum() / n).item(),
+            mean_confidence=(self.bin_confidence.sum() / n).item(),
+            n_pixels=int(n.item()),
+            n_images=int(self.n_images.item()),
+            confidence=used[0] if used else None,
+            average=self.average,
+            bin_edges=self.edges.double(),
+            bin_count=self.bin_count.cpu(),
+            bin_accuracy=(self.bin_correct / count).cpu(),
+            bin_confidence=(self.bin_confidence / count).cpu(),
+        )
+        return out
+
+
+def _errors(count: Tensor, n_correct: Tensor, conf_sum: Tensor, n_valid: Tensor) -> Tensor:
+    """Per-image ECE and MCE [2,B] from per-image bins [B,n] (0/0 for an image without valid pixels)."""
+    gap = (n_correct.double() - conf_sum).abs()
+    ece = gap.sum(1) / n_valid
+    mce = torch.where(count > 0, gap / count, 0.0).amax(1)
+    return torch.stack([ece, mce])

@@ -1,0 +1,140 @@
+"""Conditional correctness after Mukhoti & Gal (2018): p(accurate|certain), p(uncertain|inaccurate), PAvPU.
+
+Images are cut into non-overlapping ``patch_size`` x ``patch_size`` patches from the top-left
+corner; when H or W is not a multiple of the patch size, the patches of the last row/column
+are smaller (the remainder is kept, not dropped). For each patch, over its valid
+(non-ignored) pixels: accuracy = share of correct pixels; the patch is *accurate* iff
+accuracy > ``accuracy_threshold``; its uncertainty u = mean of the pixel uncertainties,
+computed in float64 and rounded to float32; patches without a valid pixel are dropped.
+A patch is *certain* at threshold t iff u <= t, compared in float32 with t rounded to float32
+(so thresholds and patch means share one float grid). With n_ac, n_au, n_ic, n_iu the counts
+of accurate/inaccurate x certain/uncertain patches and N their total:
+
+    p(accurate|certain)    = n_ac / (n_ac + n_ic)
+    p(uncertain|inaccurate) = n_iu / (n_ic + n_iu)
+    PAvPU                  = (n_ac + n_iu) / N
+
+An undefined ratio (0/0) is NaN. All thresholds come exact from one pass: the state is a
+histogram of patch uncertainty over the grid, split by accurate/inaccurate; cumulative sums
+give the certain counts at every t. ``patch_size=1`` is the pixel-wise variant.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from shiftbench.errors import ShiftbenchError
+from shiftbench.metrics.base import Accumulator, RangeCheck, check_labels, check_map, row_chunks
+
+CURVES = ("p_accurate_certain", "p_uncertain_inaccurate", "pavpu")
+
+
+def patch_sums(x: Tensor, patch: int, dtype: torch.dtype) -> Tensor:
+    """Sums over non-overlapping patch x patch blocks, [B,H,W] -> [B,ceil(H/p),ceil(W/p)] in ``dtype``.
+
+    The last row/column of blocks is partial when H or W is not a multiple of ``patch`` (zero padded).
+    """
+    b, h, w = x.shape
+    ph, pw = -h % patch, -w % patch
+    if ph or pw:
+        x = F.pad(x.to(dtype), (0, pw, 0, ph))
+    return x.reshape(b, (h + ph) // patch, patch, (w + pw) // patch, patch).sum((2, 4), dtype=dtype)
+
+
+class ConditionalMetrics(Accumulator):
+    """Patch-wise conditional correctness at every threshold of ``linspace(0, 1, thresholds)``.
+
+    States: ``hist`` int64 [2,T] (row 0 inaccurate, row 1 accurate patches; column j counts the
+    patches whose uncertainty first satisfies u <= t_j), the float64 sum of the uncertainty over
+    valid pixels and the valid pixel count (for ``mean_uncertainty``).
+    """
+
+    def __init__(self, patch_size: int = 4, accuracy_threshold: float = 0.5, thresholds: int = 101,
+                 ignore_index: int = 255) -> None:
+        if not isinstance(patch_size, int) or patch_size < 1:
+            raise ShiftbenchError(f"patch_size must be a positive integer; got {patch_size!r}")
+        if not 0.0 <= float(accuracy_threshold) < 1.0:
+            raise ShiftbenchError(f"accuracy_threshold must be in [0, 1); got {accuracy_threshold!r}")
+        if not isinstance(thresholds, int) or thresholds < 2:
+            raise ShiftbenchError(f"thresholds must be an integer >= 2 (points of linspace(0, 1)); got {thresholds!r}")
+        super().__init__(patch_size=patch_size, accuracy_threshold=float(accuracy_threshold),
+                         thresholds=thresholds, ignore_index=ignore_index)
+        self.patch_size, self.accuracy_threshold, self.ignore_index = patch_size, float(accuracy_threshold), ignore_index
+        self.thresholds = torch.linspace(0, 1, thresholds, dtype=torch.float64)
+        self.grid = self.thresholds.float()  # the float32 grid the patch means are compared with
+        self.add_state("hist", torch.zeros(2, thresholds, dtype=torch.int64))
+        self.add_state("uncertainty_sum", torch.zeros((), dtype=torch.float64))
+        self.add_state("n_pixels", torch.zeros((), dtype=torch.int64))
+
+    @torch.no_grad()
+    def update(self, pred: Tensor, target: Tensor, uncertainty: Tensor) -> None:
+        """pred, target [B,H,W] class ids (``ignore_index`` in target = ignore); uncertainty [B,H,W] in [0,1]
+        (checked on valid pixels)."""
+        check_labels("target", target)
+        check_labels("pred", pred, target.shape)
+        check_map("uncertainty", uncertainty, target.shape)
+        self._follow(target)
+        t = self.grid.numel()
+        hist = torch.zeros(2 * t + 1, dtype=torch.int64, device=target.device)
+        u_sum = torch.zeros((), dtype=torch.float64, device=target.device)
+        checks = RangeCheck()
+        for rows in row_chunks(target.shape, target.device, multiple=self.patch_size):
+            cell, chunk_sum = self._chunk(pred[:, rows], target[:, rows], uncertainty[:, rows], checks)
+            hist += torch.bincount(cell, minlength=2 * t + 1)
+            u_sum += chunk_sum
+        checks.raise_if_bad()
+        self.hist += hist[: 2 * t].view(2, t)
+        self.uncertainty_sum += u_sum
+        self.n_pixels += (target != self.ignore_index).sum()
+
+    def _chunk(self, pred: Tensor, target: Tensor, uncertainty: Tensor, checks: RangeCheck) -> tuple[Tensor, Tensor]:
+        """Histogram cells of the patches of one row chunk (2T = dropped patch) and its uncertainty sum."""
+        p, t = self.patch_size, self.grid.numel()
+        valid = target != self.ignore_index
+        checks.add("uncertainty", uncertainty, 0.0, 1.0, "normalised uncertainty in [0, 1] on valid pixels", valid)
+        n_valid = patch_sums(valid, p, torch.int32)
+        n_correct = patch_sums((pred == target) & valid, p, torch.int32)
+        u_sum = patch_sums(uncertainty.masked_fill(~valid, 0), p, torch.float64)
+        u_patch = (u_sum / n_valid).float()  # NaN for a patch without valid pixels (dropped below)
+        accurate = (n_correct / n_valid.double()) > self.accuracy_threshold  # float64, like Python's /
+        first = torch.bucketize(u_patch, self.grid.to(u_patch.device))  # first j with u <= t_j (T if none)
+        cell = torch.where(n_valid > 0, accurate * t + first, 2 * t)
+        return cell.reshape(-1), u_sum.sum()
+
+    def compute(self) -> dict[str, Any]:
+        """thresholds [T]; curves p_accurate_certain, p_uncertain_inaccurate, pavpu [T] (float64, NaN where
+        undefined); counts n_ac, n_au, n_ic, n_iu [T] (int64); peak_<curve> and peak_<curve>_threshold (NaN
+        skipped; the first threshold reaching the maximum); au_pavpu (trapezoid over the grid);
+        n_patches, n_accurate_patches, n_pixels, mean_uncertainty (over valid pixels)."""
+        hist = self.hist.cpu()
+        n_ic, n_ac = hist.cumsum(1)
+        n_iu, n_au = hist[0].sum() - n_ic, hist[1].sum() - n_ac
+        total = hist.sum().double()
+        curves = {
+            "p_accurate_certain": n_ac / (n_ac + n_ic).double(),
+            "p_uncertain_inaccurate": n_iu / (n_ic + n_iu).double(),
+            "pavpu": (n_ac + n_iu) / total,
+        }
+        out: dict[str, Any] = {"thresholds": self.thresholds.clone(), **curves,
+                               "n_ac": n_ac, "n_au": n_au, "n_ic": n_ic, "n_iu": n_iu}
+        for name, curve in curves.items():
+            out[f"peak_{name}"], out[f"peak_{name}_threshold"] = _peak(curve, self.thresholds)
+        out["au_pavpu"] = torch.trapezoid(curves["pavpu"], self.thresholds).item()
+        out["n_patches"] = int(total.item())
+        out["n_accurate_patches"] = int(hist[1].sum())
+        out["n_pixels"] = int(self.n_pixels.item())
+        out["mean_uncertainty"] = (self.uncertainty_sum.cpu() / self.n_pixels.cpu()).item()
+        return out
+
+
+def _peak(curve: Tensor, thresholds: Tensor) -> tuple[float, float]:
+    """(max of the curve over its defined points, the first threshold reaching it); (NaN, NaN) if none."""
+    defined = ~curve.isnan()
+    if not defined.any():
+        return float("nan"), float("nan")
+    i = int(torch.where(defined, curve, -torch.inf).argmax())
+    return curve[i].item(), thresholds[i].item()

@@ -1,0 +1,263 @@
+"""CalibrationMetrics against a brute force (loops over pixels) and torchmetrics."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from torchmetrics.classification import BinaryCalibrationError, MulticlassCalibrationError
+
+from shiftbench.errors import ShiftbenchError
+from shiftbench.metrics import CalibrationMetrics
+from shiftbench.metrics import base as metrics_base
+
+IGNORE = 255
+KEYS = ("ece", "mce", "brier", "nll", "brier_multiclass", "nll_multiclass")
+
+
+# --------------------------------------------------------------------------- brute force
+
+
+def _pixel(p, y, given, edges, n_bins):
+    """(bin, confidence, correct, brier, nll, brier_mc, nll_mc) of one pixel, by the definitions."""
+    k = len(p)
+    pred = max(range(k), key=lambda j: (p[j], -j))  # first maximal class
+    correct = int(pred == y)
+    conf = float(np.float32(given)) if given is not None else float(p[pred])
+    b = max(i for i in range(n_bins) if conf >= edges[i])  # [e_i, e_i+1); 1.0 falls in the last bin
+    brier_mc = sum((float(p[j]) - (j == y)) ** 2 for j in range(k))
+    nll_mc = -math.log(max(float(p[y]), 1e-12))
+    if given is None:
+        return b, conf, correct, brier_mc, nll_mc, brier_mc, nll_mc
+    brier = (conf - correct) ** 2
+    nll = -math.log(max(conf if correct else 1 - conf, 1e-12))
+    return b, conf, correct, brier, nll, brier_mc, nll_mc
+
+
+def _summary(rows, n_bins):
+    """ece, mce, brier, nll, brier_mc, nll_mc of a list of pixel tuples."""
+    count, hits, confs = np.zeros(n_bins), np.zeros(n_bins), np.zeros(n_bins)
+    for b, conf, correct, *_ in rows:
+        count[b] += 1
+        hits[b] += correct
+        confs[b] += conf
+    n = count.sum()
+    full = count > 0
+    ece = np.abs(hits - confs).sum() / n
+    mce = np.max(np.abs(hits[full] / count[full] - confs[full] / count[full]))
+    return [ece, mce] + [np.mean([r[i] for r in rows]) for i in range(3, 7)], (count, hits, confs)
+
+
+def brute_calibration(probs, target, conf=None, n_bins=15, average="pixels"):
+    edges = torch.linspace(0, 1, n_bins + 1, dtype=torch.float32).double().numpy()  # torchmetrics' edges
+    p, t = probs.double().numpy(), target.numpy()
+    c = None if conf is None else conf.numpy()
+    images = []
+    for i in range(t.shape[0]):
+        rows = [_pixel(p[i, :, y, x], t[i, y, x], None if c is None else c[i, y, x], edges, n_bins)
+                for y in range(t.shape[1]) for x in range(t.shape[2]) if t[i, y, x] != IGNORE]
+        images.append(rows)
+    pooled = [r for rows in images for r in rows]
+    if not pooled:
+        return None
+    values, bins = _summary(pooled, n_bins)
+    if average == "images":
+        values = list(np.mean([_summary(rows, n_bins)[0] for rows in images if rows], axis=0))
+    return dict(zip(KEYS, values)), bins
+
+
+def _random(b=2, k=5, h=7, w=9, seed=0, scale=3.0, ignore=0.2):
+    g = torch.Generator().manual_seed(seed)
+    probs = (torch.randn(b, k, h, w, generator=g, dtype=torch.float64) * scale).softmax(1).float()
+    target = torch.randint(0, k, (b, h, w), generator=g)
+    target[torch.rand(b, h, w, generator=g) < ignore] = IGNORE
+    return probs, target
+
+
+def _check(result, want):
+    values, (count, hits, confs) = want
+    for key in KEYS:
+        assert result[key] == pytest.approx(values[key], rel=1e-5, abs=1e-7), key
+    assert result["ece"] == pytest.approx(values["ece"], abs=1e-12)  # the bins are exact
+    assert result["mce"] == pytest.approx(values["mce"], abs=1e-12)
+    np.testing.assert_array_equal(result["bin_count"].numpy(), count)
+    full = count > 0
+    np.testing.assert_allclose(result["bin_accuracy"].numpy()[full], hits[full] / count[full], atol=1e-12)
+    np.testing.assert_allclose(result["bin_confidence"].numpy()[full], confs[full] / count[full], atol=1e-12)
+    assert np.isnan(result["bin_accuracy"].numpy()[~full]).all()
+
+
+def _run(probs, target, conf=None, **kw):
+    m = CalibrationMetrics(probs.shape[1], **kw)
+    m.update(probs, target, conf)
+    return m.compute()
+
+
+# --------------------------------------------------------------------------- against the brute force
+
+
+@pytest.mark.parametrize("average", ["pixels", "images"])
+@pytest.mark.parametrize("given", [False, True])
+def test_random_inputs_match_brute_force(average, given):
+    probs, target = _random(b=3, seed=1)
+    conf = torch.rand(target.shape, generator=torch.Generator().manual_seed(2)) if given else None
+    result = _run(probs, target, conf, average=average)
+    _check(result, brute_calibration(probs, target, conf, average=average))
+    assert result["confidence"] == ("given" if given else "probability")
+    assert result["n_pixels"] == int((target != IGNORE).sum())
+
+
+def test_confidences_exactly_on_bin_edges_zero_and_one():
+    n_bins = 15
+    edges = torch.linspace(0, 1, n_bins + 1)
+    below = torch.nextafter(edges, torch.tensor(-1.0)).clamp(0, 1)
+    above = torch.nextafter(edges, torch.tensor(2.0)).clamp(0, 1)
+    conf = torch.cat([edges, below, above, torch.tensor([0.0, 1.0, 1.0, 0.0])]).view(1, 4, -1)
+    probs, target = _random(b=1, k=3, h=4, w=conf.shape[2], seed=3, ignore=0.0)
+    result = _run(probs, target, conf, n_bins=n_bins)
+    _check(result, brute_calibration(probs, target, conf, n_bins=n_bins))
+    assert result["bin_count"].sum() == conf.numel()
+
+
+def test_probability_mode_with_edge_and_one_hot_probabilities():
+    # two classes: the top-label probability is exactly an edge >= 1/2, or exactly 1 (one-hot)
+    top = torch.cat([torch.linspace(0, 1, 16)[8:], torch.ones(4)])
+    probs = torch.stack([top, 1 - top]).view(1, 2, 3, 4)
+    target = torch.tensor([[0, 1, 0, 1], [1, 0, 0, 1], [0, 1, 1, 0]])[None]
+    result = _run(probs, target)
+    _check(result, brute_calibration(probs, target))
+    assert result["nll"] == pytest.approx(brute_calibration(probs, target)[0]["nll"])  # -log(1e-12) terms
+
+
+def test_single_class_and_constant_target():
+    probs, _ = _random(b=2, k=4, seed=4, ignore=0)
+    target = torch.full((2, 7, 9), 2)
+    _check(_run(probs, target), brute_calibration(probs, target))
+    one = torch.ones(1, 1, 3, 3)
+    result = _run(one, torch.zeros(1, 3, 3, dtype=torch.long))
+    assert result["ece"] == 0 and result["brier"] == 0 and result["nll"] == 0 and result["accuracy"] == 1
+
+
+def test_all_pixels_ignored_gives_nan_not_zero():
+    probs, _ = _random()
+    target = torch.full((2, 7, 9), IGNORE)
+    for average in ("pixels", "images"):
+        result = _run(probs, target, average=average)
+        assert all(math.isnan(result[k]) for k in KEYS), average
+        assert result["n_pixels"] == 0 and result["n_images"] == 0
+
+
+def test_images_average_skips_images_without_valid_pixels():
+    probs, target = _random(b=3, seed=5)
+    target[1] = IGNORE
+    result = _run(probs, target, average="images")
+    _check(result, brute_calibration(probs, target, average="images"))
+    assert result["n_images"] == 2
+
+
+def test_chunked_update_equals_one_chunk(monkeypatch):
+    probs, target = _random(b=2, h=23, w=9, seed=6)
+    conf = torch.rand(target.shape, generator=torch.Generator().manual_seed(7))
+    whole = _run(probs, target, conf, average="images")
+    monkeypatch.setitem(metrics_base.CHUNK_PIXELS, "cpu", 2 * 9 * 4)  # 4 rows per chunk, the last one 3
+    chunked = _run(probs, target, conf, average="images")
+    for key in KEYS:
+        assert chunked[key] == pytest.approx(whole[key], rel=1e-12, abs=1e-15)
+
+
+def test_given_pred_is_used_as_the_prediction():
+    probs, target = _random(seed=8)
+    m = CalibrationMetrics(5)
+    m.update(probs, target, pred=probs.argmax(1))
+    a, b = m.compute(), _run(probs, target)
+    for key in KEYS:
+        assert a[key] == pytest.approx(b[key], rel=1e-12)
+
+
+# --------------------------------------------------------------------------- against torchmetrics
+
+
+@pytest.mark.parametrize("n_bins", [15, 10, 7])
+def test_ece_mce_equal_torchmetrics_on_the_same_pixels(n_bins):
+    probs, target = _random(b=2, k=6, h=16, w=16, seed=9, scale=2.0)
+    result = _run(probs, target, n_bins=n_bins)
+    valid = target != IGNORE
+    flat = probs.permute(0, 2, 3, 1)[valid]
+    for norm, key in (("l1", "ece"), ("max", "mce")):
+        ref = MulticlassCalibrationError(6, n_bins=n_bins, norm=norm)(flat, target[valid]).item()
+        assert result[key] == pytest.approx(ref, abs=1e-6), key
+
+
+def test_given_confidence_ece_equals_torchmetrics_binary_calibration():
+    probs, target = _random(b=2, k=4, h=16, w=16, seed=10)
+    conf = torch.rand(target.shape, generator=torch.Generator().manual_seed(11))
+    result = _run(probs, target, conf)
+    valid = target != IGNORE
+    correct = (probs.argmax(1) == target)[valid].long()
+    for norm, key in (("l1", "ece"), ("max", "mce")):
+        ref = BinaryCalibrationError(n_bins=15, norm=norm)(conf[valid], correct).item()
+        assert result[key] == pytest.approx(ref, abs=1e-6), key
+
+
+def test_confidence_one_is_in_the_last_bin():
+    # torchmetrics puts conf == 1.0 into an extra (n+1)-th bin; the issue's bins close the last one at 1
+    probs = torch.tensor([1.0, 0.0]).view(1, 2, 1, 1).expand(1, 2, 1, 2).contiguous()
+    result = _run(probs, torch.tensor([[[0, 1]]]))
+    assert result["bin_count"][-1] == 2 and result["bin_count"][:-1].sum() == 0
+
+
+# --------------------------------------------------------------------------- merge, persistence, errors
+
+
+def test_merge_equals_one_accumulator_updated_with_both(tmp_path):
+    (p1, t1), (p2, t2) = _random(seed=12), _random(seed=13)
+    a, b, both = CalibrationMetrics(5), CalibrationMetrics(5), CalibrationMetrics(5)
+    a.update(p1, t1)
+    b.update(p2, t2)
+    both.update(p1, t1)
+    both.update(p2, t2)
+    merged = a.merge(b).state_dict()
+    for name, value in both.state_dict().items():
+        assert torch.equal(merged[name], value), name
+    torch.save(both.state_dict(), tmp_path / "s.pt")
+    loaded = CalibrationMetrics(5).load_state_dict(torch.load(tmp_path / "s.pt", weights_only=True))
+    assert loaded.compute()["ece"] == both.compute()["ece"]
+
+
+def test_mixing_confidence_modes_is_refused():
+    probs, target = _random()
+    m = CalibrationMetrics(5)
+    m.update(probs, target)
+    m.update(probs, target, torch.rand(target.shape))
+    with pytest.raises(ShiftbenchError, match="both with and without a confidence"):
+        m.compute()
+
+
+@pytest.mark.parametrize("change, match", [
+    (dict(target=torch.full((2, 7, 9), 7)), r"target holds values in \[7, 7\]; expected class ids in \[0, 4\]"),
+    (dict(conf=torch.full((2, 7, 9), 1.5)), r"confidence holds values in \[1.5, 1.5\]"),
+    (dict(conf=torch.full((2, 7, 9), float("nan"))), "confidence holds values in"),
+    (dict(probs=torch.rand(2, 4, 7, 9)), r"probs must be a float tensor \[B,K,H,W\] = \[2, 5, 7, 9\]"),
+    (dict(probs=torch.randn(2, 5, 7, 9) * 5), "probs holds values"),
+    (dict(conf=torch.rand(2, 7, 8)), r"confidence must be a float tensor \[2, 7, 9\]"),
+    (dict(target=torch.zeros(2, 7, 9)), "target must be an integer tensor"),
+])
+def test_bad_inputs_are_refused_and_leave_the_state_unchanged(change, match):
+    probs, target = _random()
+    m = CalibrationMetrics(5)
+    before = m.state_dict()
+    args = {"probs": probs, "target": target, "conf": None, **change}
+    with pytest.raises(ShiftbenchError, match=match) as exc:
+        m.update(args["probs"], args["target"], args["conf"])
+    assert "\n" not in str(exc.value)
+    assert all(torch.equal(before[k], v) for k, v in m.state_dict().items())
+
+
+@pytest.mark.parametrize("kw, match", [
+    (dict(n_bins=0), "n_bins must be a positive integer"),
+    (dict(average="batch"), "average='batch' is not one of pixels, images"),
+    (dict(num_classes=0), "num_classes must be a positive integer"),
+])
+def test_bad_settings(kw, match):
+    with pytest.raises(ShiftbenchError, match=match):
+        CalibrationMetrics(**{"num_classes": 5, **kw})
