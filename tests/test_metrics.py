@@ -11,7 +11,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from shiftbench.errors import ShiftbenchError
-from shiftbench.metrics import Accumulator, CalibrationMetrics, ConditionalMetrics, SegmentationMetrics
+from shiftbench.metrics import (Accumulator, CalibrationMetrics, ConditionalMetrics, SegmentationMetrics,
+                                UncertaintyHistogram)
 
 IGNORE = 255
 
@@ -166,3 +167,30 @@ def test_all_reduce_over_two_gloo_processes(tmp_path):
         for acc, state in zip(want, got):
             for name, value in acc.state_dict().items():
                 assert torch.equal(state[name], value), (type(acc).__name__, name)
+
+
+# --------------------------------------------------------------------------- UncertaintyHistogram
+
+
+def test_uncertainty_histogram_matches_brute_force():
+    _, target = _labels(h=9, w=11)
+    g = torch.Generator().manual_seed(3)
+    unc = torch.rand(target.shape, generator=g)
+    unc[0, 0, :4] = torch.tensor([0.0, 1.0, 0.5, 0.1])  # edges, 0 and 1
+    target[0, 0, :4] = 0
+    hist = UncertaintyHistogram(bins=10)
+    hist.update(unc, target)
+    result = hist.compute()
+    values = [float(u) for u, t in zip(unc.flatten().tolist(), target.flatten().tolist()) if t != IGNORE]
+    want = np.zeros(10, dtype=np.int64)
+    for u in values:
+        want[min(int(np.float64(u) * 10), 9)] += 1
+    np.testing.assert_array_equal(result["counts"].numpy(), want)
+    assert result["mean"] == pytest.approx(np.mean(values), rel=1e-12) and result["n_pixels"] == len(values)
+    np.testing.assert_allclose(result["centres"].numpy(), np.arange(10) / 10 + 0.05)
+    with pytest.raises(ShiftbenchError, match=r"uncertainty holds values in \[-1, -1\]"):
+        hist.update(torch.full(target.shape, -1.0), torch.zeros_like(target))
+    assert hist.counts.sum() == len(values)
+    empty = UncertaintyHistogram()
+    empty.update(unc, torch.full_like(target, IGNORE))
+    assert math.isnan(empty.compute()["mean"]) and empty.compute()["n_pixels"] == 0

@@ -2,12 +2,14 @@
 
 ``SegmentationMetrics`` (mIoU, IoU, pixel accuracy), ``CalibrationMetrics`` (ECE, MCE, Brier,
 NLL, reliability bins) and ``ConditionalMetrics`` (p(accurate|certain), p(uncertain|inaccurate),
-PAvPU over a threshold grid, peaks, AU-PAvPU).
+PAvPU over a threshold grid, peaks, AU-PAvPU) and ``UncertaintyHistogram`` (distribution and mean of
+an uncertainty map).
 """
 
 from shiftbench.metrics.base import Accumulator
 from shiftbench.metrics.calibration import CalibrationMetrics
 from shiftbench.metrics.conditional import ConditionalMetrics
+from shiftbench.metrics.histogram import UncertaintyHistogram
 from shiftbench.metrics.segmentation import SegmentationMetrics
 
-__all__ = ["Accumulator", "CalibrationMetrics", "ConditionalMetrics", "SegmentationMetrics"]
+__all__ = ["Accumulator", "CalibrationMetrics", "ConditionalMetrics", "SegmentationMetrics", "UncertaintyHistogram"]
