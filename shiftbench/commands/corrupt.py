@@ -1,0 +1,207 @@
+"""``shiftbench corrupt IN OUT``: corrupt an image or a folder tree into OUT/<corruption>/<severity>/<path>.
+
+This is how Cityscapes-C / A2D2-C style copies are made: every PNG/JPEG under IN is corrupted
+with each requested corruption and severity and written, with the same relative path and
+format, under ``OUT/<corruption>/<severity>/``. Images of one size are corrupted in batches;
+sample b's noise is keyed by (--seed, its relative path), so the output never depends on the
+batch size, the device's batch composition or which files were already done. Every file is
+written to a temporary name and renamed, and a re-run skips the files that exist.
+"""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass
+from pathlib import Path
+
+IMAGE_SUFFIXES = {".png": "png", ".jpg": "jpeg", ".jpeg": "jpeg"}
+#: torchvision 0.29 deprecates its image codecs in favour of torchcodec; they still work, quietly.
+_CODEC_DEPRECATION = "The image decoding and encoding capabilities of TorchVision are deprecated"
+JPEG_QUALITY = 95  # when writing a .jpg/.jpeg output (PNG outputs are lossless)
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("input", metavar="IN", help="an image file or a folder tree of PNG/JPEG images")
+    p.add_argument("output", metavar="OUT", help="output root; images go to OUT/<corruption>/<severity>/<path>")
+    p.add_argument("--corruption", default="all", metavar="NAME",
+                   help="a corruption name, several separated by commas, or all (default: all 19)")
+    p.add_argument("--severity", default="all", metavar="N", help="1..5, several separated by commas, or all (default)")
+    p.add_argument("--seed", type=int, default=0, metavar="S", help="run seed; per-image seeds are keyed by "
+                                                                     "(S, relative path) (default: 0)")
+    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="default: auto (cuda if present)")
+    p.add_argument("--batch-size", type=int, default=8, metavar="N", help="images per batch (default: 8)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+@dataclass(frozen=True)
+class Source:
+    """One input image: its path, its path relative to IN (the output's relative path) and its size."""
+
+    path: Path
+    rel: str
+    size: tuple[int, int]  # (H, W)
+
+
+def parse_corruptions(text: str) -> list[str]:
+    """``"all"`` or comma-separated names -> names in the registry's order."""
+    from corruptions import CORRUPTIONS
+    from shiftbench.errors import ShiftbenchError
+
+    if text.strip() == "all":
+        return list(CORRUPTIONS)
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    unknown = [n for n in names if n not in CORRUPTIONS]
+    if unknown or not names:
+        raise ShiftbenchError(f"--corruption {text!r}: unknown name {', '.join(unknown) or '(empty)'}; "
+                              f"use all or some of: {', '.join(CORRUPTIONS)}")
+    return [n for n in CORRUPTIONS if n in names]
+
+
+def parse_severities(text: str) -> list[int]:
+    """``"all"`` or comma-separated integers in 1..5."""
+    from shiftbench.errors import ShiftbenchError
+
+    if text.strip() == "all":
+        return [1, 2, 3, 4, 5]
+    try:
+        values = sorted({int(v) for v in text.split(",")})
+    except ValueError:
+        values = []
+    if not values or any(v not in range(1, 6) for v in values):
+        raise ShiftbenchError(f"--severity {text!r} is not allowed; use all or integers in 1..5, e.g. 3 or 1,5")
+    return values
+
+
+def discover(root: Path, exclude: Path | None = None) -> tuple[list[Source], list[str]]:
+    """The images under ``root`` (a file or a folder; files under ``exclude`` left out) and the
+    skipped files with the reason, in sorted path order."""
+    from PIL import Image, UnidentifiedImageError
+
+    from shiftbench.errors import ShiftbenchError
+
+    if not root.exists():
+        raise ShiftbenchError(f"input {str(root)!r} does not exist; give an image file or a folder of PNG/JPEG images")
+    files = [root] if root.is_file() else sorted(p for p in root.rglob("*") if p.is_file())
+    exclude = exclude.resolve() if exclude is not None else None
+    sources, skipped = [], []
+    for path in files:
+        if exclude is not None and exclude in path.resolve().parents:
+            continue  # our own outputs when OUT lies inside IN
+        rel = path.name if root.is_file() else path.relative_to(root).as_posix()
+        if path.suffix.lower() not in IMAGE_SUFFIXES:
+            skipped.append(f"{rel} (not a .png/.jpg/.jpeg file)")
+            continue
+        try:
+            with Image.open(path) as im:  # reads the header only
+                width, height = im.size
+        except (UnidentifiedImageError, OSError) as exc:
+            skipped.append(f"{rel} (unreadable: {type(exc).__name__})")
+            continue
+        sources.append(Source(path, rel, (height, width)))
+    if root.is_file() and not sources:
+        raise ShiftbenchError(f"input {str(root)!r} is not a readable PNG/JPEG image ({skipped[0].split('(', 1)[1]}")
+    return sources, skipped
+
+
+def batches(sources: list[Source], batch_size: int) -> list[list[Source]]:
+    """Same-size groups of at most ``batch_size`` images (sizes in order of first appearance)."""
+    groups: dict[tuple[int, int], list[Source]] = {}
+    for s in sources:
+        groups.setdefault(s.size, []).append(s)
+    return [g[i:i + batch_size] for g in groups.values() for i in range(0, len(g), batch_size)]
+
+
+def load(source: Source):
+    """uint8 RGB [3,H,W] (grey and alpha converted, 16-bit scaled to 8), via torchvision."""
+    import warnings
+
+    import torch
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", _CODEC_DEPRECATION, DeprecationWarning)
+        from torchvision.io import ImageReadMode, decode_image, read_file
+
+        image = decode_image(read_file(str(source.path)), mode=ImageReadMode.RGB)
+    if image.dtype != torch.uint8:
+        image = (image.float() * (255 / torch.iinfo(image.dtype).max)).to(torch.uint8)
+    return image
+
+
+def encode(image, suffix: str) -> bytes:
+    """uint8 [3,H,W] (CPU) -> file bytes in the format of ``suffix``."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", _CODEC_DEPRECATION, DeprecationWarning)
+        from torchvision.io import encode_jpeg, encode_png
+
+        if IMAGE_SUFFIXES[suffix.lower()] == "jpeg":
+            return encode_jpeg(image, quality=JPEG_QUALITY).numpy().tobytes()
+        return encode_png(image).numpy().tobytes()
+
+
+def to_uint8(x):
+    """float [...] in [0,1] -> uint8, truncating like imagecorruptions (np.uint8(255 x))."""
+    import torch
+
+    return (x * 255).clamp_(0, 255).to(torch.uint8)
+
+
+def resolve_device(name: str):
+    import torch
+
+    from shiftbench.errors import ShiftbenchError
+
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ShiftbenchError("--device cuda: no CUDA device is available; use --device cpu or auto")
+    return torch.device(name)
+
+
+def main(args: argparse.Namespace) -> int:
+    import sys
+
+    import torch
+    from tqdm import tqdm
+
+    from corruptions import corrupt
+    from shiftbench import io
+    from shiftbench.errors import ShiftbenchError
+    from shiftbench.seeding import sample_seeds
+
+    names, severities = parse_corruptions(args.corruption), parse_severities(args.severity)
+    if args.batch_size < 1:
+        raise ShiftbenchError(f"--batch-size {args.batch_size} is not allowed; use a positive integer")
+    device = resolve_device(args.device)
+    root, out = Path(args.input), Path(args.output)
+    sources, skipped = discover(root, out)
+    for line in skipped:
+        print(f"shiftbench: skipping {line}", file=sys.stderr)
+    small = [s for s in sources if min(s.size) < 32]
+    if small:
+        raise ShiftbenchError(f"{small[0].rel} is {small[0].size[0]}x{small[0].size[1]}; images must be at least 32x32")
+    conditions = [(n, s) for n in names for s in severities]
+    target = {(n, s, src.rel): out / n / str(s) / src.rel for n, s in conditions for src in sources}
+    written = existing = 0
+    with tqdm(total=len(target), unit="img", desc="corrupt", disable=args.quiet) as bar:
+        for batch in batches(sources, args.batch_size):
+            todo = {c: [i for i, src in enumerate(batch) if not target[(*c, src.rel)].exists()] for c in conditions}
+            existing += sum(len(batch) - len(idx) for idx in todo.values())
+            bar.update(sum(len(batch) - len(idx) for idx in todo.values()))
+            if not any(todo.values()):
+                continue
+            images = torch.stack([load(src) for src in batch]).to(device).float().div_(255)
+            seeds = sample_seeds(args.seed, [src.rel for src in batch], device=device)
+            for (name, severity), idx in todo.items():
+                if not idx:
+                    continue
+                pick = torch.tensor(idx, device=device)
+                result = to_uint8(corrupt(images[pick], name, severity, seed=seeds[pick])).cpu()
+                for k, i in enumerate(idx):
+                    io.write_bytes(target[(name, severity, batch[i].rel)], encode(result[k], batch[i].path.suffix))
+                written += len(idx)
+                bar.update(len(idx))
+    print(f"shiftbench: wrote {written} images to {out} ({len(sources)} inputs x {len(conditions)} conditions; "
+          f"{existing} already there, {len(skipped)} files skipped)")
+    return 0

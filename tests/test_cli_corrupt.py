@@ -1,0 +1,178 @@
+"""``shiftbench corrupt`` and ``shiftbench corruptions preview|list``."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from corruptions import CORRUPTIONS, corrupt
+from shiftbench.cli import main
+from shiftbench.seeding import sample_seeds
+from tests.reference import photo, to_tensor, to_uint8
+
+NAMES = "gaussian_noise,glass_blur,contrast"
+
+
+@pytest.fixture
+def tree(tmp_path):
+    """IN/a.png (RGB), IN/sub/b.jpg, IN/sub/c.png (grey, another size), IN/notes.txt, IN/broken.png."""
+    root = tmp_path / "in"
+    (root / "sub").mkdir(parents=True)
+    Image.fromarray(photo("astronaut", (40, 52))).save(root / "a.png")
+    Image.fromarray(photo("coffee", (40, 52))).save(root / "sub" / "b.jpg", quality=95)
+    Image.fromarray(photo("chelsea", (33, 47))).convert("L").save(root / "sub" / "c.png")
+    (root / "notes.txt").write_text("not an image")
+    (root / "broken.png").write_bytes(b"not a png either")
+    return root
+
+
+def _run(capsys, *argv: str) -> tuple[int, str, str]:
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def _files(root) -> list[str]:
+    return sorted(p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file())
+
+
+def _expected(image: np.ndarray, rel: str, name: str, severity: int, seed: int) -> np.ndarray:
+    return to_uint8(corrupt(to_tensor(image), name, severity, seed=sample_seeds(seed, [rel])))
+
+
+def test_mirrors_the_tree_and_reports_skipped_files(tree, tmp_path, capsys):
+    out = tmp_path / "out"
+    code, stdout, err = _run(capsys, "corrupt", str(tree), str(out), "--corruption", NAMES, "--severity", "2,5",
+                             "--seed", "3", "--quiet")
+    assert code == 0
+    rels = ["a.png", "sub/b.jpg", "sub/c.png"]
+    assert _files(out) == sorted(f"{n}/{s}/{r}" for n in NAMES.split(",") for s in (2, 5) for r in rels)
+    assert "skipping notes.txt" in err and "skipping broken.png" in err
+    assert "wrote 18 images" in stdout
+    # PNG outputs are exactly corrupt() of the decoded input with the path-keyed seed, truncated to uint8.
+    a = np.asarray(Image.open(tree / "a.png"))
+    got = np.asarray(Image.open(out / "glass_blur" / "5" / "a.png"))
+    assert np.array_equal(got, _expected(a, "a.png", "glass_blur", 5, seed=3))
+    grey = np.repeat(np.asarray(Image.open(tree / "sub" / "c.png"))[..., None], 3, axis=2)
+    got = np.asarray(Image.open(out / "gaussian_noise" / "2" / "sub" / "c.png"))
+    assert got.shape == (33, 47, 3) and np.array_equal(got, _expected(grey, "sub/c.png", "gaussian_noise", 2, seed=3))
+    with Image.open(out / "contrast" / "5" / "sub" / "b.jpg") as im:
+        assert im.format == "JPEG" and im.size == (52, 40) and im.mode == "RGB"
+
+
+def test_outputs_do_not_depend_on_batch_size(tree, tmp_path, capsys):
+    for bs in ("1", "3"):
+        assert _run(capsys, "corrupt", str(tree), str(tmp_path / bs), "--corruption", "shot_noise,motion_blur",
+                    "--severity", "4", "--batch-size", bs, "--quiet")[0] == 0
+    for rel in _files(tmp_path / "1"):
+        assert (tmp_path / "1" / rel).read_bytes() == (tmp_path / "3" / rel).read_bytes(), rel
+
+
+def test_rerun_skips_finished_files_and_fills_gaps(tree, tmp_path, capsys):
+    out = tmp_path / "out"
+    args = ("corrupt", str(tree), str(out), "--corruption", "contrast", "--severity", "1", "--quiet")
+    assert _run(capsys, *args)[0] == 0
+    stamp = (out / "contrast" / "1" / "a.png").stat().st_mtime_ns
+    (out / "contrast" / "1" / "sub" / "b.jpg").unlink()
+    code, stdout, _ = _run(capsys, *args)
+    assert code == 0 and "wrote 1 images" in stdout and "2 already there" in stdout
+    assert (out / "contrast" / "1" / "a.png").stat().st_mtime_ns == stamp
+    assert (out / "contrast" / "1" / "sub" / "b.jpg").exists()
+
+
+def test_interrupted_run_leaves_only_whole_files(tree, tmp_path, capsys, monkeypatch):
+    import shiftbench.commands.corrupt as command
+
+    real, calls = command.encode, []
+
+    def encode_then_interrupt(image, suffix):
+        calls.append(suffix)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real(image, suffix)
+
+    monkeypatch.setattr(command, "encode", encode_then_interrupt)
+    out = tmp_path / "out"
+    code, _, err = _run(capsys, "corrupt", str(tree), str(out), "--corruption", "contrast", "--severity", "1", "--quiet")
+    assert code == 130 and "interrupted" in err
+    assert len(_files(out)) == 2 and not any(p.name.startswith(".") for p in out.rglob("*"))
+    monkeypatch.setattr(command, "encode", real)
+    assert _run(capsys, "corrupt", str(tree), str(out), "--corruption", "contrast", "--severity", "1", "--quiet")[0] == 0
+    assert len(_files(out)) == 3
+
+
+def test_single_file_input_and_output_inside_input(tree, capsys):
+    out = tree / "corrupted"  # OUT inside IN: a re-run must not corrupt its own outputs
+    for _ in range(2):
+        code, stdout, _ = _run(capsys, "corrupt", str(tree), str(out), "--corruption", "contrast", "--severity", "3",
+                               "--quiet")
+        assert code == 0
+    assert "3 inputs" in stdout and len(_files(out)) == 3
+    code, _, _ = _run(capsys, "corrupt", str(tree / "a.png"), str(tree / "single"), "--corruption", "fog",
+                      "--severity", "1", "--quiet")
+    assert code == 0 and _files(tree / "single") == ["fog/1/a.png"]
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--corruption", "gausian_noise"], "unknown name gausian_noise; use all or some of: gaussian_noise"),
+    (["--severity", "0"], "--severity '0' is not allowed; use all or integers in 1..5"),
+    (["--severity", "6"], "integers in 1..5"),
+    (["--severity", "high"], "integers in 1..5"),
+    (["--batch-size", "0"], "--batch-size 0 is not allowed"),
+    (["--seed", "x"], "invalid int value"),
+])
+def test_bad_arguments_are_one_line_exit_2(tree, tmp_path, capsys, argv, message):
+    try:
+        code, _, err = _run(capsys, "corrupt", str(tree), str(tmp_path / "out"), *argv)
+    except SystemExit as exc:  # argparse's own errors
+        code, err = exc.code, capsys.readouterr().err
+    assert code == 2 and message in err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_missing_or_non_image_input(tmp_path, tree, capsys):
+    code, _, err = _run(capsys, "corrupt", str(tmp_path / "nope"), str(tmp_path / "out"))
+    assert code == 2 and "does not exist" in err and len(err.strip().splitlines()) == 1
+    code, _, err = _run(capsys, "corrupt", str(tree / "notes.txt"), str(tmp_path / "out"))
+    assert code == 2 and "is not a readable PNG/JPEG image" in err and len(err.strip().splitlines()) == 1
+
+
+def test_images_smaller_than_32_pixels_are_refused(tmp_path, capsys):
+    (tmp_path / "in").mkdir()
+    Image.fromarray(photo("rocket", (31, 64))).save(tmp_path / "in" / "tiny.png")
+    code, _, err = _run(capsys, "corrupt", str(tmp_path / "in"), str(tmp_path / "out"))
+    assert code == 2 and "tiny.png is 31x64; images must be at least 32x32" in err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-CUDA message")
+def test_cuda_without_a_gpu(tree, tmp_path, capsys):
+    code, _, err = _run(capsys, "corrupt", str(tree), str(tmp_path / "out"), "--device", "cuda")
+    assert code == 2 and "no CUDA device" in err
+
+
+def test_preview_writes_a_labelled_19x5_grid(tmp_path, capsys):
+    Image.fromarray(photo("rocket", (48, 64))).save(tmp_path / "rocket.png")
+    code, stdout, _ = _run(capsys, "corruptions", "preview", str(tmp_path / "rocket.png"), str(tmp_path / "grid.png"))
+    assert code == 0 and "19 corruptions x 5 severities at 48x64" in stdout
+    with Image.open(tmp_path / "grid.png") as im:
+        width, height = im.size
+        pixels = np.asarray(im.convert("RGB"))
+    assert im.format == "PNG" and height > 2 * width  # 19 rows of 5 cells
+    assert pixels.std() > 20  # images, not a blank canvas
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+
+
+def test_preview_errors(tmp_path, capsys):
+    code, _, err = _run(capsys, "corruptions", "preview", str(tmp_path / "none.png"), str(tmp_path / "g.png"))
+    assert code == 2 and "does not exist" in err
+    Image.fromarray(photo("rocket", (48, 64))).save(tmp_path / "r.png")
+    code, _, err = _run(capsys, "corruptions", "preview", str(tmp_path / "r.png"), str(tmp_path / "g.jpg"))
+    assert code == 2 and "must end in .png" in err
+
+
+def test_list_prints_the_19_names(capsys):
+    code, stdout, _ = _run(capsys, "corruptions", "list")
+    assert code == 0 and stdout.split() == list(CORRUPTIONS)
