@@ -22,6 +22,15 @@ from shiftbench.seeding import key
 K = 11
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny tensors: one thread is as fast, and immune to a busy shared machine's core contention."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def _features_shapes(backbone: str, h: int, w: int):
     with torch.device("meta"):
         model = DeepLabV3Plus(backbone, K).eval()

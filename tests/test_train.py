@@ -5,13 +5,22 @@ import torch
 import yaml
 from torch.utils.data import Dataset
 
+import shiftbench.data
 from shiftbench.cli import main
 from shiftbench.models import DeepLabV3Plus, ModelZoo, MoEHead, read_checkpoint
-from shiftbench.models import trainer
 from shiftbench.models.training import GateJob, Stage, init_seed, train_gates, train_segmenter
 from shiftbench.suite import load_suite
 
 K = 11
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny tensors: one thread is as fast, and immune to a busy shared machine's core contention."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 class Blobs(Dataset):
@@ -111,11 +120,11 @@ SUITE = {
 
 @pytest.fixture()
 def fake_data(monkeypatch):
-    def opener(suite, split):
+    def opener(spec, split):
         domain, _, part = split.rpartition("_")
-        return Blobs(domain, suite.dataset.count[part], tuple(suite.dataset.size), seed=len(part))
+        return Blobs(domain, spec.count[part], tuple(spec.size), seed=len(part))
 
-    monkeypatch.setitem(trainer.OPENERS, "synthetic", opener)
+    monkeypatch.setitem(shiftbench.data.OPENERS, "synthetic", opener)
 
 
 def test_train_command_writes_checkpoints_the_zoo_loads(tmp_path, fake_data, capsys):

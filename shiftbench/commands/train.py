@@ -11,6 +11,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", help="write the checkpoints into this folder (default: the suite's checkpoint paths); "
                                  "gates train on experts trained in the same call, else on the suite's")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), help="where to train (default: the suite's run.device)")
+    p.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's choice, one per core)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
@@ -25,6 +26,10 @@ def main(args: argparse.Namespace) -> int:
     from shiftbench.suite import load_suite
 
     suite = load_suite(args.suite)
+    if args.threads is not None:
+        if args.threads < 1:
+            raise ShiftbenchError(f"--threads: {args.threads} is not a positive integer")
+        torch.set_num_threads(args.threads)
     device = args.device or suite.run.device
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"

@@ -15,12 +15,13 @@ from typing import Any, Callable, Sequence
 import torch
 from torch.utils.data import ConcatDataset, Dataset
 
+from shiftbench.data import open_split
 from shiftbench.errors import ShiftbenchError
 from shiftbench.models.backbones import backbone_spec, feature_grid, load_imagenet
 from shiftbench.models.checkpoints import read_checkpoint, save_checkpoint
 from shiftbench.models.deeplab import DeepLabV3Plus
 from shiftbench.models.moe import MoEHead
-from shiftbench.models.training import GateJob, Stage, init_seed, train_gates, train_segmenter
+from shiftbench.models.training import GateJob, InMemory, Stage, init_seed, train_gates, train_segmenter
 from shiftbench.models.zoo import load_expert
 
 TRAINABLE = ("mc_dropout", "moe")
@@ -29,35 +30,21 @@ TRAINABLE = ("mc_dropout", "moe")
 # ---------------------------------------------------------------------------- data
 
 
-def _synthetic(suite: Any, split: str) -> Dataset:
-    from shiftbench.data.synthetic import SyntheticStreetScenes
+class Splits:
+    """The suite's splits by name, each rendered / read once and kept in memory for all stages."""
 
-    domain, _, part = split.rpartition("_")
-    ds = suite.dataset
-    return SyntheticStreetScenes(domain, part, ds.count[part], seed=ds.seed, size=tuple(ds.size))
+    def __init__(self, suite: Any, workers: int = 0):
+        self.suite, self.workers, self.cache = suite, workers, {}
 
-
-def _from_data_layer(suite: Any, split: str) -> Dataset:
-    try:
-        from shiftbench.data import open_split
-    except ImportError:
-        raise ShiftbenchError(f"training on {suite.dataset.name} needs shiftbench.data.open_split, "
-                              "which this installation lacks; train on the synthetic dataset") from None
-    return open_split(suite, split)
-
-
-#: dataset name -> how to open one split by name
-OPENERS: dict[str, Callable[[Any, str], Dataset]] = {
-    "synthetic": _synthetic, "a2d2": _from_data_layer, "cityscapes": _from_data_layer,
-}
-
-
-def open_splits(suite: Any, splits: Sequence[str]) -> Dataset | None:
-    """The named splits of the suite's dataset, concatenated (None when none are named)."""
-    if not splits:
-        return None
-    parts = [OPENERS[suite.dataset.name](suite, s) for s in splits]
-    return parts[0] if len(parts) == 1 else ConcatDataset(parts)
+    def __call__(self, splits: Sequence[str]) -> Dataset | None:
+        """The named splits concatenated (None when none are named)."""
+        if not splits:
+            return None
+        for s in splits:
+            if s not in self.cache:
+                self.cache[s] = InMemory(open_split(self.suite, s), self.workers)
+        parts = [self.cache[s] for s in splits]
+        return parts[0] if len(parts) == 1 else ConcatDataset(parts)
 
 
 # ---------------------------------------------------------------------------- plan
@@ -102,11 +89,11 @@ def _meta(suite: Any, kind: str, name: str, stage: Stage, splits: Sequence[str],
 # ---------------------------------------------------------------------------- stages
 
 
-def _segmenter(suite: Any, name: str, model: DeepLabV3Plus, pretrained: Path | None, splits: Sequence[str],
+def _segmenter(data: Splits, name: str, model: DeepLabV3Plus, pretrained: Path | None, splits: Sequence[str],
                val: Sequence[str], stage: Stage, device: torch.device, quiet: bool) -> dict:
     if pretrained is not None:
         load_imagenet(model.backbone, read_checkpoint(pretrained)["state_dict"], model.backbone_name, str(pretrained))
-    return train_segmenter(model, open_splits(suite, splits), open_splits(suite, val), stage, name, device, quiet)
+    return train_segmenter(model, data(splits), data(val), stage, name, device, quiet)
 
 
 def _gate_jobs(suite: Any, models: Sequence[Any], experts: dict[str, DeepLabV3Plus]) -> list[GateJob]:
@@ -127,13 +114,15 @@ def _gate_jobs(suite: Any, models: Sequence[Any], experts: dict[str, DeepLabV3Pl
 
 def train_suite(suite: Any, only: Sequence[str] | None = None, out: Path | None = None,
                 device: str | torch.device = "cpu", quiet: bool = False,
-                log: Callable[[str], None] = print) -> dict[str, dict]:
+                log: Callable[[str], None] = print, workers: int = 2) -> dict[str, dict]:
     """Train the suite's experts, MC-dropout baselines and gates (or those in ``only``); write
-    their checkpoints (into ``out`` when given); returns ``{name: meta}``."""
+    their checkpoints (into ``out`` when given); returns ``{name: meta}``. ``workers``
+    processes render / read each split once into memory."""
     if suite.train is None:
         raise ShiftbenchError("train: missing; the suite needs a train section to train its models")
     device = torch.device(device)
     experts, models = _targets(suite, only)
+    data = Splits(suite, workers)
     classes, results = suite.dataset.classes, {}
     trained: dict[str, DeepLabV3Plus] = {}
     for e in experts:
@@ -141,7 +130,7 @@ def train_suite(suite: Any, only: Sequence[str] | None = None, out: Path | None 
         init_seed(suite.train.seed, e.name)
         model = DeepLabV3Plus(e.backbone, classes)
         stage = _stage(suite, "experts")
-        stats = _segmenter(suite, e.name, model, e.pretrained, e.train, e.val, stage, device, quiet)
+        stats = _segmenter(data, e.name, model, e.pretrained, e.train, e.val, stage, device, quiet)
         results[e.name] = _meta(suite, "expert", e.name, stage, e.train, stats, backbone=e.backbone)
         save_checkpoint(path, model.state_dict(), results[e.name])
         trained[e.name] = model
@@ -153,18 +142,18 @@ def train_suite(suite: Any, only: Sequence[str] | None = None, out: Path | None 
         init_seed(suite.train.seed, m.name)
         model = DeepLabV3Plus(m.backbone, classes, dropout=m.dropout, mc_dropout=True)
         stage = _stage(suite, "baseline")
-        stats = _segmenter(suite, m.name, model, m.pretrained, suite.train.splits, suite.train.val, stage, device, quiet)
+        stats = _segmenter(data, m.name, model, m.pretrained, suite.train.splits, suite.train.val, stage, device, quiet)
         results[m.name] = _meta(suite, "mc_dropout", m.name, stage, suite.train.splits, stats, backbone=m.backbone,
                                 dropout=m.dropout, passes=m.passes)
         save_checkpoint(path, model.state_dict(), results[m.name])
         log(f"{m.name}: wrote {path}")
     moes = [m for m in models if m.kind == "moe"]
     if moes:
-        results.update(_train_moes(suite, moes, trained, out, device, quiet, log))
+        results.update(_train_moes(suite, data, moes, trained, out, device, quiet, log))
     return results
 
 
-def _train_moes(suite: Any, moes: Sequence[Any], trained: dict[str, DeepLabV3Plus], out: Path | None,
+def _train_moes(suite: Any, data: Splits, moes: Sequence[Any], trained: dict[str, DeepLabV3Plus], out: Path | None,
                 device: torch.device, quiet: bool, log: Callable[[str], None]) -> dict[str, dict]:
     if not suite.train.splits:
         raise ShiftbenchError("train.splits: empty; the gates train on these splits")
@@ -173,8 +162,7 @@ def _train_moes(suite: Any, moes: Sequence[Any], trained: dict[str, DeepLabV3Plu
     experts = {n: trained.get(n) or load_expert(suite.experts[n], suite.dataset.classes, []) for n in names}
     jobs = _gate_jobs(suite, moes, experts)
     stage = _stage(suite, "gates")
-    stats = train_gates(experts, jobs, open_splits(suite, suite.train.splits), open_splits(suite, suite.train.val),
-                        stage, device, quiet)
+    stats = train_gates(experts, jobs, data(suite.train.splits), data(suite.train.val), stage, device, quiet)
     results = {}
     for m, job in zip(moes, jobs):
         results[m.name] = _meta(suite, "moe", m.name, stage, suite.train.splits, stats[m.name], gate=m.gate,

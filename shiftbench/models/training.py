@@ -63,6 +63,28 @@ def miou(conf: Tensor) -> float:
 # ---------------------------------------------------------------------------- data
 
 
+class InMemory(Dataset):
+    """A dataset rendered once and held in memory: images as uint8 when that is lossless
+    (x == round(255 x) / 255, as for 8-bit renders), else float32; labels as uint8 when <= 255."""
+
+    def __init__(self, ds: Dataset, workers: int = 0):
+        xs, ys, self.ids = [], [], []
+        for x, y, ids in DataLoader(ds, batch_size=32, num_workers=workers):
+            q = (x * 255).round()
+            xs.append(q.to(torch.uint8) if torch.equal(q / 255, x) else x)
+            ys.append(y.to(torch.uint8) if int(y.max()) <= 255 and int(y.min()) >= 0 else y)
+            self.ids += list(ids)
+        self.x = torch.cat([x.float() if x.dtype != xs[0].dtype else x for x in xs])
+        self.y = torch.cat(ys) if len({y.dtype for y in ys}) == 1 else torch.cat([y.long() for y in ys])
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __getitem__(self, i: int) -> tuple[Tensor, Tensor, str]:
+        x = self.x[i]
+        return (x.float() / 255 if x.dtype == torch.uint8 else x), self.y[i].long(), self.ids[i]
+
+
 def _loader(ds: Dataset, batch_size: int, seed: int, shuffle: bool) -> DataLoader:
     g = torch.Generator().manual_seed(seed)
     return DataLoader(ds, batch_size=batch_size, shuffle=shuffle, drop_last=shuffle, generator=g, num_workers=0)
