@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import functools
 import math
-from importlib import resources
+import warnings
+import importlib.util
+from pathlib import Path
 
 import kornia
 import torch
@@ -53,11 +55,19 @@ def plasma_fractal(rng: Rng, mapsize: int, wibbledecay: float) -> Tensor:
 
 @functools.lru_cache(maxsize=None)
 def _frost_texture(index: int, device: torch.device) -> Tensor:
-    """Frost texture ``index`` (0..4) from the installed imagecorruptions package, uint8 RGB [3, h, w]."""
+    """Frost texture ``index`` (0..4) from the installed imagecorruptions package, uint8 RGB [3, h, w].
+
+    The package is located without being imported (its import needs pkg_resources, cv2, skimage).
+    """
     from torchvision.io import ImageReadMode, decode_image
 
-    data = (resources.files("imagecorruptions") / "frost" / FROST_FILES[index]).read_bytes()
-    image = decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
+    spec = importlib.util.find_spec("imagecorruptions")
+    if spec is None or not spec.submodule_search_locations:
+        raise RuntimeError("frost needs the textures of the installed imagecorruptions package; pip install imagecorruptions")
+    data = (Path(spec.submodule_search_locations[0]) / "frost" / FROST_FILES[index]).read_bytes()
+    with warnings.catch_warnings():  # torchvision 0.29 deprecates its codecs in favour of TorchCodec
+        warnings.simplefilter("ignore", DeprecationWarning)
+        image = decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
     return image.to(device)
 
 

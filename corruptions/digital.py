@@ -8,7 +8,6 @@ from __future__ import annotations
 import functools
 import warnings
 
-import kornia
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -30,10 +29,14 @@ ELASTIC_TRUNCATE = 3.0  # the reference's truncate of the field's gaussian
 
 @register
 def brightness(x: Tensor, severity: int, rng: Rng) -> Tensor:
-    """HSV value V' = clip(V + c, 0, 1), hue and saturation kept (skimage rgb2hsv/hsv2rgb semantics)."""
-    hsv = kornia.color.rgb_to_hsv(x)
-    hsv[:, 2] = (hsv[:, 2] + BRIGHTNESS[severity - 1]).clamp(0.0, 1.0)
-    return kornia.color.hsv_to_rgb(hsv)
+    """HSV value V' = min(V + c, 1) with hue and saturation kept (skimage rgb2hsv -> hsv2rgb).
+
+    With V = max_c x_c, keeping H and S means scaling the pixel: x' = x * V' / V; a black
+    pixel (V = 0, so S = 0) becomes grey V'.
+    """
+    v = x.amax(dim=1, keepdim=True)
+    v_new = (v + BRIGHTNESS[severity - 1]).clamp(max=1.0)
+    return torch.where(v > 0, x * (v_new / v.clamp(min=1e-12)), v_new)
 
 
 @register
@@ -45,11 +48,21 @@ def contrast(x: Tensor, severity: int, rng: Rng) -> Tensor:
 
 @register
 def saturate(x: Tensor, severity: int, rng: Rng) -> Tensor:
-    """HSV saturation S' = clip(S * a + b, 0, 1); grey pixels have hue 0, so b > 0 tints them red."""
+    """HSV saturation S' = clip(S * a + b, 0, 1) with hue and value kept (skimage rgb2hsv -> hsv2rgb).
+
+    With V = max_c x_c and S = (V - min_c x_c) / V, each channel is V - (V - x_c) * S' / S.
+    A grey pixel (S = 0) has hue 0 (red), so it becomes (V, V (1 - S'), V (1 - S')).
+    """
     a, b = SATURATE[severity - 1]
-    hsv = kornia.color.rgb_to_hsv(x)
-    hsv[:, 1] = (hsv[:, 1] * a + b).clamp(0.0, 1.0)
-    return kornia.color.hsv_to_rgb(hsv)
+    v = x.amax(dim=1, keepdim=True)
+    spread = v - x.amin(dim=1, keepdim=True)  # V * S
+    s_new = (spread / v.clamp(min=1e-12) * a + b).clamp(0.0, 1.0)
+    scaled = v - (v - x) * (s_new * v / spread.clamp(min=1e-12))
+    grey = v - v * s_new * _RED_HUE.to(x)
+    return torch.where(spread > 0, scaled, grey)
+
+
+_RED_HUE = torch.tensor([0.0, 1.0, 1.0]).view(1, 3, 1, 1)  # (V - x_c) / (V S) at hue 0
 
 
 @functools.lru_cache(maxsize=64)
@@ -73,19 +86,20 @@ def _box_taps(n_in: int, n_out: int, device: torch.device) -> tuple[Tensor, Tens
     return as_tensor(index), as_tensor(mask, dtype=torch.float32), as_tensor(mask.sum(0), dtype=torch.float32)
 
 
-def _box_resize_8bit(y: Tensor, size: tuple[int, int]) -> Tensor:
-    """Pillow ``resize(size, BOX)`` of an 8-bit image held as float [B,C,H,W] in 0..255.
+def _box_pass(y: Tensor, n_out: int) -> Tensor:
+    """One Pillow BOX pass along dim -2 of integer-valued float [..., n_in, m], rounded half up as its
+    fixed point does (sums of at most 5 integers are exact in float32, so the rounding is exact)."""
+    index, mask, count = _box_taps(y.shape[-2], n_out, y.device)
+    total = sum(y.index_select(-2, index[t]) * mask[t, :, None] for t in range(len(index)))
+    return torch.floor(total / count[:, None] + 0.5)
 
-    Horizontal pass, then vertical, each rounding half up to integers as Pillow's fixed point does
-    (sums of at most 5 integers are exact in float32, so the rounding is exact).
-    """
-    (h, w), (H, W) = size, y.shape[-2:]
-    index, mask, count = _box_taps(W, w, y.device)
-    y = sum(y[..., index[t]] * mask[t] for t in range(len(index)))
-    y = torch.floor(y / count + 0.5)
-    index, mask, count = _box_taps(H, h, y.device)
-    y = sum(y[..., index[t], :] * mask[t, :, None] for t in range(len(index)))
-    return torch.floor(y / count[:, None] + 0.5)
+
+def _box_resize_8bit(y: Tensor, size: tuple[int, int]) -> Tensor:
+    """Pillow ``resize(size, BOX)`` of an 8-bit image held as float [B,C,H,W] in 0..255: the
+    horizontal pass, then the vertical one (on a transposed copy, where row gathers are fast)."""
+    h, w = size
+    y = _box_pass(y.transpose(-1, -2).contiguous(), w).transpose(-1, -2)
+    return _box_pass(y, h)
 
 
 @functools.lru_cache(maxsize=64)
@@ -107,7 +121,7 @@ def pixelate(x: Tensor, severity: int, rng: Rng) -> Tensor:
     small = _box_resize_8bit((x * 255).round_(), (int(H * c), int(W * c)))
     rows = _nearest_index(small.shape[-2], H, x.device)
     cols = _nearest_index(small.shape[-1], W, x.device)
-    return small[..., rows, :][..., cols] / 255
+    return small.index_select(-1, cols).index_select(-2, rows) / 255
 
 
 @register
@@ -116,11 +130,15 @@ def jpeg_compression(x: Tensor, severity: int, rng: Rng) -> Tensor:
     from torchvision.io import decode_jpeg, encode_jpeg
 
     q = JPEG_QUALITY[severity - 1]
-    images = list((x * 255).round_().to(torch.uint8))
+    images = list(x.mul(255).round_().to(torch.uint8))
     with warnings.catch_warnings():  # torchvision 0.29 deprecates its codecs in favour of TorchCodec
         warnings.simplefilter("ignore", UserWarning)
+        warnings.simplefilter("ignore", DeprecationWarning)
         decoded = decode_jpeg(encode_jpeg(images, quality=q), device=x.device)
-    return torch.stack(decoded).float().div_(255)
+    out = torch.empty_like(x)
+    for b, image in enumerate(decoded):
+        out[b].copy_(image)
+    return out.div_(255)
 
 
 def _symmetric_gaussian(field: Tensor, sigma: tuple[float, float]) -> Tensor:

@@ -26,7 +26,7 @@ SNOW = (
 )
 SNOW_ANGLE = (-135.0, -45.0)  # range of the flakes' motion-blur angle, degrees
 
-FROST = ((1.0, 0.4), (0.8, 0.6), (0.7, 0.7), (0.65, 0.7), (0.6, 0.75))  # (image weight, frost weight)
+FROST = ((1.0, 0.4), (0.8, 0.6), (0.7, 0.7), (0.65, 0.7), (0.6, 0.75))  # (w_image, w_frost)
 FOG = ((1.5, 2.0), (2.0, 2.0), (2.5, 1.7), (2.5, 1.5), (3.0, 1.4))  # (fog strength, wibble decay)
 
 
@@ -51,17 +51,18 @@ def snow(x: Tensor, severity: int, rng: Rng) -> Tensor:
 
 @register
 def frost(x: Tensor, severity: int, rng: Rng) -> Tensor:
-    """a * x + b * F, F a random H x W crop of one of 5 frost textures rescaled as the reference does."""
-    a, b = FROST[severity - 1]
-    B, _, H, W = x.shape
+    """w_image * x + w_frost * F, F a random H x W crop of one of the 5 frost textures (uniform choice,
+    uniform offset) after the reference's rescaling (see :func:`frost_textures`)."""
+    w_image, w_frost = FROST[severity - 1]
+    H, W = x.shape[-2:]
     textures, sizes = frost_textures((H, W), x.device)
     index = rng.randint(0, len(FROST_FILES))  # [B]
-    room = sizes[index] - torch.tensor([H, W], device=x.device)  # [B, 2] valid crop offsets: [0, room)
+    room = sizes[index] - torch.tensor([H, W], device=x.device)  # [B, 2]: crop offsets lie in [0, room)
     start = torch.minimum((rng.uniform(2) * room).long(), room - 1)
-    rows = start[:, 0, None] + torch.arange(H, device=x.device)  # [B, H]
-    cols = start[:, 1, None] + torch.arange(W, device=x.device)  # [B, W]
-    crop = textures[index[:, None, None], :, rows[:, :, None], cols[:, None, :]]  # [B, H, W, 3]
-    return a * x + b * crop.permute(0, 3, 1, 2).float() / 255
+    layer = torch.empty_like(x)
+    for b, (i, top, left) in enumerate(torch.cat([index[:, None], start], 1).tolist()):  # one host read
+        layer[b] = textures[i, :, top:top + H, left:left + W]
+    return w_image * x + layer.mul_(w_frost / 255)
 
 
 @register
