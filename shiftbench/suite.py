@@ -143,6 +143,7 @@ class RunSpec:
     out: Path = Path("runs/suite")
     limit: int | None = None
     workers: int = 0
+    exact: bool = True
 
 
 @dataclass(frozen=True)
@@ -493,6 +494,7 @@ def _run(sec: _Section, base: Path, name: str) -> RunSpec:
         out=_path(sec, "out", Path.cwd()) or Path("runs") / name,
         limit=sec.get("limit", int, None, check=_positive),
         workers=sec.get("workers", int, 0, check=_non_negative),
+        exact=sec.get("exact", bool, True),
     )
     sec.done()
     return spec

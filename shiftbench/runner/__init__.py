@@ -1,0 +1,201 @@
+"""The benchmark runner: a suite in, a run directory of states, tables and provenance out.
+
+``run_suite(suite)`` sweeps clean data on every split group, then each corruption x
+severity on the corrupted groups, through every model of the suite. Each finished
+condition's accumulator states are written atomically, so a re-run (or a run killed at
+any moment and started again) skips what is done and gives identical results. Under
+``torchrun`` the ranks shard the images and sum their states before rank 0 writes.
+"""
+
+from __future__ import annotations
+
+import logging
+import platform
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from tqdm import tqdm
+
+from shiftbench import io
+from shiftbench.errors import ShiftbenchError
+from shiftbench.runner import dist
+from shiftbench.runner.conditions import Condition, enumerate_conditions
+from shiftbench.runner.data import open_split
+from shiftbench.runner.store import RunStore
+from shiftbench.runner.sweep import ConditionFailed, Timer, run_condition
+
+log = logging.getLogger("shiftbench.run")
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ShiftbenchError("run.device: 'cuda' was asked for but no CUDA device is available; use cpu or auto")
+    return torch.device(name)
+
+
+def estimator_plan(suite) -> dict[str, tuple[str, ...]]:
+    """model name -> the estimators evaluated on it."""
+    return {m.name: m.estimators for m in suite.models}
+
+
+def _versions() -> dict[str, str]:
+    import kornia
+    import numpy
+    import torchvision
+
+    from shiftbench import __version__
+
+    return {"python": platform.python_version(), "torch": torch.__version__, "torchvision": torchvision.__version__,
+            "kornia": kornia.__version__, "numpy": numpy.__version__, "shiftbench": __version__}
+
+
+def _git_commit() -> str | None:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
+                             cwd=Path(__file__).resolve().parent)
+        return out.stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def _setup_log(path: Path, is_main: bool) -> logging.Handler | None:
+    if not is_main:
+        return None
+    handler = logging.FileHandler(path, encoding="utf-8")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    log.addHandler(handler)
+    log.setLevel(logging.INFO)
+    return handler
+
+
+def run_suite(suite, force: bool = False, progress: bool = True) -> dict[str, Any]:
+    """Run (or resume) a suite; returns the summary written to ``summary.json``."""
+    from shiftbench.models.zoo import ModelZoo
+    from shiftbench.runner.results import write_results
+
+    started = time.perf_counter()
+    device = resolve_device(suite.run.device)
+    world = dist.init(device)
+    if world.distributed and device.type == "cuda":
+        device = torch.device("cuda", world.local_rank)
+    store = RunStore(suite.run.out)
+    digest = suite.digest()
+    if world.is_main:
+        store.open(suite.name, digest, force=force)
+        io.write_text(store.root / "suite.yaml", yaml.safe_dump(suite.raw, sort_keys=False))
+    dist.barrier(world)
+    handler = _setup_log(store.root / "run.log", world.is_main)
+    timer = Timer(device)
+    try:
+        log.info("suite %s (%s) on %s, world size %d", suite.name, digest[:12], device, world.size)
+        zoo = ModelZoo.from_suite(suite, device)
+        plan = estimator_plan(suite)
+        groups = list(suite.dataset.eval)
+        conditions = enumerate_conditions(groups, list(suite.corruptions.splits), list(suite.corruptions.names),
+                                          list(suite.corruptions.severities), suite.corruptions.clean)
+        todo = [c for c in conditions if not store.is_done(c)]
+        todo = dist.broadcast_object(todo, world)
+        with timer("data"):
+            splits = {g: open_split(suite, g, world) for g in groups if any(c.split == g for c in todo)}
+        failed: list[dict[str, str]] = []
+        total = sum(splits[c.split].n_batches(suite.run.batch_size) for c in todo)
+        bar = tqdm(total=total, desc=f"{suite.name}", unit="batch", disable=not (progress and world.is_main),
+                   dynamic_ncols=True)
+        for cond in todo:
+            bar.set_postfix_str(cond.key)
+            failure = _run_one(zoo, suite, plan, cond, splits[cond.split], device, timer, store, world, bar)
+            if failure:
+                failed.append({"condition": cond.key, "reason": failure})
+                log.error("condition %s failed: %s", cond.key, failure)
+        bar.close()
+        skipped = [s for part in dist.gather_objects([s for d in splits.values() for s in d.skipped], world)
+                   for s in part]
+        failed = [f for part in dist.gather_objects(failed, world) for f in part]
+        failed = list({f["condition"]: f for f in failed}.values())
+        summary: dict[str, Any] = {}
+        if world.is_main:
+            with timer("io"):
+                write_results(suite, store, conditions)
+            summary = _summary(suite, digest, device, world, timer, started, conditions, todo, failed, skipped)
+            io.write_json(store.root / "summary.json", summary)
+            _print_end(summary)
+        summary = dist.broadcast_object(summary, world)
+        return summary
+    finally:
+        if handler is not None:
+            log.removeHandler(handler)
+            handler.close()
+        dist.shutdown(world)
+
+
+def _run_one(zoo, suite, plan, cond: Condition, data, device, timer: Timer, store: RunStore, world, bar
+             ) -> str | None:
+    """Sweep one condition, reduce over ranks, write its states; the failure reason, if any."""
+    import numpy as np
+
+    def save_map(sid: str, arrays: dict) -> None:
+        with io.atomic_path(store.map_path(cond.split, sid)) as tmp:
+            with open(tmp, "wb") as fh:
+                np.savez_compressed(fh, **arrays)
+
+    reason = None
+    try:
+        accs = run_condition(zoo, suite, plan, cond, data, device, timer, on_batch=lambda: bar.update(1),
+                             save_map=save_map)
+    except ConditionFailed as exc:
+        reason, accs = str(exc), None
+    # every rank must agree before any collective: one failing rank fails the condition
+    reasons = [r for r in dist.gather_objects(reason, world) if r]
+    if reasons:
+        return reasons[0]
+    with timer("io"):
+        if world.distributed:
+            accs.all_reduce()
+        if world.is_main:
+            n_images = len(data.cache.ids) if data.cache is not None else len(data)
+            store.save_state(cond, {"condition": cond.key, "states": accs.state_dict(),
+                                    "n_images": int(sum(dist.gather_objects(n_images, world)))})
+    return None
+
+
+def _summary(suite, digest, device, world, timer, started, conditions, todo, failed, skipped) -> dict[str, Any]:
+    wall = time.perf_counter() - started
+    stages = {s: round(timer.seconds.get(s, 0.0), 3) for s in Timer.STAGES}
+    outside = 1.0 - stages["forward"] / wall if wall > 0 else 0.0
+    return {
+        "suite": {"name": suite.name, "digest": digest, "path": str(suite.path) if suite.path else None},
+        "classes": _class_names(suite),
+        "models": {m.name: m.kind for m in suite.models},
+        "seed": suite.run.seed,
+        "device": str(device),
+        "world_size": world.size,
+        "versions": _versions(),
+        "git_commit": _git_commit(),
+        "wall_time_s": round(wall, 3),
+        "time_s": stages,
+        "outside_forward_share": round(outside, 4),
+        "conditions": {"total": len(conditions), "run": len(todo), "already_done": len(conditions) - len(todo)},
+        "failed": failed,
+        "skipped_files": skipped,
+    }
+
+
+def _class_names(suite) -> list[str]:
+    from shiftbench.data import class_names
+
+    return list(class_names(suite.dataset.name, suite.dataset.classes))
+
+
+def _print_end(summary: dict[str, Any]) -> None:
+    t = summary["time_s"]
+    print(f"shiftbench: {summary['conditions']['run']} condition(s) run, {summary['conditions']['already_done']} "
+          f"already done, {len(summary['failed'])} failed; wall {summary['wall_time_s']:.1f} s "
+          f"(data {t['data']:.1f}, corruption {t['corruption']:.1f}, forward {t['forward']:.1f}, "
+          f"estimators+metrics {t['estimators_metrics']:.1f}, io {t['io']:.1f}); "
+          f"{100 * summary['outside_forward_share']:.0f}% outside model forwards")

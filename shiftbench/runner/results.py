@@ -1,0 +1,92 @@
+"""States -> tables: ``results.csv`` / ``results.parquet`` and ``curves.parquet`` (docs/run-format.md)."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import pandas as pd
+import torch
+
+from shiftbench import io
+from shiftbench.runner.conditions import Condition
+from shiftbench.runner.store import RunStore
+
+KEYS = ["split", "model", "kind", "estimator", "corruption", "severity"]
+RESULT_COLUMNS = KEYS + [
+    "n_images", "n_pixels", "miou", "pixel_accuracy", "ece", "mce", "brier", "nll", "brier_multiclass",
+    "nll_multiclass", "mean_uncertainty", "au_pavpu",
+    "peak_p_accurate_certain", "peak_p_accurate_certain_threshold",
+    "peak_p_uncertain_inaccurate", "peak_p_uncertain_inaccurate_threshold",
+    "peak_pavpu", "peak_pavpu_threshold",
+]
+CURVE_VALUES = ["p_accurate_certain", "p_uncertain_inaccurate", "pavpu", "n_ac", "n_au", "n_ic", "n_iu",
+                "bin_confidence", "bin_accuracy", "bin_count", "count"]
+
+
+def _float(v: Any) -> float:
+    v = float(v.item() if isinstance(v, torch.Tensor) else v)
+    return v if math.isfinite(v) else float("nan")
+
+
+def condition_tables(suite, cond: Condition, payload: dict[str, Any]) -> tuple[list[dict], list[dict]]:
+    """The result rows and curve rows of one finished condition."""
+    from shiftbench.runner.sweep import Accumulators
+
+    plan = {m.name: m.estimators for m in suite.models}
+    kinds = {m.name: m.kind for m in suite.models}
+    accs = Accumulators(suite, plan, torch.device("cpu"))
+    states = payload["states"]
+    for name, acc in accs.all():
+        acc.load_state_dict(states[name])
+    rows, curves = [], []
+    for model, ests in plan.items():
+        seg = accs.segmentation[model].compute()
+        for e in ests:
+            cal = accs.calibration[model, e].compute()
+            con = accs.conditional[model, e].compute()
+            hist = accs.histogram[model, e].compute()
+            key = {"split": cond.split, "model": model, "kind": kinds[model], "estimator": e,
+                   "corruption": cond.corruption, "severity": cond.severity}
+            row = dict(key, n_images=int(payload["n_images"]), n_pixels=int(hist["n_pixels"]),
+                       miou=_float(seg["miou"]), pixel_accuracy=_float(seg["pixel_accuracy"]),
+                       mean_uncertainty=_float(hist["mean"]))
+            for c in ("ece", "mce", "brier", "nll", "brier_multiclass", "nll_multiclass"):
+                row[c] = _float(cal[c])
+            for c in RESULT_COLUMNS:
+                if c.startswith(("peak_", "au_")):
+                    row[c] = _float(con[c])
+            rows.append(row)
+            t = con["thresholds"].tolist()
+            for i, x in enumerate(t):
+                curves.append(dict(key, curve="conditional", x=x, **{
+                    c: _float(con[c][i]) for c in ("p_accurate_certain", "p_uncertain_inaccurate", "pavpu",
+                                                    "n_ac", "n_au", "n_ic", "n_iu")}))
+            n_bins = len(cal["bin_count"])
+            for b in range(n_bins):
+                curves.append(dict(key, curve="reliability", x=(b + 0.5) / n_bins,
+                                   bin_confidence=_float(cal["bin_confidence"][b]),
+                                   bin_accuracy=_float(cal["bin_accuracy"][b]), bin_count=_float(cal["bin_count"][b])))
+            centres = hist["centres"].tolist()
+            for b, x in enumerate(centres):
+                curves.append(dict(key, curve="histogram", x=x, count=_float(hist["counts"][b])))
+    return rows, curves
+
+
+def write_results(suite, store: RunStore, conditions: list[Condition]) -> pd.DataFrame:
+    """Assemble every finished condition's states into the tables (atomically)."""
+    rows, curves = [], []
+    for cond in conditions:
+        if store.is_done(cond):
+            r, c = condition_tables(suite, cond, store.load_state(cond))
+            rows += r
+            curves += c
+    results = pd.DataFrame(rows, columns=RESULT_COLUMNS)
+    curve_df = pd.DataFrame(curves, columns=KEYS + ["curve", "x"] + CURVE_VALUES)
+    with io.atomic_path(store.root / "results.csv") as tmp:
+        results.to_csv(tmp, index=False, float_format="%.10g")
+    with io.atomic_path(store.root / "results.parquet") as tmp:
+        results.to_parquet(tmp, index=False)
+    with io.atomic_path(store.root / "curves.parquet") as tmp:
+        curve_df.to_parquet(tmp, index=False)
+    return results

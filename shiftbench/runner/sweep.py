@@ -1,0 +1,194 @@
+"""One condition of a sweep: load -> corrupt -> forward -> estimators -> accumulators.
+
+For every batch the images are corrupted once on the device, every expert and MC pass
+runs once (:class:`shiftbench.models.zoo.ModelZoo`), and every model variant and
+estimator is derived from those outputs. Accumulator states are summed over batches
+and ranks; nothing here grows with the number of images.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import defaultdict
+from contextlib import contextmanager
+from typing import Any, Callable, Iterator
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from corruptions import corrupt
+from shiftbench.metrics import (CalibrationMetrics, ConditionalMetrics, SegmentationMetrics,
+                                UncertaintyHistogram)
+from shiftbench.runner.conditions import Condition
+from shiftbench.runner.data import Batch, SplitData
+from shiftbench.seeding import key
+from shiftbench.uncertainty import ESTIMATORS, Prediction
+
+IGNORE = 255
+
+
+class ConditionFailed(RuntimeError):
+    """A condition that cannot produce results (e.g. a model emitted NaN); the sweep goes on."""
+
+
+class Timer:
+    """Wall time per stage; synchronises CUDA so GPU work is charged to the stage that queued it."""
+
+    STAGES = ("data", "corruption", "forward", "estimators_metrics", "io")
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.seconds: dict[str, float] = defaultdict(float)
+
+    @contextmanager
+    def __call__(self, stage: str) -> Iterator[None]:
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+            self.seconds[stage] += time.perf_counter() - start
+
+
+class Accumulators:
+    """Every accumulator of one condition: per model a SegmentationMetrics, per (model,
+    estimator) a CalibrationMetrics, a ConditionalMetrics and an UncertaintyHistogram."""
+
+    def __init__(self, suite, plan: dict[str, tuple[str, ...]], device: torch.device):
+        m, k = suite.metrics, suite.dataset.classes
+        self.plan = plan
+        self.confidence = m.calibration_confidence
+        self.segmentation = {name: SegmentationMetrics(k, ignore_index=IGNORE).to(device) for name in plan}
+        self.calibration = {(name, e): CalibrationMetrics(k, n_bins=m.n_bins, ignore_index=IGNORE,
+                                                          average=m.calibration_average).to(device)
+                            for name, ests in plan.items() for e in ests}
+        self.conditional = {(name, e): ConditionalMetrics(patch_size=m.patch_size,
+                                                          accuracy_threshold=m.accuracy_threshold,
+                                                          thresholds=m.thresholds, ignore_index=IGNORE).to(device)
+                            for name, ests in plan.items() for e in ests}
+        self.histogram = {(name, e): UncertaintyHistogram(ignore_index=IGNORE).to(device)
+                          for name, ests in plan.items() for e in ests}
+
+    def all(self) -> Iterator[tuple[str, Any]]:
+        for name, acc in self.segmentation.items():
+            yield f"segmentation/{name}", acc
+        for family in ("calibration", "conditional", "histogram"):
+            for (name, e), acc in getattr(self, family).items():
+                yield f"{family}/{name}/{e}", acc
+
+    def update(self, preds: dict[str, Prediction], labels: Tensor) -> dict[str, dict[str, Tensor]]:
+        """Update every accumulator; returns the uncertainty maps per model and estimator."""
+        maps: dict[str, dict[str, Tensor]] = {}
+        for name, ests in self.plan.items():
+            pred = preds[name]
+            label_pred = pred.probs.argmax(1)
+            self.segmentation[name].update(label_pred, labels)
+            maps[name] = {}
+            for e in ests:
+                u = ESTIMATORS[e](pred)
+                maps[name][e] = u
+                conf = 1.0 - u if self.confidence == "uncertainty" else None
+                self.calibration[name, e].update(pred.probs, labels, confidence=conf)
+                self.conditional[name, e].update(label_pred, labels, u)
+                self.histogram[name, e].update(u, labels)
+        return maps
+
+    def state_dict(self) -> dict[str, dict[str, Tensor]]:
+        return {name: {k: v.cpu() for k, v in acc.state_dict().items()} for name, acc in self.all()}
+
+    def all_reduce(self) -> None:
+        for _, acc in self.all():
+            acc.all_reduce()
+
+
+def check_finite(preds: dict[str, Prediction]) -> None:
+    """Raise :class:`ConditionFailed` naming the models whose probabilities are NaN or Inf."""
+    flags = torch.stack([torch.isfinite(p.probs).all() for p in preds.values()])
+    if bool(flags.all()):
+        return
+    bad = [n for n, ok in zip(preds, flags.tolist()) if not ok]
+    raise ConditionFailed(f"model(s) {', '.join(bad)} produced NaN or Inf probabilities")
+
+
+def corruption_seeds(seed: int, ids: list[str], device: torch.device) -> Tensor:
+    return torch.tensor([key(seed, "corruption", s) for s in ids], dtype=torch.int64, device=device)
+
+
+def model_seeds(seed: int, ids: list[str]) -> list[int]:
+    return [key(seed, "model", s) for s in ids]
+
+
+def predict(zoo, x: Tensor, seeds: list[int], exact: bool = True) -> dict[str, Prediction]:
+    """Every model's prediction for ``x``. ``exact``: one image at a time, so a sample's outputs are
+    bitwise the same whatever batch (and rank) it is in; convolution kernels otherwise round
+    differently for different batch sizes (~1e-7 relative)."""
+    if not exact or x.shape[0] == 1:
+        return zoo(x, seeds)
+    parts = [zoo(x[i:i + 1], seeds[i:i + 1]) for i in range(x.shape[0])]
+    return {n: _cat_predictions([p[n] for p in parts]) for n in parts[0]}
+
+
+def forward_batch(zoo, cond: Condition, batch: Batch, seed: int, device: torch.device, timer: Timer,
+                  exact: bool = True) -> tuple[Tensor, dict[str, Prediction]]:
+    """Corrupt (once) and run every model on one batch; halves the batch on CUDA out-of-memory."""
+    try:
+        with timer("data"):
+            x = batch.images.to(device, non_blocking=True).float().div_(255)
+        if not cond.is_clean:
+            with timer("corruption"):
+                x = corrupt(x, cond.corruption, cond.severity, seed=corruption_seeds(seed, batch.ids, device))
+        with timer("forward"):
+            preds = predict(zoo, x, model_seeds(seed, batch.ids), exact)
+        return x, preds
+    except torch.cuda.OutOfMemoryError:
+        if len(batch.ids) == 1:
+            raise
+        torch.cuda.empty_cache()
+        h = len(batch.ids) // 2
+        halves = [Batch(batch.images[s], batch.labels[s], batch.ids[s]) for s in (slice(0, h), slice(h, None))]
+        parts = [forward_batch(zoo, cond, b, seed, device, timer, exact) for b in halves]
+        x = torch.cat([p[0] for p in parts])
+        preds = {n: _cat_predictions([p[1][n] for p in parts]) for n in parts[0][1]}
+        return x, preds
+
+
+def _cat_predictions(parts: list[Prediction]) -> Prediction:
+    cat = lambda xs, dim: None if xs[0] is None else torch.cat(xs, dim)  # noqa: E731
+    return Prediction(probs=cat([p.probs for p in parts], 0), members=cat([p.members for p in parts], 1),
+                      gate=cat([p.gate for p in parts], 0))
+
+
+def run_condition(zoo, suite, plan: dict[str, tuple[str, ...]], cond: Condition, data: SplitData,
+                  device: torch.device, timer: Timer, on_batch: Callable[[], None] = lambda: None,
+                  save_map: Callable[[str, dict[str, np.ndarray]], None] | None = None) -> Accumulators:
+    """Sweep one condition over this rank's images; returns its (not yet reduced) accumulators."""
+    accs = Accumulators(suite, plan, device)
+    gallery = set(suite.metrics.gallery) if cond.is_clean and save_map is not None else set()
+    for batch in data.batches(suite.run.batch_size, suite.run.workers):
+        x, preds = forward_batch(zoo, cond, batch, suite.run.seed, device, timer, suite.run.exact)
+        with timer("estimators_metrics"):
+            check_finite(preds)
+            labels = batch.labels.to(device, non_blocking=True)
+            maps = accs.update(preds, labels)
+        if gallery & set(batch.ids):
+            with timer("io"):
+                for b, sid in enumerate(batch.ids):
+                    if sid in gallery:
+                        save_map(sid, _gallery_arrays(batch, b, preds, maps))
+        on_batch()
+    return accs
+
+
+def _gallery_arrays(batch: Batch, b: int, preds: dict[str, Prediction], maps: dict[str, dict[str, Tensor]]
+                    ) -> dict[str, np.ndarray]:
+    arrays = {"image": batch.images[b].permute(1, 2, 0).cpu().numpy(),
+              "label": batch.labels[b].cpu().numpy().astype(np.int16),
+              "sample_id": np.array(batch.ids[b])}
+    for name, pred in preds.items():
+        if name in maps:
+            arrays[f"pred__{name}"] = pred.probs[b].argmax(0).cpu().numpy().astype(np.int16)
+            for e, u in maps[name].items():
+                arrays[f"unc__{name}__{e}"] = u[b].cpu().numpy().astype(np.float16)
+    return arrays
