@@ -234,9 +234,6 @@ DEGRADED = {  # run -> (fixture arguments, notes expected, figure families that 
     "no_corruptions": (dict(models={**BASE, **MOE}, corruptions=()),
                        ["Calibration vs severity", "Conditional metrics vs severity", "Table 2"],
                        {"calibration_vs_severity", "conditional_vs_severity"}),
-    "no_curves_no_maps": (dict(models=BASE, splits=("id",), corruptions=("fog",), curves=False, maps=False),
-                          ["Threshold sweeps", "Reliability", "Gallery"], {"threshold_sweeps", "reliability",
-                                                                            "gallery"}),
 }
 
 
@@ -254,13 +251,16 @@ def test_degraded_runs_report_what_they_have(tmp_path, case):
 
 
 # ------------------------------------------------------------------ CLI
-def test_cli_report_writes_and_prints(tmp_path, capsys):
+def test_cli_report_of_a_run_without_curves_and_maps(tmp_path, capsys):
     run = make_run(tmp_path / "r", models={"baseline": MODELS["baseline"]}, splits=("id",), corruptions=("fog",),
-                   severities=(1,), n_patches=200, maps=False)
+                   severities=(1,), n_patches=200, curves=False, maps=False)
     assert cli(["report", str(run), "--format", "png", "--out", str(tmp_path / "o"), "--threshold", "0.3",
                 "--sweep-severities", "0,1"]) == 0
-    assert "report.html" in capsys.readouterr().out
-    assert (tmp_path / "o" / "figures" / "threshold_sweeps_id.png").is_file()
+    out = capsys.readouterr().out
+    for note in ("Threshold sweeps", "Reliability", "Gallery", "ID vs OOD", "Gate entropy"):
+        assert f"note: {note}" in out
+    assert out.splitlines()[-1].startswith("report: 5 figures, 3 tables")
+    assert (tmp_path / "o" / "figures" / "conditional_vs_severity_id.png").is_file()
 
 
 def run_cli(argv: list[str]) -> int:
