@@ -13,7 +13,7 @@ from torch import Tensor
 from corruptions._core import Rng, register
 from corruptions._ops import clipped_zoom, gaussian, motion_blur
 from corruptions._weather_ops import (
-    FROST_FILES, canny, chamfer_distance, equalize_hist, frost_textures, next_power_of_2, plasma_fractal,
+    FROST_FILES, canny, chamfer_distance, correlate3x3, equalize_hist, frost_textures, next_power_of_2, plasma_fractal,
 )
 
 # (flake mean, flake std, zoom, threshold, blur radius, blur sigma, image weight)
@@ -112,8 +112,7 @@ def _water(x: Tensor, liquid: Tensor, threshold: float, strength: float) -> Tens
     dist = chamfer_distance(canny(level, *CANNY_THRESHOLDS), DIST_CAP)
     dist = _box3(dist).floor()
     dist = equalize_hist(dist)
-    emboss = torch.tensor(EMBOSS, dtype=x.dtype, device=x.device)[None, None]
-    dist = F.conv2d(F.pad(dist, (1, 1, 1, 1), mode="reflect"), emboss).clamp(0, 255)
+    dist = correlate3x3(dist, EMBOSS, "reflect").clamp(0, 255)
     dist = _box3(dist).round()
     m = level * dist
     m = m / m.amax(dim=(-2, -1), keepdim=True).clamp(min=1.0) * strength
