@@ -270,7 +270,8 @@ def _expand(value: str, where: str, dataset: str | None = None) -> str:
         var = m.group(1)
         if var not in os.environ or not os.environ[var]:
             source = f" ({DATA_SOURCES[dataset]})" if dataset in DATA_SOURCES else ""
-            raise SuiteError(f"{where}: environment variable {var} is not set; set it to the folder it names{source}")
+            raise SuiteError(f"{where}: environment variable {var} is not set; set it to the folder this field "
+                             f"needs, as the suite file's header says{source}")
         return os.environ[var]
 
     return _ENV.sub(repl, value)

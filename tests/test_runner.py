@@ -1,0 +1,206 @@
+"""The runner end to end on a tiny suite (random tiny models, 48x64 synthetic scenes)."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+import yaml
+
+from runner_fixture import make_suite, suite_dict
+from shiftbench.cli import main
+from shiftbench.runner.results import RESULT_COLUMNS
+
+ROOT = Path(__file__).resolve().parents[1]
+SMALL = dict(count=2, size=(48, 64))
+
+
+def run(suite: Path, out: Path, *extra: str) -> int:
+    return main(["run", str(suite), "--out", str(out), "--quiet", *extra])
+
+
+@pytest.fixture(scope="module")
+def suite(tmp_path_factory) -> Path:
+    return make_suite(tmp_path_factory.mktemp("suite"), **SMALL)
+
+
+@pytest.fixture(scope="module")
+def base(suite, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("runs") / "base"
+    assert run(suite, out) == 0
+    return out
+
+
+def test_outputs_follow_the_run_format(base):
+    for name in ("manifest.json", "suite.yaml", "results.csv", "results.parquet", "curves.parquet", "summary.json",
+                 "run.log"):
+        assert (base / name).stat().st_size > 0, name
+    res = pd.read_csv(base / "results.csv")
+    assert list(res.columns) == RESULT_COLUMNS
+    # conditions: id/clean, ood/clean, id/fog/2, id/gaussian_noise/2; estimators 2 + 2 + 6 + 4 per condition
+    assert len(res) == 4 * 14
+    assert set(zip(res.split, res.corruption, res.severity)) == {
+        ("id", "clean", 0), ("ood", "clean", 0), ("id", "fog", 2), ("id", "gaussian_noise", 2)}
+    assert res[res.split == "id"].n_images.eq(4).all() and res[res.split == "ood"].n_images.eq(2).all()
+    assert res.n_pixels.eq(res.n_images * 48 * 64).all()  # synthetic labels have no ignore pixels
+    assert res[["miou", "ece", "brier", "nll", "au_pavpu"]].notna().all().all()
+    assert pd.read_parquet(base / "results.parquet").equals(res) or np.allclose(
+        pd.read_parquet(base / "results.parquet").select_dtypes("number"), res.select_dtypes("number"), equal_nan=True)
+    curves = pd.read_parquet(base / "curves.parquet")
+    assert set(curves.curve) == {"conditional", "reliability", "histogram"}
+    assert len(curves[curves.curve == "conditional"]) == 4 * 14 * 11  # thresholds: 11 in the fixture
+    summary = json.loads((base / "summary.json").read_text())
+    assert summary["conditions"] == {"total": 4, "run": 4, "already_done": 0}
+    assert summary["failed"] == [] and summary["skipped_files"] == []
+    assert set(summary["time_s"]) == {"data", "corruption", "forward", "estimators_metrics", "io"}
+    assert 0 <= summary["outside_forward_share"] <= 1
+    assert summary["classes"][0] == "Person" and summary["models"]["moe_simple"] == "moe"
+    maps = np.load(base / "maps" / "id" / "highway__test__000000.npz")
+    assert maps["image"].shape == (48, 64, 3) and maps["image"].dtype == np.uint8
+    assert maps["unc__moe_simple__gate_entropy"].dtype == np.float16
+    assert set(np.unique(maps["pred__ensemble"])) <= set(range(11))
+    assert (base / "maps" / "ood" / "ambiguous__test__000001.npz").exists()
+
+
+def test_rerun_skips_finished_conditions(suite, base):
+    before = (base / "results.csv").read_bytes()
+    assert run(suite, base) == 0
+    summary = json.loads((base / "summary.json").read_text())
+    assert summary["conditions"]["run"] == 0 and summary["conditions"]["already_done"] == 4
+    assert (base / "results.csv").read_bytes() == before
+
+
+def test_batch_size_does_not_change_results(suite, base, tmp_path):
+    assert run(suite, tmp_path / "bs3", "--batch-size", "3") == 0
+    assert (tmp_path / "bs3" / "results.csv").read_bytes() == (base / "results.csv").read_bytes()
+
+
+def test_killed_run_resumes_to_identical_results(suite, base, tmp_path, monkeypatch):
+    import shiftbench.runner as runner
+
+    real = runner.run_condition
+    calls = []
+
+    def dies_in_third_condition(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt  # the process is killed mid-condition
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(runner, "run_condition", dies_in_third_condition)
+    out = tmp_path / "killed"
+    assert run(suite, out) == 130
+    assert len(list((out / "states").rglob("*.pt"))) == 2 and not (out / "results.csv").exists()
+    monkeypatch.setattr(runner, "run_condition", real)
+    assert run(suite, out) == 0
+    assert json.loads((out / "summary.json").read_text())["conditions"]["already_done"] == 2
+    assert (out / "results.csv").read_bytes() == (base / "results.csv").read_bytes()
+    assert not [p for p in out.rglob("*") if ".tmp" in p.name]
+
+
+def test_a_different_suite_is_refused_unless_forced(suite, base, tmp_path, capsys):
+    other = yaml.safe_load(suite.read_text())
+    other["models"][0]["passes"] = 3
+    path = suite.parent / "other.yaml"
+    path.write_text(yaml.safe_dump(other))
+    out = tmp_path / "run"
+    assert run(suite, out, "--corruptions", "none") == 0
+    capsys.readouterr()
+    assert run(path, out, "--corruptions", "none") == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "different suite" in err and "--force" in err
+    assert run(path, out, "--corruptions", "none", "--force") == 0
+
+
+@pytest.mark.parametrize("args, expected", [
+    (["--corruptions", "fog,smog"], "corruptions.names[1]: 'smog' is not one of"),
+    (["--severities", "0"], "corruptions.severities[0]: 0 is not one of 1, 2, 3, 4, 5"),
+    (["--severities", "x"], "--severities: 'x' is not a comma-separated list"),
+    (["--limit", "0"], "run.limit: 0 must be > 0"),
+])
+def test_bad_overrides_are_one_line_exit_2(suite, tmp_path, capsys, args, expected):
+    assert run(suite, tmp_path / "r", *args) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and expected in err
+
+
+def test_nan_model_output_fails_only_that_condition(suite, tmp_path, monkeypatch):
+    import shiftbench.runner.sweep as sweep
+
+    real = sweep.corrupt
+
+    def nan_fog(x, name, severity, seed=0):
+        y = real(x, name, severity, seed=seed)
+        return y * float("nan") if name == "fog" else y
+
+    monkeypatch.setattr(sweep, "corrupt", nan_fog)
+    out = tmp_path / "nan"
+    assert run(suite, out) == 1
+    summary = json.loads((out / "summary.json").read_text())
+    assert [f["condition"] for f in summary["failed"]] == ["id/fog/2"]
+    assert "NaN or Inf" in summary["failed"][0]["reason"]
+    res = pd.read_csv(out / "results.csv")
+    assert "fog" not in set(res.corruption) and {"clean", "gaussian_noise"} <= set(res.corruption)
+
+
+def test_unreadable_image_is_skipped_and_named(tmp_path):
+    from runner_fixture import write_checkpoints
+
+    tree = tmp_path / "a2d2"
+    assert main(["data", "synth", str(tree), "--format", "a2d2", "--count", "2", "--size", "48x64",
+                 "--domain", "highway"]) == 0
+    victim = sorted(tree.rglob("*_camera_frontcenter_*.png"))[-1]
+    victim.write_bytes(victim.read_bytes()[:100])  # truncated PNG
+    data = suite_dict(**SMALL)
+    data["dataset"] = {"name": "a2d2", "root": str(tree), "split_dir": str(tree / "split"), "classes": 11,
+                       "size": [48, 64], "eval": {"id": ["highway_test", "highway_val", "highway_train"]}}
+    data["metrics"]["gallery"] = []
+    write_checkpoints(tmp_path)
+    path = tmp_path / "a2d2.yaml"
+    path.write_text(yaml.safe_dump(data))
+    out = tmp_path / "run"
+    assert run(path, out, "--corruptions", "none") == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert len(summary["skipped_files"]) == 1
+    assert victim.name in summary["skipped_files"][0]["file"] + summary["skipped_files"][0]["reason"]
+    assert pd.read_csv(out / "results.csv").n_images.eq(5).all()
+
+
+def test_missing_data_stops_at_once_with_what_to_set(tmp_path, capsys, monkeypatch):
+    monkeypatch.delenv("A2D2_ROOT", raising=False)
+    assert main(["run", str(ROOT / "suites" / "a2d2.yaml"), "--out", str(tmp_path / "r")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "A2D2_ROOT" in err and "a2d2.audi" in err
+
+
+def _states(out: Path) -> dict:
+    return {p.relative_to(out).as_posix(): torch.load(p, weights_only=True) for p in (out / "states").rglob("*.pt")}
+
+
+def test_torchrun_two_gloo_processes_equal_single_process(suite, base, tmp_path):
+    out = tmp_path / "ddp"
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29517",
+           "-m", "shiftbench", "run", str(suite), "--out", str(out), "--quiet"]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert json.loads((out / "summary.json").read_text())["world_size"] == 2
+    single, double = _states(base), _states(out)
+    assert single.keys() == double.keys()
+    for name in single:
+        assert single[name]["n_images"] == double[name]["n_images"]
+        for acc, state in single[name]["states"].items():
+            for k, a in state.items():
+                b = double[name]["states"][acc][k]
+                if a.is_floating_point():
+                    assert torch.allclose(a, b, rtol=1e-9, atol=1e-12), (name, acc, k)
+                else:
+                    assert torch.equal(a, b), (name, acc, k)
+    a, b = pd.read_csv(base / "results.csv"), pd.read_csv(out / "results.csv")
+    counts = ["n_images", "n_pixels", "miou", "pixel_accuracy"]
+    assert a[counts].equals(b[counts])
