@@ -205,3 +205,15 @@ def test_sprites_reproduce_their_shapes(kind):
 def test_bench_render(benchmark):
     counter = iter(range(10 ** 9))
     benchmark(lambda: render(DOMAINS[next(counter) % 2], next(counter)))
+
+
+def test_ground_band_index_matches_a_search_per_pixel():
+    from shiftbench.data.synthetic import _band_index
+
+    edges = sorted(np.random.default_rng(1).uniform(-30, 30, 12).tolist() + [-1000.0, 1000.0])
+    for horizon in (40.3, 55.0, 70.7):
+        cam = R.Camera(H=128, W=256, f=211.3, cx=131.7, horizon=horizon, height=1.45)
+        dy = (cam.rows[int(horizon + 0.5):] - np.float32(horizon))[:, None]
+        X = (cam.cols - np.float32(cam.cx))[None, :] * (np.float32(cam.height) / dy)
+        want = np.searchsorted(np.array(edges, np.float32), X, side="right")
+        assert np.array_equal(_band_index(cam, dy, edges), want)

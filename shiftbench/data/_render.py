@@ -11,7 +11,9 @@ constant is ``[3,1,1]``.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
+from functools import cached_property, lru_cache
 from typing import Callable
 
 import numpy as np
@@ -41,19 +43,26 @@ class Camera:
     horizon: float  # row of the horizon
     height: float   # camera height above the ground (m)
 
-    @property
+    @cached_property
     def cols(self) -> np.ndarray:
-        return np.arange(self.W, dtype=np.float32) + np.float32(0.5)
+        """Pixel-centre x of each column, float32 [W] (read-only)."""
+        return _frozen(np.arange(self.W, dtype=np.float32) + np.float32(0.5))
 
-    @property
+    @cached_property
     def rows(self) -> np.ndarray:
-        return np.arange(self.H, dtype=np.float32) + np.float32(0.5)
+        """Pixel-centre y of each row, float32 [H] (read-only)."""
+        return _frozen(np.arange(self.H, dtype=np.float32) + np.float32(0.5))
 
     def x(self, X: float, Z: float) -> float:
         return self.cx + self.f * X / Z
 
     def y(self, Yup: float, Z: float) -> float:
         return self.horizon + self.f * (self.height - Yup) / Z
+
+
+def _frozen(a: np.ndarray) -> np.ndarray:
+    a.flags.writeable = False
+    return a
 
 
 class Canvas:
@@ -72,10 +81,10 @@ class Canvas:
         broadcast to the window [h,w]; ``colour``: broadcasts to [3,h,w]."""
         d = self.depth[rs, cs]
         m = mask & (depth <= d)
-        hit = np.flatnonzero(m.any(1))
-        if hit.size == 0:
+        hit = np.flatnonzero(m.any(1)) if m.shape[0] > 8 else range(m.shape[0])
+        if len(hit) == 0:
             return
-        if hit.size < m.shape[0]:  # crop to the rows that change
+        if len(hit) < m.shape[0]:  # crop to the rows that change
             a, b = int(hit[0]), int(hit[-1]) + 1
             start = rs.start or 0
             rs, m, d = slice(start + a, start + b), m[a:b], d[a:b]
@@ -105,14 +114,15 @@ def smooth_noise(rng: np.random.Generator, shape: tuple[int, int], cells: tuple[
     return _interp_matrix(shape[0], cells[0]) @ grid @ _interp_matrix(shape[1], cells[1]).T
 
 
+@lru_cache(maxsize=64)
 def _interp_matrix(n: int, cells: int) -> np.ndarray:
-    """[n, cells+1] weights of linear interpolation from cells+1 knots to n samples."""
+    """[n, cells+1] weights of linear interpolation from cells+1 knots to n samples (read-only, cached)."""
     pos = np.linspace(0, cells, n, dtype=np.float32)
     i0 = np.minimum(pos.astype(np.int64), cells - 1)
     weights = np.zeros((n, cells + 1), np.float32)
     weights[np.arange(n), i0] = 1 - (pos - i0)
     weights[np.arange(n), i0 + 1] = pos - i0
-    return weights
+    return _frozen(weights)
 
 
 _TEXTURES: list[np.ndarray] = []
@@ -138,7 +148,7 @@ def texture(rng: np.random.Generator) -> np.ndarray:
 def lookup(texture: np.ndarray, u: np.ndarray, v: np.ndarray) -> np.ndarray:
     """Nearest texel of a tileable texture (side a power of two) at texel coordinates (u rows, v cols)."""
     n0, n1 = texture.shape
-    return texture[u.astype(np.int32) & (n0 - 1), v.astype(np.int32) & (n1 - 1)]
+    return texture.take((u.astype(np.int32) & (n0 - 1)) * n1 + (v.astype(np.int32) & (n1 - 1)))
 
 
 _NOISE_POOL: dict[tuple[int, int], np.ndarray] = {}
@@ -204,25 +214,25 @@ def paint_thing(canvas: Canvas, cam: Camera, t: Thing) -> None:
     yb, yt = cam.y(t.y0, t.Z), cam.y(t.y0 + t.h, t.Z)
     if t.shadow:
         _ground_shadow(canvas, cam, x0, x1, yb, yt, t.shadow)
-    c0, c1 = max(0, int(np.ceil(x0 - 0.5))), min(cam.W, int(np.ceil(x1 - 0.5)))
-    r0, r1 = max(0, int(np.ceil(yt - 0.5))), min(cam.H, int(np.ceil(yb - 0.5)))
+    c0, c1 = max(0, math.ceil(x0 - 0.5)), min(cam.W, math.ceil(x1 - 0.5))
+    r0, r1 = max(0, math.ceil(yt - 0.5)), min(cam.H, math.ceil(yb - 0.5))
     if c0 >= c1 or r0 >= r1:
         return
     cls_map, A, B = sprite(t.kind, t.variant)
     n = SPRITE_SIZE
-    ui = ((cam.cols[c0:c1] - np.float32(x0)) * np.float32(n / (x1 - x0))).astype(np.int32).clip(0, n - 1)
-    vi = ((cam.rows[r0:r1] - np.float32(yt)) * np.float32(n / (yb - yt))).astype(np.int32).clip(0, n - 1)
+    ui = np.minimum(((cam.cols[c0:c1] - np.float32(x0)) * np.float32(n / (x1 - x0))).astype(np.int32), n - 1)
+    vi = np.minimum(((cam.rows[r0:r1] - np.float32(yt)) * np.float32(n / (yb - yt))).astype(np.int32), n - 1)
     idx = vi[:, None] * n + ui[None, :]
-    cls = cls_map.ravel()[idx]
-    colour = A.ravel()[idx] * rgb(*t.colour) + B.reshape(3, -1)[:, idx]
+    cls = cls_map.take(idx)
+    colour = A.take(idx) * rgb(*t.colour) + np.take(B.reshape(3, -1), idx, axis=1)
     canvas.paint(slice(r0, r1), slice(c0, c1), cls != TRANSPARENT, t.Z, cls, colour)
 
 
 def _ground_shadow(canvas: Canvas, cam: Camera, x0: float, x1: float, yb: float, yt: float, k: float) -> None:
     """Darken a flat ellipse of ground under a vehicle (image only)."""
     hpx, wpx = yb - yt, x1 - x0
-    r0, r1 = max(0, int(yb - 0.12 * hpx)), min(cam.H, int(np.ceil(yb + 0.06 * hpx)) + 1)
-    c0, c1 = max(0, int(x0 - 0.08 * wpx)), min(cam.W, int(np.ceil(x1 + 0.08 * wpx)) + 1)
+    r0, r1 = max(0, int(yb - 0.12 * hpx)), min(cam.H, math.ceil(yb + 0.06 * hpx) + 1)
+    c0, c1 = max(0, int(x0 - 0.08 * wpx)), min(cam.W, math.ceil(x1 + 0.08 * wpx) + 1)
     if c0 >= c1 or r0 >= r1:
         return
     a = (cam.cols[c0:c1] - np.float32((x0 + x1) / 2)) / np.float32(0.6 * wpx + 0.5)

@@ -116,6 +116,7 @@ SIZES = {"car": ((1.7, 1.95), (1.35, 1.7)), "van": ((1.9, 2.1), (1.9, 2.5)), "tr
          "person": ((0.45, 0.65), (1.5, 1.95)), "block": ((0.3, 1.2), (0.6, 1.1))}
 FACADES = ("facade_light", "facade_brick", "facade_grey")
 FAR = 400.0  # depth of the horizon silhouette (m)
+ROAD_TEXTURE = 0.18  # amplitude of the asphalt texture
 
 
 # ------------------------------------------------------------------------------------ public API
@@ -220,8 +221,8 @@ def _colour(rng: np.random.Generator, material: str) -> np.ndarray:
     """A material's colour with per-image brightness and tint jitter, float32 [3,1,1]."""
     base, jitter = MATERIALS[material]
     n = rng.standard_normal(4)
-    tint = (n[:3] * 0.5 + n[3]) * jitter  # per-channel tint + shared brightness
-    return (np.asarray(base) + tint).clip(0.02, 1).astype(np.float32).reshape(3, 1, 1)
+    tint = (n[:3] * 0.35 + n[3]) * jitter  # per-channel tint + shared brightness
+    return np.minimum(np.maximum(np.asarray(base) + tint, 0.02), 1).astype(np.float32).reshape(3, 1, 1)
 
 
 # ------------------------------------------------------------------------------------ layout
@@ -283,27 +284,27 @@ def _layout(p: dict, cam: Camera, rng: np.random.Generator) -> Scene:
     dash = (rng.uniform(10, 18), rng.uniform(0.3, 0.45)) if p["t"] < 0.5 else (rng.uniform(5, 9), 0.5)
     for i in range(1, n):
         s.lines.append(Line(XL + i * lw, 0.15, dash[0], dash[1], rng.uniform(0, 20)))
-    s.bands.append(Band(XL, XR, DRIVABLE, road_rgb, 0.25))
+    s.bands.append(Band(XL, XR, DRIVABLE, road_rgb, ROAD_TEXTURE))
 
     left = XL
     if rng.random() < p["opposite"]:
         if rng.random() < p["median"]:  # divided: edge line, median with guardrail, opposite carriageway
             s.lines.append(Line(XL + 0.3, 0.15))
-            s.bands.append(Band(XL - 0.6, XL, DRIVABLE, road_rgb, 0.25))
+            s.bands.append(Band(XL - 0.6, XL, DRIVABLE, road_rgb, ROAD_TEXTURE))
             mw = _draw(rng, p["median_width"])
             s.bands.append(Band(XL - 0.6 - mw, XL - 0.6, NATURE, _colour(rng, "grass"), 0.35))
             _guardrail(s, XL - 0.6 - mw / 2, rng)
             o1 = XL - 1.2 - mw
             n_opp = n
             o0 = o1 - n_opp * lw
-            s.bands.append(Band(o0, XL - 0.6 - mw, DRIVABLE, road_rgb, 0.25))
+            s.bands.append(Band(o0, XL - 0.6 - mw, DRIVABLE, road_rgb, ROAD_TEXTURE))
             s.lines += [Line(o1 - 0.3, 0.15)] + [Line(o0 + i * lw, 0.15, dash[0], dash[1], rng.uniform(0, 20))
                                                  for i in range(1, n_opp)]
         else:  # undivided: a centre line, oncoming lanes
             n_opp = max(1, n - int(rng.integers(0, 2)))
             o1 = XL
             o0 = XL - n_opp * lw
-            s.bands.append(Band(o0, XL, DRIVABLE, road_rgb, 0.25))
+            s.bands.append(Band(o0, XL, DRIVABLE, road_rgb, ROAD_TEXTURE))
             centre = Line(XL, 0.15, *((0, 1, 0) if rng.random() < 0.5 else (dash[0] / 2, 0.5, 0)))
             s.lines.append(centre)
         s.lanes += [(o0 + (i + 0.5) * lw, -1) for i in range(n_opp)]
@@ -336,10 +337,10 @@ def _roadside(s: Scene, p: dict, side: int, edge: float, road_rgb: np.ndarray, r
         s.lines.append(Line(x - side * 0.3, 0.15))
     shoulder = _draw(rng, p["shoulder"])
     if shoulder > 0.05:
-        s.bands.append(_band(x, side * shoulder, DRIVABLE, road_rgb, 0.25))
+        s.bands.append(_band(x, side * shoulder, DRIVABLE, road_rgb, ROAD_TEXTURE))
         x += side * shoulder
     if rng.random() < p["parking"]:
-        s.bands.append(_band(x, side * 2.2, DRIVABLE, road_rgb * rng.uniform(0.9, 1.1), 0.25))
+        s.bands.append(_band(x, side * 2.2, DRIVABLE, road_rgb * rng.uniform(0.9, 1.1), ROAD_TEXTURE))
         s.lanes.append((x + side * 1.1, 0))  # 0: parked
         x += side * 2.2
     if rng.random() < p["sidewalk"]:
@@ -500,12 +501,12 @@ def _upright(s: Scene, kind: str, X: float, Z: float, rng: np.random.Generator, 
 
 def _vehicle(s: Scene, kind: str, X: float, Z: float, rng: np.random.Generator) -> None:
     paints = TRUCK_PAINTS if kind == "truck" else CAR_PAINTS
-    colour = np.clip(paints[rng.integers(len(paints))] + rng.normal(0, 0.04, 3), 0, 1)
+    colour = np.minimum(np.maximum(paints[rng.integers(len(paints))] + rng.normal(0, 0.04, 3), 0), 1)
     _upright(s, kind, X, Z, rng, colour, shadow=rng.uniform(0.35, 0.65))
 
 
 def _person(s: Scene, X: float, Z: float, rng: np.random.Generator) -> None:
-    colour = np.clip(CLOTHES[rng.integers(len(CLOTHES))] + rng.normal(0, 0.05, 3), 0, 1)
+    colour = np.minimum(np.maximum(CLOTHES[rng.integers(len(CLOTHES))] + rng.normal(0, 0.05, 3), 0), 1)
     _upright(s, "person", X, Z, rng, colour, variant=int(rng.integers(3)))
 
 
@@ -581,12 +582,11 @@ def _ground(canvas: Canvas, cam: Camera, s: Scene, rng: np.random.Generator) -> 
     Z = np.float32(cam.f * cam.height) / dy                                 # [h,1]
     X = (cam.cols - np.float32(cam.cx))[None, :] * (np.float32(cam.height) / dy)  # [h,W]
     bands = sorted(s.bands, key=lambda b: b.x0)             # adjacent strips, left to right
-    which = np.clip(np.searchsorted(np.array([b.x0 for b in bands[1:]], np.float32), X, side="right"),
-                    0, len(bands) - 1)
-    band_cls = np.array([b.cls for b in bands], np.uint8)[which]
-    tex_amp = np.array([b.texture for b in bands], np.float32)[which]
+    which = _band_index(cam, dy, [b.x0 for b in bands[1:]])
+    band_cls = np.array([b.cls for b in bands], np.uint8).take(which)
+    tex_amp = np.array([b.texture for b in bands], np.float32).take(which)
     tex = lookup(texture(rng), Z * 20.0, X * 20.0)
-    colour = np.concatenate([b.colour.reshape(3, 1) for b in bands], axis=1)[:, which]   # [3,h,W]
+    colour = np.take(np.concatenate([b.colour.reshape(3, 1) for b in bands], axis=1), which, axis=1)  # [3,h,W]
     colour *= 1 + tex_amp * tex
     paint = _colour(rng, "paint") * np.float32(rng.uniform(0.75, 1.0))
     marks = np.zeros(X.shape, bool)
@@ -605,6 +605,19 @@ def _ground(canvas: Canvas, cam: Camera, s: Scene, rng: np.random.Generator) -> 
     canvas.paint(rows, slice(0, cam.W), np.ones(X.shape, bool), np.broadcast_to(Z, X.shape), band_cls, colour,
                  surface=GROUND_SURFACE)
     _ground_shade(canvas, rows, X, Z, s, rng)
+
+
+def _band_index(cam: Camera, dy: np.ndarray, edges: list[float]) -> np.ndarray:
+    """Per ground pixel [h,W], the number of band edges at or left of its lateral offset X.
+
+    X grows along a row, so edge k starts at column ceil(cx + x_k dy / h - 1/2) of that row: mark
+    those columns and take a running sum along the row (exact, and cheaper than a search per pixel).
+    """
+    h, W = dy.shape[0], cam.W
+    start = np.ceil(cam.cx + np.asarray(edges, np.float32)[None, :] * (dy / np.float32(cam.height)) - 0.5)
+    start = np.minimum(np.maximum(start, 0), W).astype(np.int64) + np.arange(h)[:, None] * (W + 1)
+    marks = np.bincount(start.ravel(), minlength=h * (W + 1)).reshape(h, W + 1)[:, :W]
+    return np.cumsum(marks, axis=1, dtype=np.int32)
 
 
 def _ground_shade(canvas: Canvas, rows: slice, X: np.ndarray, Z: np.ndarray, s: Scene,
