@@ -87,19 +87,29 @@ def pack_rgb(rgb: np.ndarray) -> np.ndarray:
     return (rgb[0] << 16) | (rgb[1] << 8) | rgb[2]
 
 
-@dataclass(frozen=True)
 class ColourTable:
-    """Sorted packed colours and the 38-class id of each (for a vectorised exact lookup)."""
+    """The colours of a class_list.json and the 38-class id of each; decodes colour labels with
+    one 2^24-entry lookup table per scheme (16 MiB, built on first use, not pickled)."""
 
-    keys: np.ndarray   # int32 [n], ascending
-    ids: np.ndarray    # uint8 [n]
+    def __init__(self, keys: np.ndarray, ids: np.ndarray):
+        self.keys = keys   # int32 [n]: packed colours
+        self.ids = ids     # uint8 [n]: their 38-class ids
+        self._luts: dict[int, np.ndarray] = {}
+
+    def __getstate__(self) -> dict:
+        return {"keys": self.keys, "ids": self.ids, "_luts": {}}
+
+    def lut(self, scheme: int) -> np.ndarray:
+        """uint8 [2^24]: packed colour -> class id under ``scheme``; 255 for colours not in the table."""
+        if scheme not in self._luts:
+            lut = np.full(1 << 24, IGNORE_INDEX, np.uint8)
+            lut[self.keys] = self.ids if scheme == 38 else classes().to_11[self.ids]
+            self._luts[scheme] = lut
+        return self._luts[scheme]
 
     def decode(self, rgb: np.ndarray, scheme: int = 11) -> np.ndarray:
         """uint8 colour label [3,H,W] -> uint8 class ids [H,W]; unknown colours -> 255."""
-        packed = pack_rgb(rgb)
-        pos = np.searchsorted(self.keys, packed).clip(0, len(self.keys) - 1)
-        ids = np.where(self.keys[pos] == packed, self.ids[pos], np.uint8(IGNORE_INDEX))
-        return classes().to_11[ids] if scheme == 11 else ids
+        return self.lut(scheme).take(pack_rgb(rgb))
 
 
 def read_class_list(root: str | os.PathLike) -> ColourTable:
@@ -124,8 +134,7 @@ def read_class_list(root: str | os.PathLike) -> ColourTable:
                                   "(optionally followed by an instance number)")
         keys.append(int(colour[1:], 16))
         ids.append(index[category])
-    order = np.argsort(keys)
-    return ColourTable(np.asarray(keys, np.int32)[order], np.asarray(ids, np.uint8)[order])
+    return ColourTable(np.asarray(keys, np.int32), np.asarray(ids, np.uint8))
 
 
 # ------------------------------------------------------------------------------------ split lists
