@@ -262,7 +262,7 @@ class Scene:
     planes: list[tuple[float, object, float]] = field(default_factory=list)  # (X0, surface_fn, top)
     things: list[Thing] = field(default_factory=list)
     crosswalk: tuple[float, float, float, float] | None = None  # (z0, z1, x0, x1)
-    shadows: list[tuple[float, float, object]] = field(default_factory=list)  # (x edge, side, is_building(Z))
+    shadows: list[tuple[float, int, tuple]] = field(default_factory=list)  # facades: (X0, side, (edges, heights))
     lanes: list[tuple[float, int]] = field(default_factory=list)  # (centre, direction +1 ahead / -1 oncoming)
     walks: list[tuple[float, float]] = field(default_factory=list)  # sidewalk strips (x0, x1)
     roadside: list[float] = field(default_factory=list)  # offsets for poles and signs
@@ -285,35 +285,36 @@ def _layout(p: dict, cam: Camera, rng: np.random.Generator) -> Scene:
     for i in range(1, n):
         s.lines.append(Line(XL + i * lw, 0.15, dash[0], dash[1], rng.uniform(0, 20)))
     s.bands.append(Band(XL, XR, DRIVABLE, road_rgb, ROAD_TEXTURE))
-
-    left = XL
-    if rng.random() < p["opposite"]:
-        if rng.random() < p["median"]:  # divided: edge line, median with guardrail, opposite carriageway
-            s.lines.append(Line(XL + 0.3, 0.15))
-            s.bands.append(Band(XL - 0.6, XL, DRIVABLE, road_rgb, ROAD_TEXTURE))
-            mw = _draw(rng, p["median_width"])
-            s.bands.append(Band(XL - 0.6 - mw, XL - 0.6, NATURE, _colour(rng, "grass"), 0.35))
-            _guardrail(s, XL - 0.6 - mw / 2, rng)
-            o1 = XL - 1.2 - mw
-            n_opp = n
-            o0 = o1 - n_opp * lw
-            s.bands.append(Band(o0, XL - 0.6 - mw, DRIVABLE, road_rgb, ROAD_TEXTURE))
-            s.lines += [Line(o1 - 0.3, 0.15)] + [Line(o0 + i * lw, 0.15, dash[0], dash[1], rng.uniform(0, 20))
-                                                 for i in range(1, n_opp)]
-        else:  # undivided: a centre line, oncoming lanes
-            n_opp = max(1, n - int(rng.integers(0, 2)))
-            o1 = XL
-            o0 = XL - n_opp * lw
-            s.bands.append(Band(o0, XL, DRIVABLE, road_rgb, ROAD_TEXTURE))
-            centre = Line(XL, 0.15, *((0, 1, 0) if rng.random() < 0.5 else (dash[0] / 2, 0.5, 0)))
-            s.lines.append(centre)
-        s.lanes += [(o0 + (i + 0.5) * lw, -1) for i in range(n_opp)]
-        left = o0
+    left = _opposite(s, p, XL, n, lw, road_rgb, dash, rng) if rng.random() < p["opposite"] else XL
     s.road = (left, XR)
     for side, edge in ((-1, left), (+1, XR)):
         _roadside(s, p, side, edge, road_rgb, rng)
     _objects(s, p, rng)
     return s
+
+
+def _opposite(s: Scene, p: dict, XL: float, n: int, lw: float, road_rgb: np.ndarray, dash: tuple[float, float],
+              rng: np.random.Generator) -> float:
+    """Oncoming lanes left of ``XL``: behind a median with a guardrail (divided road) or a centre
+    line (undivided). Returns the new left edge of the road."""
+    if rng.random() < p["median"]:
+        s.lines.append(Line(XL + 0.3, 0.15))  # inner edge line, shoulder, grass median, guardrail
+        s.bands.append(Band(XL - 0.6, XL, DRIVABLE, road_rgb, ROAD_TEXTURE))
+        mw = _draw(rng, p["median_width"])
+        s.bands.append(Band(XL - 0.6 - mw, XL - 0.6, NATURE, _colour(rng, "grass"), 0.35))
+        _guardrail(s, XL - 0.6 - mw / 2, rng)
+        n_opp, inner = n, XL - 1.2 - mw
+        o0 = inner - n_opp * lw
+        s.bands.append(Band(o0, inner + 0.6, DRIVABLE, road_rgb, ROAD_TEXTURE))
+        s.lines.append(Line(inner - 0.3, 0.15))
+    else:
+        n_opp = max(1, n - int(rng.integers(0, 2)))
+        o0 = XL - n_opp * lw
+        s.bands.append(Band(o0, XL, DRIVABLE, road_rgb, ROAD_TEXTURE))
+        s.lines.append(Line(XL, 0.15, *((0, 1, 0) if rng.random() < 0.5 else (dash[0] / 2, 0.5, 0))))
+    s.lines += [Line(o0 + i * lw, 0.15, dash[0], dash[1], rng.uniform(0, 20)) for i in range(1, n_opp)]
+    s.lanes += [(o0 + (i + 0.5) * lw, -1) for i in range(n_opp)]
+    return o0
 
 
 def _guardrail(s: Scene, X0: float, rng: np.random.Generator) -> None:
