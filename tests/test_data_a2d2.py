@@ -227,3 +227,14 @@ def test_errors_files(tree, tmp_path):
     assert "class_list.json: no such file" in _one_line_error(a2d2.A2D2Dataset, pairs, root)
     assert "classes 19 is not one of 38, 11" in _one_line_error(a2d2.A2D2Dataset, pairs, root, classes=19)
     assert "no such folder" in _one_line_error(a2d2.A2D2Dataset, pairs, tmp_path / "missing")
+
+
+def test_dataset_pickles_without_its_lookup_table(tree):
+    import pickle
+
+    ds = a2d2.A2D2Dataset(a2d2.read_split(tree / "split" / "highway_val_gt.txt", tree), tree)
+    first = ds[0]
+    data = pickle.dumps(ds)
+    assert len(data) < 100_000  # the 16 MiB colour table is rebuilt in the worker, not shipped
+    clone = pickle.loads(data)
+    assert torch.equal(clone[0][1], first[1]) and clone[0][2] == first[2]

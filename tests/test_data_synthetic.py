@@ -217,3 +217,11 @@ def test_ground_band_index_matches_a_search_per_pixel():
         X = (cam.cols - np.float32(cam.cx))[None, :] * (np.float32(cam.height) / dy)
         want = np.searchsorted(np.array(edges, np.float32), X, side="right")
         assert np.array_equal(_band_index(cam, dy, edges), want)
+
+
+def test_dataset_pickles_for_worker_processes():
+    import pickle
+
+    ds = SyntheticStreetScenes("highway", "val", count=2, seed=4, size=SMALL)
+    clone = pickle.loads(pickle.dumps(ds))
+    assert all(torch.equal(a, b) for a, b in zip(ds[1][:2], clone[1][:2])) and clone[1][2] == ds[1][2]
