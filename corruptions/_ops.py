@@ -170,13 +170,16 @@ def motion_kernel(radius: int, sigma: float) -> tuple[float, ...]:
 def motion_taps(radius: int, angle_deg: float, h: int, w: int) -> list[tuple[int, int]]:
     """Integer shifts (dy, dx) of imagecorruptions' _motion_blur taps along ``angle_deg``.
 
-    dy_i = -ceil(i sin(a) - 0.5), dx_i = -ceil(i cos(a) - 0.5); stops at the first tap whose
-    shift reaches the image size (the remaining taps are dropped, not renormalised).
+    dy_i = -ceil(i sin(a) - 0.5), dx_i = -ceil(i cos(a) - 0.5), with sin and cos computed the
+    reference's way (a point at distance 2 radius + 1, divided by its hypot); stops at the first
+    tap whose shift reaches the image size (the remaining taps are dropped, not renormalised).
     """
-    s, c = math.sin(math.radians(angle_deg)), math.cos(math.radians(angle_deg))
+    width = 2 * radius + 1
+    py, px = width * math.sin(math.radians(angle_deg)), width * math.cos(math.radians(angle_deg))
+    hypot = math.hypot(py, px)
     taps = []
-    for i in range(2 * radius + 1):
-        dy, dx = -math.ceil(i * s - 0.5), -math.ceil(i * c - 0.5)
+    for i in range(width):
+        dy, dx = -math.ceil(i * py / hypot - 0.5), -math.ceil(i * px / hypot - 0.5)
         if abs(dy) >= h or abs(dx) >= w:
             break
         taps.append((dy, dx))

@@ -24,8 +24,8 @@ GAUSSIAN_BLUR = (1, 2, 3, 4, 6)  # sigma
 
 
 @functools.lru_cache(maxsize=None)
-def disk(radius: int, alias_sigma: float) -> Tensor:
-    """imagecorruptions' anti-aliased disk kernel, float64 [2L+1, 2L+1] with L = max(radius, 8).
+def disk(radius: int, alias_sigma: float, device: torch.device = torch.device("cpu")) -> Tensor:
+    """imagecorruptions' anti-aliased disk kernel, float64 [2L+1, 2L+1] with L = max(radius, 8), on ``device``.
 
     The indicator of x^2 + y^2 <= radius^2, normalised to sum 1, then blurred by a Gaussian of
     ``alias_sigma`` (3x3, or 5x5 for radius > 8) with reflect-101 borders (cv2.GaussianBlur).
@@ -37,14 +37,14 @@ def disk(radius: int, alias_sigma: float) -> Tensor:
     ksize = 3 if radius <= 8 else 5
     blurred = kornia.filters.gaussian_blur2d(aliased[None, None], (ksize, ksize), (alias_sigma, alias_sigma),
                                              border_type="reflect")
-    return blurred[0, 0]
+    return blurred[0, 0].to(device)
 
 
 @register
 def defocus_blur(x: Tensor, severity: int, rng: Rng) -> Tensor:
     """x correlated with the anti-aliased disk, reflect-101 borders (cv2.filter2D's default)."""
     radius, alias_sigma = DEFOCUS_BLUR[severity - 1]
-    return _ops.filter2d_fft(x, disk(radius, alias_sigma).to(x), mode="mirror")
+    return _ops.filter2d_fft(x, disk(radius, alias_sigma, x.device), mode="mirror")
 
 
 @functools.lru_cache(maxsize=8)

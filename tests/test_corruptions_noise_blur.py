@@ -127,6 +127,15 @@ def test_filter2d_fft_matches_cv2_reflect101(ref, radius, alias):
     assert np.abs(ours - expected).max() < 1e-9
 
 
+def test_defocus_disk_is_the_references(ref):
+    from corruptions.blur import DEFOCUS_BLUR, disk
+
+    for radius, alias in DEFOCUS_BLUR:
+        expected = ref.disk(radius=radius, alias_blur=alias)  # float32, cv2.GaussianBlur
+        ours = disk(radius, alias).numpy()
+        assert ours.shape == expected.shape and np.abs(ours - expected).max() < 1e-7, radius
+
+
 # ---------------------------------------------------------------- glass_blur's sweeps
 
 
