@@ -204,3 +204,20 @@ def test_torchrun_two_gloo_processes_equal_single_process(suite, base, tmp_path)
     a, b = pd.read_csv(base / "results.csv"), pd.read_csv(out / "results.csv")
     counts = ["n_images", "n_pixels", "miou", "pixel_accuracy"]
     assert a[counts].equals(b[counts])
+
+
+def test_out_of_memory_halves_the_batch(suite, base, tmp_path, monkeypatch):
+    import shiftbench.runner.sweep as sweep
+
+    real, sizes = sweep.predict, []
+
+    def small_memory(zoo, x, seeds, exact=True):
+        sizes.append(x.shape[0])
+        if x.shape[0] > 1:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
+        return real(zoo, x, seeds, exact)
+
+    monkeypatch.setattr(sweep, "predict", small_memory)
+    assert run(suite, tmp_path / "oom") == 0
+    assert 2 in sizes and 1 in sizes
+    assert (tmp_path / "oom" / "results.csv").read_bytes() == (base / "results.csv").read_bytes()

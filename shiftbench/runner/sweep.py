@@ -90,7 +90,7 @@ class Accumulators:
                 u = ESTIMATORS[e](pred)
                 maps[name][e] = u
                 conf = 1.0 - u if self.confidence == "uncertainty" else None
-                self.calibration[name, e].update(pred.probs, labels, confidence=conf)
+                self.calibration[name, e].update(pred.probs, labels, confidence=conf, pred=label_pred)
                 self.conditional[name, e].update(label_pred, labels, u)
                 self.histogram[name, e].update(u, labels)
         return maps
