@@ -53,7 +53,9 @@ def sum_of_squares(probs: Tensor) -> Tensor:
 @dataclass
 class _Score:
     rows: list[int]  # rows of SCORES this map adds to
-    map: Tensor  # [B,r,W] float32
+    map: Tensor  # [B,r,W] float32, 0 on ignored pixels
+    scale: float = 1.0  # per-pixel score = scale * map + shift
+    shift: float = 0.0
 
 
 @dataclass
@@ -156,30 +158,35 @@ class CalibrationMetrics(Accumulator):
             pred = probs.max(1).indices if pred is None else pred
         checks.raise_if_bad()  # before anything is used as an index; the states are still untouched
         correct = (pred == target).logical_and_(valid)
-        for score in self._scores(probs, y, conf, correct, given=confidence is not None):
-            per_row = score.map.masked_fill_(invalid, 0).sum(2)  # float32 over W, then float64
-            part.scores[score.rows] += per_row.sum(1, dtype=torch.float64)
+        n_valid = valid.sum((1, 2))
+        for score in self._scores(probs, y, conf, correct, invalid, given=confidence is not None):
+            total = score.map.sum(2).sum(1, dtype=torch.float64)  # float32 along W, then float64
+            part.scores[score.rows] += score.scale * total + score.shift * n_valid
         cell = self._cells(conf, correct, invalid)
         size = part.hist.numel()
         part.hist += torch.bincount(cell, minlength=size + 1)[:size].view_as(part.hist)
         part.conf_sum += torch.bincount(cell, conf.reshape(-1).double(), minlength=size + 1)[:size].view_as(part.hist)
-        part.n_valid += valid.sum((1, 2))
+        part.n_valid += n_valid
 
-    def _scores(self, probs: Tensor, y: Tensor, conf: Tensor, correct: Tensor, given: bool) -> list[_Score]:
-        """Per-pixel float32 maps with the SCORES rows they add to (probability mode: brier is brier_multiclass).
+    def _scores(self, probs: Tensor, y: Tensor, conf: Tensor, correct: Tensor, invalid: Tensor,
+                given: bool) -> list[_Score]:
+        """Per-pixel float32 maps, zero on ignored pixels, with the SCORES rows they add to as
+        score = scale * map + shift (the constant and the sign are applied to the sums, not per pixel).
 
-        Given confidence c and q = c if correct else 1 - c (the forecast probability of what happened):
-        binary Brier = (1 - q)^2, binary NLL = -log max(q, 1e-12).
+        Multiclass: Brier = sum_k p_k^2 - 2 p_y + 1, NLL = -log max(p_y, 1e-12). Given confidence c and
+        q = c if correct else 1 - c (the forecast probability of what happened): binary Brier = (1 - q)^2,
+        binary NLL = -log max(q, 1e-12). In probability mode ``brier`` / ``nll`` are the multiclass maps.
         """
         p_y = probs.gather(1, y.unsqueeze(1)).squeeze(1).float()
-        brier_mc = sum_of_squares(probs).sub_(p_y, alpha=2).add_(1)  # sum_k p_k^2 - 2 p_y + 1
-        nll_mc = p_y.clamp_(min=EPS).log_().neg_()
+        brier_mc = sum_of_squares(probs).sub_(p_y, alpha=2).masked_fill_(invalid, 0)  # + 1 per valid pixel below
+        log_p_y = p_y.masked_fill_(invalid, 1).clamp_(min=EPS).log_()
+        multiclass = [_Score([2], brier_mc, 1.0, 1.0), _Score([3], log_p_y, -1.0)]
         if not given:
-            return [_Score([0, 2], brier_mc), _Score([1, 3], nll_mc)]
-        q = torch.where(correct, conf, 1 - conf)
-        brier = q.neg().add_(1).square_()
-        nll = q.clamp_(min=EPS).log_().neg_()
-        return [_Score([0], brier), _Score([1], nll), _Score([2], brier_mc), _Score([3], nll_mc)]
+            return [_Score([0, 2], brier_mc, 1.0, 1.0), _Score([1, 3], log_p_y, -1.0)]
+        q = torch.where(correct, conf, 1 - conf).masked_fill_(invalid, 1)
+        brier = torch.sub(1, q).square_()
+        log_q = q.clamp_(min=EPS).log_()
+        return [_Score([0], brier), _Score([1], log_q, -1.0)] + multiclass
 
     def _cells(self, conf: Tensor, correct: Tensor, invalid: Tensor) -> Tensor:
         """Histogram cell of every pixel, int64 [B*r*W]: (image * n + bin) * 2 + correct; ignored -> 2Bn (dropped).
@@ -195,11 +202,12 @@ class CalibrationMetrics(Accumulator):
         near = (frac < self._margin).logical_or_(frac > 1 - self._margin).logical_and_(bin_ < n)
         bin_.clamp_(max=n - 1)
         if near.any():
-            edges = self.edges.to(conf.device)
-            bin_[near] = (torch.bucketize(conf[near], edges, right=True) - 1).clamp_(max=n - 1).to(bin_.dtype)
+            idx = torch.unravel_index(near.view(-1).nonzero().squeeze(1), near.shape)
+            bucket = torch.bucketize(conf[idx], self.edges.to(conf.device), right=True) - 1
+            bin_[idx] = bucket.clamp_(max=n - 1).to(bin_.dtype)
         offset = torch.arange(0, 2 * b * n, 2 * n, device=conf.device, dtype=bin_.dtype).view(b, 1, 1)
-        cell = bin_.mul_(2).add_(correct).add_(offset).masked_fill_(invalid, 2 * b * n)  # exact small ints
-        return cell.reshape(-1).long()
+        cell = bin_.mul_(2).add_(offset).add_(correct).masked_fill_(invalid, 2 * b * n)  # exact small ints
+        return cell.view(-1).long()
 
     def _commit(self, part: _Partial, given: bool) -> None:
         """Fold one update's per-image sums into the states."""

@@ -33,16 +33,12 @@ from shiftbench.metrics.base import Accumulator, RangeCheck, check_labels, check
 CURVES = ("p_accurate_certain", "p_uncertain_inaccurate", "pavpu")
 
 
-def patch_sums(x: Tensor, patch: int, dtype: torch.dtype) -> Tensor:
-    """Sums over non-overlapping patch x patch blocks, [B,H,W] -> [B,ceil(H/p),ceil(W/p)] in ``dtype``.
+def patch_sums(x: Tensor, patch: int) -> Tensor:
+    """Sums over non-overlapping patch x patch blocks, float [B,H,W] -> [B,ceil(H/p),ceil(W/p)], in x's dtype.
 
-    The last row/column of blocks is partial when H or W is not a multiple of ``patch`` (zero padded).
+    Border blocks are partial when H or W is not a multiple of ``patch``: summed over the pixels they have.
     """
-    b, h, w = x.shape
-    ph, pw = -h % patch, -w % patch
-    if ph or pw:
-        x = F.pad(x.to(dtype), (0, pw, 0, ph))
-    return x.reshape(b, (h + ph) // patch, patch, (w + pw) // patch, patch).sum((2, 4), dtype=dtype)
+    return F.avg_pool2d(x.unsqueeze(1), patch, ceil_mode=True, divisor_override=1).squeeze(1)
 
 
 class ConditionalMetrics(Accumulator):
@@ -96,11 +92,15 @@ class ConditionalMetrics(Accumulator):
         p, t = self.patch_size, self.grid.numel()
         valid = target != self.ignore_index
         checks.add("uncertainty", uncertainty, 0.0, 1.0, "normalised uncertainty in [0, 1] on valid pixels", valid)
-        n_valid = patch_sums(valid, p, torch.int32)
-        n_correct = patch_sums((pred == target) & valid, p, torch.int32)
-        u_sum = patch_sums(uncertainty.masked_fill(~valid, 0), p, torch.float64)
-        u_patch = (u_sum / n_valid).float()  # NaN for a patch without valid pixels (dropped below)
-        accurate = (n_correct / n_valid.double()) > self.accuracy_threshold  # float64, like Python's /
+        # one pooled map counts both: code = 1 for a valid pixel, m + 1 for a correct one (exact small ints)
+        m = p * p + 1
+        exact = torch.float32 if p * p * m < 2**24 else torch.float64
+        code = patch_sums(torch.where(pred == target, m + 1.0, valid.to(exact)).masked_fill_(~valid, 0), p)
+        n_correct = code.div(m).floor_()
+        n_valid = code - n_correct * m
+        u_sum = patch_sums(uncertainty.double().masked_fill_(~valid, 0), p)  # float64: exact for float32 inputs
+        u_patch = (u_sum / n_valid).float()  # rounded to float32; NaN for a patch without valid pixels (dropped)
+        accurate = (n_correct.double() / n_valid.double()) > self.accuracy_threshold  # float64, like Python's /
         first = torch.bucketize(u_patch, self.grid.to(u_patch.device))  # first j with u <= t_j (T if none)
         cell = torch.where(n_valid > 0, accurate * t + first, 2 * t)
         return cell.reshape(-1), u_sum.sum()
