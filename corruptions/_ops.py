@@ -51,6 +51,17 @@ def pad_axis(x: Tensor, dim: int, before: int, after: int, mode: str) -> Tensor:
     return torch.cat([x.index_select(dim, head), x, x.index_select(dim, tail)], dim)
 
 
+_TORCH_PAD = {"nearest": "replicate", "mirror": "reflect", "wrap": "circular"}  # scipy mode -> F.pad mode
+
+
+def pad2d(x: Tensor, top: int, bottom: int, left: int, right: int, mode: str) -> Tensor:
+    """x [..., H, W] extended on each side with scipy border ``mode`` (F.pad where it has the mode)."""
+    h, w = x.shape[-2:]
+    if mode in _TORCH_PAD and x.dim() in (3, 4) and max(top, bottom) < h and max(left, right) < w:
+        return F.pad(x, (left, right, top, bottom), mode=_TORCH_PAD[mode])
+    return pad_axis(pad_axis(x, -2, top, bottom, mode), -1, left, right, mode)
+
+
 @functools.lru_cache(maxsize=64)
 def _banded(weights: tuple[float, ...], block: int, device: torch.device, dtype: torch.dtype) -> Tensor:
     """Band matrix K [block, block+k-1] with K[i, i+j] = w[j]: (K @ window)[i] = sum_j w[j] x[i+j]."""
@@ -72,7 +83,8 @@ def correlate1d(x: Tensor, weights: Sequence[float], dim: int, mode: str = "near
     block = min(_BLOCK, n)
     nblocks = -(-n // block)
     length = block + k - 1  # source positions one block of outputs reads
-    padded = pad_axis(x, dim, k // 2, nblocks * block - n + k - 1 - k // 2, mode)
+    before, after = k // 2, nblocks * block - n + k - 1 - k // 2
+    padded = pad2d(x, before, after, 0, 0, mode) if dim == -2 else pad2d(x, 0, 0, before, after, mode)
     band = _banded(tuple(float(w) for w in weights), block, x.device, x.dtype)
     windows = padded.unfold(dim, length, block)  # a view: [..., nb, W, L] (H) or [..., H, nb, L] (W)
     if dim == -1:
@@ -119,19 +131,33 @@ def _fast_len(n: int) -> int:
     return best
 
 
-def filter2d_fft(x: Tensor, kernel: Tensor, mode: str = "mirror") -> Tensor:
+def fft_shape(h: int, w: int, kh: int, kw: int) -> tuple[int, int]:
+    """FFT size for correlating an H x W image with a kh x kw kernel without wrap-around."""
+    return _fast_len(h + kh - 1), _fast_len(w + kw - 1)
+
+
+def kernel_spectrum(kernel: Tensor, shape: tuple[int, int]) -> Tensor:
+    """rfft2 of the flipped kernel [kh,kw] zero-padded to ``shape`` (correlation = convolution with the flip)."""
+    return torch.fft.rfft2(kernel.flip(0, 1), s=shape)
+
+
+def filter2d_fft(x: Tensor, kernel: Tensor, mode: str = "mirror", spectrum: Tensor | None = None) -> Tensor:
     """2-D correlation of x [B,C,H,W] with an odd kernel [kh,kw], borders by scipy ``mode``.
 
     out[y,x] = sum_{i,j} K[i,j] x[border(y+i-kh//2), border(x+j-kw//2)] (cv2.filter2D with
-    BORDER_REFLECT_101 is mode 'mirror'); computed as a product of real FFTs.
+    BORDER_REFLECT_101 is mode 'mirror'); computed as a product of real FFTs of size
+    :func:`fft_shape`. ``spectrum``: :func:`kernel_spectrum` of the kernel at that size, if cached.
     """
     kh, kw = kernel.shape
     h, w = x.shape[-2:]
-    padded = pad_axis(pad_axis(x, -2, kh // 2, kh // 2, mode), -1, kw // 2, kw // 2, mode)  # [B,C,H+kh-1,W+kw-1]
-    size = (_fast_len(h + kh - 1), _fast_len(w + kw - 1))  # zeros past the end do not wrap into the result
-    # Correlation = convolution with the flipped kernel; the valid part starts at (kh-1, kw-1).
-    spectrum = torch.fft.rfft2(padded, s=size) * torch.fft.rfft2(kernel.flip(0, 1).to(x), s=size)
-    return torch.fft.irfft2(spectrum, s=size)[..., kh - 1:kh - 1 + h, kw - 1:kw - 1 + w]
+    shape = fft_shape(h, w, kh, kw)
+    # Border values out to the FFT size: only the first H+kh-1 x W+kw-1 reach the valid outputs,
+    # the rest (instead of zeros) never wraps into them.
+    padded = pad2d(x, kh // 2, shape[0] - h - kh // 2, kw // 2, shape[1] - w - kw // 2, mode)
+    if spectrum is None:
+        spectrum = kernel_spectrum(kernel.to(x), shape)
+    out = torch.fft.irfft2(torch.fft.rfft2(padded) * spectrum, s=shape)
+    return out[..., kh - 1:kh - 1 + h, kw - 1:kw - 1 + w]
 
 
 def _overshoots(n_in: int, n_out: int) -> bool:

@@ -40,11 +40,19 @@ def disk(radius: int, alias_sigma: float, device: torch.device = torch.device("c
     return blurred[0, 0].to(device)
 
 
+@functools.lru_cache(maxsize=10)
+def disk_spectrum(severity: int, h: int, w: int, device: torch.device) -> Tensor:
+    """The FFT of severity's disk for H x W images (see :func:`corruptions._ops.filter2d_fft`)."""
+    kernel = disk(*DEFOCUS_BLUR[severity - 1], device).float()
+    return _ops.kernel_spectrum(kernel, _ops.fft_shape(h, w, *kernel.shape))
+
+
 @register
 def defocus_blur(x: Tensor, severity: int, rng: Rng) -> Tensor:
     """x correlated with the anti-aliased disk, reflect-101 borders (cv2.filter2D's default)."""
-    radius, alias_sigma = DEFOCUS_BLUR[severity - 1]
-    return _ops.filter2d_fft(x, disk(radius, alias_sigma, x.device), mode="mirror")
+    kernel = disk(*DEFOCUS_BLUR[severity - 1], x.device)
+    spectrum = disk_spectrum(severity, *x.shape[-2:], x.device)
+    return _ops.filter2d_fft(x, kernel, mode="mirror", spectrum=spectrum)
 
 
 @functools.lru_cache(maxsize=8)
