@@ -407,8 +407,8 @@ def _facades(s: Scene, p: dict, X0: float, side: int, rng: np.random.Generator, 
     palette = np.concatenate([_colour(rng, m) for m in FACADES], axis=2)  # [3,1,3]
     colours = palette[:, :, rng.integers(len(FACADES), size=n)] * rng.uniform(0.8, 1.2, (3, 1, n)).astype(np.float32)
     win_w, win_gap = rng.uniform(1.0, 1.8), rng.uniform(2.5, 4.0)
-    glass = _colour(rng, "sky_overcast") * np.float32(rng.uniform(0.25, 0.5))
-    lit = rng.choice((1.0, rng.uniform(0.6, 0.85)))  # sunny or shaded side
+    lit = np.float32(rng.choice((1.0, rng.uniform(0.6, 0.85))))  # sunny or shaded side
+    glass = np.float32(rng.uniform(0.2, 0.45))  # window brightness relative to the wall
 
     def surface(Z, Yup):
         seg = np.clip(np.searchsorted(edges, Z[0]) - 1, 0, n - 1)
@@ -418,9 +418,7 @@ def _facades(s: Scene, p: dict, X0: float, side: int, rng: np.random.Generator, 
         floor_pos = frac(Yup / storey) * storey
         window = (frac((Z - edges[seg]) / win_gap) * win_gap < win_w) & (floor_pos > 0.9) & (floor_pos < 2.3) \
             & (Yup > storey) & (Yup < top - 0.6)
-        colour = colours[:, :, seg] * (np.float32(0.9 * lit) + np.float32(0.005 * lit) * np.minimum(Yup, 20))
-        np.copyto(colour, glass, where=window)
-        return mask, BUILDINGS, colour
+        return mask, BUILDINGS, colours[:, :, seg] * (lit - (lit - lit * glass) * window)
 
     s.planes.append((X0, surface, float(heights.max())))
     if side < 0:  # the facade shades the ground next to it
