@@ -60,13 +60,17 @@ class Rng:
         return len(self.generators)
 
     def _stack(self, draw: Callable[[torch.Generator], Tensor]) -> Tensor:
+        if len(self.generators) == 1:  # no copy for a single sample
+            return draw(self.generators[0]).unsqueeze(0)
         return torch.stack([draw(g) for g in self.generators])
 
     def normal(self, *shape: int, mean: float = 0.0, std: float = 1.0) -> Tensor:
-        return self._stack(lambda g: torch.randn(shape, generator=g, device=self.device)) * std + mean
+        x = self._stack(lambda g: torch.randn(shape, generator=g, device=self.device))
+        return x if (mean, std) == (0.0, 1.0) else x.mul_(std).add_(mean)
 
     def uniform(self, *shape: int, low: float = 0.0, high: float = 1.0) -> Tensor:
-        return self._stack(lambda g: torch.rand(shape, generator=g, device=self.device)) * (high - low) + low
+        x = self._stack(lambda g: torch.rand(shape, generator=g, device=self.device))
+        return x if (low, high) == (0.0, 1.0) else x.mul_(high - low).add_(low)
 
     def randint(self, low: int, high: int, *shape: int) -> Tensor:
         """Integers in [low, high), int64 [B, *shape]."""
@@ -91,8 +95,10 @@ def _validate(images: Tensor, name: str, severity: int) -> None:
     h, w = images.shape[-2:]
     if h < MIN_SIZE or w < MIN_SIZE:
         raise CorruptionError(f"images must be at least {MIN_SIZE}x{MIN_SIZE} pixels, got {h}x{w}")
-    if images.numel() and bool(((images < 0) | (images > 1) | images.isnan()).any()):
-        raise CorruptionError("image values must lie in [0,1] (convert uint8 images with x / 255)")
+    if images.numel():
+        lo, hi = torch.aminmax(images)  # NaN propagates into both and fails the test below
+        if not (bool(lo >= 0) and bool(hi <= 1)):
+            raise CorruptionError("image values must lie in [0,1] (convert uint8 images with x / 255)")
 
 
 def _seeds(seed: int | Tensor, batch: int) -> list[int]:
