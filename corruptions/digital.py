@@ -110,6 +110,24 @@ def _nearest_index(n_in: int, n_out: int, device: torch.device) -> Tensor:
     return torch.tensor(np.minimum(x.astype(np.int64), n_in - 1), device=device)
 
 
+@functools.lru_cache(maxsize=64)
+def _interpolate_is_pillow(n_in: int, n_out: int) -> bool:
+    """Whether F.interpolate(mode='nearest-exact') reads the same inputs as Pillow's NEAREST (it does for
+    about 80 % of size pairs; Pillow's accumulated float error breaks some exact ties)."""
+    probe = torch.arange(n_in, dtype=torch.float32)[None, None]
+    ours = F.interpolate(probe, size=n_out, mode="nearest-exact")[0, 0].long()
+    return torch.equal(ours, _nearest_index(n_in, n_out, torch.device("cpu")))
+
+
+def _nearest_resize(small: Tensor, size: tuple[int, int]) -> Tensor:
+    """Pillow ``resize(size, NEAREST)`` of [B,C,h,w]: F.interpolate where its mapping is Pillow's, else gathers."""
+    (h, w), (H, W) = small.shape[-2:], size
+    if _interpolate_is_pillow(h, H) and _interpolate_is_pillow(w, W):
+        return F.interpolate(small, size=size, mode="nearest-exact")
+    cols, rows = _nearest_index(w, W, small.device), _nearest_index(h, H, small.device)
+    return small.index_select(-1, cols).index_select(-2, rows)
+
+
 @register
 def pixelate(x: Tensor, severity: int, rng: Rng) -> Tensor:
     """Pillow on the 8-bit image round(255 x): BOX downscale to (int(H*c), int(W*c)), NEAREST upscale to (H, W).
@@ -119,14 +137,13 @@ def pixelate(x: Tensor, severity: int, rng: Rng) -> Tensor:
     c = PIXELATE[severity - 1]
     H, W = x.shape[-2:]
     small = _box_resize_8bit((x * 255).round_(), (int(H * c), int(W * c)))
-    rows = _nearest_index(small.shape[-2], H, x.device)
-    cols = _nearest_index(small.shape[-1], W, x.device)
-    return small.index_select(-1, cols).index_select(-2, rows) / 255
+    return _nearest_resize(small, (H, W)).div_(255)
 
 
 @register
 def jpeg_compression(x: Tensor, severity: int, rng: Rng) -> Tensor:
-    """Encode each image as JPEG at quality q and decode it (torchvision.io, libjpeg-turbo or nvJPEG)."""
+    """Encode the 8-bit image round(255 x) as JPEG at quality q and decode it (torchvision.io: libjpeg-turbo
+    on the CPU, nvJPEG on CUDA, where only the compressed bytes pass through the host)."""
     from torchvision.io import decode_jpeg, encode_jpeg
 
     q = JPEG_QUALITY[severity - 1]
@@ -134,7 +151,8 @@ def jpeg_compression(x: Tensor, severity: int, rng: Rng) -> Tensor:
     with warnings.catch_warnings():  # torchvision 0.29 deprecates its codecs in favour of TorchCodec
         warnings.simplefilter("ignore", UserWarning)
         warnings.simplefilter("ignore", DeprecationWarning)
-        decoded = decode_jpeg(encode_jpeg(images, quality=q), device=x.device)
+        encoded = [data.cpu() for data in encode_jpeg(images, quality=q)]  # decode_jpeg reads bytes on the CPU
+        decoded = decode_jpeg(encoded, device=x.device)
     out = torch.empty_like(x)
     for b, image in enumerate(decoded):
         out[b].copy_(image)

@@ -277,10 +277,18 @@ def test_brightness_and_saturate_are_the_hsv_round_trip():
             np.testing.assert_allclose(ours, expected, atol=1e-5)
 
 
-@pytest.mark.parametrize("size", [(33, 47), (97, 160), (301, 77)])
-def test_pixelate_box_and_nearest_resizes_are_pillows(size):
+def test_pixelate_box_and_nearest_resizes_are_pillows():
+    paths = set()
+    for size in ((33, 47), (97, 160), (301, 77)):
+        paths |= _check_pillow_resizes(size)
+    assert paths == {True, False}  # both the F.interpolate and the gather path were exercised
+
+
+def _check_pillow_resizes(size: tuple[int, int]) -> set[bool]:
+    """Our BOX and NEAREST resizes against Pillow's at every pixelate factor; returns the nearest paths taken."""
     from PIL import Image
 
+    paths = set()
     image = np.random.default_rng(2).integers(0, 256, (*size, 3), dtype=np.uint8)
     y = torch.from_numpy(image).permute(2, 0, 1)[None].float()
     H, W = size
@@ -291,8 +299,11 @@ def test_pixelate_box_and_nearest_resizes_are_pillows(size):
         # Pillow >= 10 runs the vertical pass first on tall images (H > 2W): +-1 on a few pixels.
         assert np.abs(ours - expected).max() <= (1 if H > 2 * W else 0)
         up = np.asarray(Image.fromarray(expected).resize((W, H), Image.NEAREST))
-        rows, cols = digital._nearest_index(h, H, torch.device("cpu")), digital._nearest_index(w, W, torch.device("cpu"))
-        np.testing.assert_array_equal(expected[rows.numpy()][:, cols.numpy()], up)
+        small = torch.from_numpy(expected).permute(2, 0, 1)[None].float()
+        ours = digital._nearest_resize(small, (H, W))[0].permute(1, 2, 0).numpy()
+        np.testing.assert_array_equal(ours, up)
+        paths.add(digital._interpolate_is_pillow(h, H) and digital._interpolate_is_pillow(w, W))
+    return paths
 
 
 def test_chamfer_distance_is_opencvs():
