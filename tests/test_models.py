@@ -16,7 +16,7 @@ from shiftbench.models.backbones import backbone_spec, dilate_last_stage, featur
 from shiftbench.models.checkpoints import check_classes
 from shiftbench.models.gates import grid_from_state
 from shiftbench.models.moe import combine_logits, combine_probs
-from shiftbench.models.training import confusion_matrix, miou
+from shiftbench.models.training import confusion_matrix, loss_window, miou
 from shiftbench.seeding import key
 
 K = 11
@@ -385,3 +385,31 @@ def test_miou_matches_brute_force():
             ious.append(tp / union)
     assert conf.sum() == (label != 255).sum()
     assert miou(conf) == pytest.approx(sum(ious) / len(ious))
+
+
+@pytest.mark.parametrize("combine", ["probs", "logits"])
+def test_final_conv_starts_as_the_identity(combine):
+    torch.manual_seed(0)
+    with_conv = MoEHead("classwise", 3, 8, K, (2, 3), final_conv=True, combine=combine)
+    without = MoEHead("classwise", 3, 8, K, (2, 3), final_conv=False, combine=combine)
+    without.gate.load_state_dict(with_conv.gate.state_dict())
+    feats, z = [torch.randn(2, 8, 4, 6) for _ in range(3)], _expert_outputs()
+    with torch.no_grad():
+        torch.testing.assert_close(with_conv(feats, z)[0], without(feats, z)[0], atol=1e-5, rtol=1e-5)
+
+
+def test_gate_loss_window_is_exact_inside():
+    torch.manual_seed(0)
+    head = MoEHead("simple", 3, 8, K, (2, 3), final_conv=True)
+    torch.nn.init.normal_(head.final_conv.weight)
+    feats, z = [torch.randn(2, 8, 4, 6) for _ in range(3)], _expert_outputs(H=20, W=30)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        full = head(feats, z)[0]
+        for _ in range(10):
+            outer, inner = loss_window((20, 30), g)
+            part = head(feats, z[(..., *outer)])[0][(..., *inner)]
+            rows = slice(outer[0].start + inner[0].start, outer[0].start + inner[0].stop)
+            cols = slice(outer[1].start + inner[1].start, outer[1].start + inner[1].stop)
+            assert part.shape[-2:] == (10, 15)
+            torch.testing.assert_close(part, full[..., rows, cols])

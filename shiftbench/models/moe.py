@@ -10,7 +10,7 @@ Combination rules (``combine``), for expert logits z_i ``[B,K,H,W]`` and gate we
 
 Weights are ``[B,E]`` (simple gate: w_i per image) or ``[B,E,K]`` (classwise: w_ik).
 State-dict layout as the authors': ``expert1.*``, ``expert2.*``, ..., ``gate.*``, ``final_conv.*``
-(a 3x3 KxK conv without bias).
+(a 3x3 KxK conv without bias, initialised to the identity).
 """
 
 from __future__ import annotations
@@ -65,6 +65,8 @@ class MoEHead(nn.Module):
         self.kind, self.combine, self.grid, self.experts_n = gate, combine, tuple(grid), experts
         self.gate = build_gate(gate, experts * channels, experts, classes, grid)
         self.final_conv = nn.Conv2d(classes, classes, 3, 1, 1, bias=False) if final_conv else None
+        if self.final_conv is not None:  # start as the identity: training can only move it from "no conv"
+            nn.init.dirac_(self.final_conv.weight)
 
     def forward(self, features: Sequence[Tensor], logits: Tensor) -> tuple[Tensor, Tensor]:
         if len(features) != self.experts_n or logits.shape[0] != self.experts_n:

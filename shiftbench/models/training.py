@@ -6,7 +6,8 @@ training dropout all come from ``torch`` generators seeded with
 
 - Segmenters: SGD (momentum 0.9, Nesterov) with the poly schedule lr * (1 - i/N)^0.9
   (DeepLabv3+'s), cross-entropy ignoring label 255, random horizontal flips.
-- Gates: Adam on the gate (+ final conv) only, negative log-likelihood of the combined output;
+- Gates: Adam on the gate (+ final conv) only, negative log-likelihood of the combined output on
+  a random window of each batch (:func:`loss_window`; the gate itself sees the whole image);
   the experts run once per batch, in eval mode and without gradients, for all gates at once.
 """
 
@@ -29,6 +30,8 @@ from shiftbench.seeding import key
 IGNORE = 255
 POLY_POWER = 0.9
 MOMENTUM = 0.9
+GATE_LOSS_WINDOW = 0.5  # the gates' loss sees a random half-height, half-width window per batch
+FINAL_CONV_MARGIN = 1   # the final 3x3 conv's reach
 
 
 @dataclass(frozen=True)
@@ -179,6 +182,25 @@ def _expert_passes(experts: dict[str, DeepLabV3Plus], names: Iterable[str], x: T
     return feats, logits
 
 
+def loss_window(size: Sequence[int], g: torch.Generator, fraction: float = GATE_LOSS_WINDOW,
+                margin: int = FINAL_CONV_MARGIN) -> tuple[tuple[slice, slice], tuple[slice, slice]]:
+    """A random window of ``fraction`` of the height and width, for the gates' loss.
+
+    Returns (outer, inner): ``outer`` adds ``margin`` pixels on every side (clipped at the image
+    border), ``inner`` selects the window inside ``outer``. The MoE output on ``outer`` is exact
+    on ``inner`` (the final 3x3 conv sees its true neighbours; at the border both pad with zeros),
+    so the loss only subsamples pixels, 1/fraction^2 fewer for the combination and final conv.
+    """
+    (h, w), out, ins = size, [], []
+    for n in (h, w):
+        k = max(1, round(n * fraction))
+        a = int(torch.randint(0, n - k + 1, (1,), generator=g))
+        lo, hi = max(a - margin, 0), min(a + k + margin, n)
+        out.append(slice(lo, hi))
+        ins.append(slice(a - lo, a - lo + k))
+    return (out[0], out[1]), (ins[0], ins[1])
+
+
 def train_gates(experts: dict[str, DeepLabV3Plus], jobs: Sequence[GateJob], train: Dataset,
                 val: Dataset | None, stage: Stage, device: torch.device, quiet: bool = False) -> dict[str, dict]:
     """Train every job's head on frozen experts (eval mode, no grad), sharing one expert pass per
@@ -195,6 +217,7 @@ def train_gates(experts: dict[str, DeepLabV3Plus], jobs: Sequence[GateJob], trai
     scheds = {n: torch.optim.lr_scheduler.LambdaLR(o, lambda i: 0.5 * (1 + math.cos(math.pi * i / steps)))
               for n, o in opts.items()}
     flips = torch.Generator().manual_seed(key(stage.seed, "flip", "gates"))
+    windows = torch.Generator().manual_seed(key(stage.seed, "window", "gates"))
     history: dict[str, list[float]] = {j.name: [] for j in jobs}
     start = time.perf_counter()
     with _progress(steps, "gates: " + ", ".join(j.name for j in jobs), quiet) as bar:
@@ -202,10 +225,15 @@ def train_gates(experts: dict[str, DeepLabV3Plus], jobs: Sequence[GateJob], trai
             for x, y, _ in loader:
                 x, y = _flip(x, y, flips)
                 feats, logits = _expert_passes(experts, used, x.to(device))
+                outer, inner = loss_window(y.shape[-2:], windows)
+                y = y[(..., *outer)][(..., *inner)].to(device)
+                stacks: dict[tuple[str, ...], Tensor] = {}
                 losses = {}
                 for j in jobs:
-                    log_p, _ = j.head([feats[n] for n in j.experts], torch.stack([logits[n] for n in j.experts]))
-                    loss = F.nll_loss(log_p, y.to(device), ignore_index=IGNORE)
+                    if j.experts not in stacks:
+                        stacks[j.experts] = torch.stack([logits[n][(..., *outer)] for n in j.experts])
+                    log_p, _ = j.head([feats[n] for n in j.experts], stacks[j.experts])
+                    loss = F.nll_loss(log_p[(..., *inner)], y, ignore_index=IGNORE)
                     opts[j.name].zero_grad(set_to_none=True)
                     loss.backward()
                     opts[j.name].step()
