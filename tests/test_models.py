@@ -92,7 +92,8 @@ def authors_head_shapes(low: int, out: int, classes: int) -> dict:
     shapes = {"classifier.project.0.weight": [48, low, 1, 1], **_bn("classifier.project.1", 48),
               "classifier.aspp.convs.0.0.weight": [256, out, 1, 1], **_bn("classifier.aspp.convs.0.1", 256)}
     for i in (1, 2, 3):
-        shapes.update({f"classifier.aspp.convs.{i}.0.weight": [256, out, 3, 3], **_bn(f"classifier.aspp.convs.{i}.1", 256)})
+        shapes.update({f"classifier.aspp.convs.{i}.0.weight": [256, out, 3, 3],
+                       **_bn(f"classifier.aspp.convs.{i}.1", 256)})
     shapes.update({"classifier.aspp.convs.4.1.weight": [256, out, 1, 1], **_bn("classifier.aspp.convs.4.2", 256),
                    "classifier.aspp.project.0.weight": [256, 1280, 1, 1], **_bn("classifier.aspp.project.1", 256),
                    "classifier.classifier.0.weight": [256, 304, 3, 3], **_bn("classifier.classifier.1", 256),
@@ -351,7 +352,7 @@ def test_wrong_number_of_classes_unknown_backbone_and_gate():
     state = DeepLabV3Plus("tiny", 19).state_dict()
     with pytest.raises(ShiftbenchError, match=r"^x.pt predicts 19 classes, the suite's dataset has 11"):
         check_classes(state, 11, "x.pt")
-    with pytest.raises(ShiftbenchError, match=r"unknown backbone 'resnet34'; allowed: resnet18, resnet50, resnet101, tiny"):
+    with pytest.raises(ShiftbenchError, match=r"unknown backbone 'resnet34'; allowed: resnet18, resnet50, resnet1"):
         DeepLabV3Plus("resnet34", K)
     with pytest.raises(ShiftbenchError, match=r"unknown gate type 'topk'; allowed: simple, classwise"):
         MoEHead("topk", 2, 64, K, (2, 2))
@@ -413,3 +414,14 @@ def test_gate_loss_window_is_exact_inside():
             cols = slice(outer[1].start + inner[1].start, outer[1].start + inner[1].stop)
             assert part.shape[-2:] == (10, 15)
             torch.testing.assert_close(part, full[..., rows, cols])
+
+
+def test_imagenet_weights_load_into_the_backbone():
+    from shiftbench.models.backbones import load_imagenet
+
+    imagenet = torchvision.models.resnet18(weights=None).state_dict()  # what a local ImageNet file holds, fc included
+    model = DeepLabV3Plus("resnet18", K)
+    load_imagenet(model.backbone, imagenet, "resnet18", "resnet18.pth")
+    assert torch.equal(model.backbone.layer3[0].conv1.weight, imagenet["layer3.0.conv1.weight"])
+    with pytest.raises(ShiftbenchError, match="the tiny backbone has no ImageNet weights; they exist for resnet18"):
+        load_imagenet(DeepLabV3Plus("tiny", K).backbone, imagenet, "tiny", "x.pth")

@@ -8,6 +8,7 @@ from torch.utils.data import Dataset
 import shiftbench.data
 from shiftbench.cli import main
 from shiftbench.models import DeepLabV3Plus, ModelZoo, MoEHead, read_checkpoint
+from shiftbench.models.trainer import data_probe
 from shiftbench.models.training import GateJob, Stage, init_seed, train_gates, train_segmenter
 from shiftbench.suite import load_suite
 
@@ -111,7 +112,8 @@ SUITE = {
         {"name": "moe_classwise_conv", "kind": "moe", "experts": ["highway", "urban"], "gate": "classwise",
          "final_conv": True, "checkpoint": "ck/moe_classwise_conv.pt"},
     ],
-    "train": {"seed": 0, "batch_size": 4, "splits": ["highway_train", "urban_train"], "val": ["highway_val", "urban_val"],
+    "train": {"seed": 0, "batch_size": 4, "splits": ["highway_train", "urban_train"],
+              "val": ["highway_val", "urban_val"],
               "experts": {"epochs": 1, "lr": 0.01}, "baseline": {"epochs": 1, "lr": 0.01},
               "gates": {"epochs": 1, "lr": 0.001}},
     "corruptions": {"names": "none"},
@@ -138,6 +140,7 @@ def test_train_command_writes_checkpoints_the_zoo_loads(tmp_path, fake_data, cap
         meta = read_checkpoint(tmp_path / "ck" / f"{name}.pt")["meta"]
         assert meta["suite"] == "train_test" and meta["suite_digest"] == suite.digest()
         assert set(meta["versions"]) == {"shiftbench", "torch", "torchvision"} and len(meta["val_miou"]) == 1
+        assert meta["data_probe"] == {s: data_probe(shiftbench.data.open_split(suite, s)) for s in meta["train_splits"]}
     meta = read_checkpoint(tmp_path / "ck" / "moe_classwise_conv.pt")
     assert meta["meta"]["gate_grid"] == [2, 4] and meta["meta"]["experts"] == ["highway", "urban"]
     assert not any(k.startswith("expert") for k in meta["state_dict"])  # gates only; experts from their files

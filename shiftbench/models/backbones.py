@@ -126,6 +126,6 @@ def load_imagenet(backbone: nn.Module, state: dict[str, torch.Tensor], name: str
     from shiftbench.models.checkpoints import load_strict
 
     if not BACKBONES[name].pretrainable:
-        raise ShiftbenchError(f"{source}: the {name} backbone has no ImageNet weights; "
-                              f"pretrained weights exist for {', '.join(n for n, s in BACKBONES.items() if s.pretrainable)}")
+        allowed = ", ".join(n for n, s in BACKBONES.items() if s.pretrainable)
+        raise ShiftbenchError(f"{source}: the {name} backbone has no ImageNet weights; they exist for {allowed}")
     load_strict(backbone, {k: v for k, v in state.items() if not k.startswith("fc.")}, source)

@@ -47,8 +47,8 @@ def read_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
             raise ShiftbenchError(f"checkpoint {path} is not a readable torch file ({detail or 'unpickling failed'})"
                                   ) from None
         raise ShiftbenchError(f"checkpoint {path} refused: it holds a pickled {found.group(1) or found.group(2)}, and "
-                              "loading that needs arbitrary pickled code, which could run anything; re-save it as plain "
-                              "tensors, e.g. torch.save({'state_dict': model.state_dict()}, path)") from None
+                              "loading that needs arbitrary pickled code, which could run anything; re-save it as "
+                              "plain tensors, e.g. torch.save({'state_dict': model.state_dict()}, path)") from None
     except (RuntimeError, OSError, EOFError, ValueError) as exc:
         first = str(exc).strip().split(". ")[0].splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ShiftbenchError(f"checkpoint {path} is not a readable torch file ({first})") from None
@@ -101,7 +101,8 @@ def versions() -> dict[str, str]:
 
     from shiftbench import __version__
 
-    return {"shiftbench": str(__version__), "torch": str(torch.__version__), "torchvision": str(torchvision.__version__)}
+    return {"shiftbench": str(__version__), "torch": str(torch.__version__),
+            "torchvision": str(torchvision.__version__)}
 
 
 def save_checkpoint(path: str | Path, state: Mapping[str, Tensor], meta: Mapping[str, Any]) -> None:

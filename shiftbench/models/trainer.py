@@ -9,6 +9,7 @@ from the expert checkpoints.
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -25,6 +26,7 @@ from shiftbench.models.training import GateJob, InMemory, Stage, init_seed, trai
 from shiftbench.models.zoo import load_expert
 
 TRAINABLE = ("mc_dropout", "moe")
+PROBE_IMAGES = 2
 
 
 # ---------------------------------------------------------------------------- data
@@ -79,11 +81,24 @@ def _stage(suite: Any, name: str) -> Stage:
     return Stage(s.epochs, s.lr, s.weight_decay, t.batch_size, t.seed)
 
 
-def _meta(suite: Any, kind: str, name: str, stage: Stage, splits: Sequence[str], stats: dict, **extra: Any) -> dict:
+def data_probe(ds: Dataset, n: int = PROBE_IMAGES) -> str:
+    """sha256 of the first ``n`` samples (image float32 bytes, label int64 bytes, id): recorded in a
+    checkpoint, it tells whether today's data (e.g. the synthetic generator) is what it saw."""
+    h = hashlib.sha256()
+    for i in range(min(n, len(ds))):
+        x, y, sid = ds[i]
+        h.update(x.float().contiguous().numpy().tobytes())
+        h.update(y.long().contiguous().numpy().tobytes())
+        h.update(str(sid).encode())
+    return h.hexdigest()
+
+
+def _meta(suite: Any, data: Splits, kind: str, name: str, stage: Stage, splits: Sequence[str], stats: dict,
+          **extra: Any) -> dict:
     return {"kind": kind, "name": name, "classes": suite.dataset.classes, "dataset": suite.dataset.name,
             "suite": suite.name, "suite_digest": suite.digest(), "seed": stage.seed, "epochs": stage.epochs,
             "lr": stage.lr, "weight_decay": stage.weight_decay, "batch_size": stage.batch_size,
-            "train_splits": list(splits), **stats, **extra}
+            "train_splits": list(splits), "data_probe": {s: data_probe(data([s])) for s in splits}, **stats, **extra}
 
 
 # ---------------------------------------------------------------------------- stages
@@ -131,7 +146,7 @@ def train_suite(suite: Any, only: Sequence[str] | None = None, out: Path | None 
         model = DeepLabV3Plus(e.backbone, classes)
         stage = _stage(suite, "experts")
         stats = _segmenter(data, e.name, model, e.pretrained, e.train, e.val, stage, device, quiet)
-        results[e.name] = _meta(suite, "expert", e.name, stage, e.train, stats, backbone=e.backbone)
+        results[e.name] = _meta(suite, data, "expert", e.name, stage, e.train, stats, backbone=e.backbone)
         save_checkpoint(path, model.state_dict(), results[e.name])
         trained[e.name] = model
         log(f"{e.name}: wrote {path}")
@@ -143,8 +158,8 @@ def train_suite(suite: Any, only: Sequence[str] | None = None, out: Path | None 
         model = DeepLabV3Plus(m.backbone, classes, dropout=m.dropout, mc_dropout=True)
         stage = _stage(suite, "baseline")
         stats = _segmenter(data, m.name, model, m.pretrained, suite.train.splits, suite.train.val, stage, device, quiet)
-        results[m.name] = _meta(suite, "mc_dropout", m.name, stage, suite.train.splits, stats, backbone=m.backbone,
-                                dropout=m.dropout, passes=m.passes)
+        results[m.name] = _meta(suite, data, "mc_dropout", m.name, stage, suite.train.splits, stats,
+                                backbone=m.backbone, dropout=m.dropout, passes=m.passes)
         save_checkpoint(path, model.state_dict(), results[m.name])
         log(f"{m.name}: wrote {path}")
     moes = [m for m in models if m.kind == "moe"]
@@ -165,7 +180,7 @@ def _train_moes(suite: Any, data: Splits, moes: Sequence[Any], trained: dict[str
     stats = train_gates(experts, jobs, data(suite.train.splits), data(suite.train.val), stage, device, quiet)
     results = {}
     for m, job in zip(moes, jobs):
-        results[m.name] = _meta(suite, "moe", m.name, stage, suite.train.splits, stats[m.name], gate=m.gate,
+        results[m.name] = _meta(suite, data, "moe", m.name, stage, suite.train.splits, stats[m.name], gate=m.gate,
                                 final_conv=m.final_conv, combine=m.combine, gate_grid=list(job.head.grid),
                                 experts=list(m.experts))
         save_checkpoint(paths[m.name], job.head.state_dict(), results[m.name])
