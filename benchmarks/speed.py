@@ -5,12 +5,14 @@
 
 Per corruption: the 5 severities on the astronaut photo, ours (best of 3 after a warm-up) and the
 reference (once), their ratio; then the aggregate over all pairs measured and the median ratio.
-The same measurement as ``make bench`` (tests/bench/test_bench_corruptions.py).
+The same measurement as ``make bench`` (tests/bench/test_bench_corruptions.py). With
+``--reference-cache FILE`` the reference's timings are kept in FILE and reused.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import platform
 import sys
@@ -25,6 +27,7 @@ from corruptions import CORRUPTIONS, SEVERITIES  # noqa: E402
 from tests.bench.test_bench_corruptions import (  # noqa: E402
     bench_image, median_ratio, ours_seconds, reference_seconds,
 )
+from shiftbench.io import write_json  # noqa: E402
 from tests.reference import to_tensor  # noqa: E402
 
 
@@ -35,6 +38,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     parser.add_argument("--device", default="cpu", help="cpu or cuda (cuda: images/s only)")
     parser.add_argument("--batch", type=int, default=8, help="batch size on cuda")
+    parser.add_argument("--reference-cache", type=Path, default=None,
+                        help="JSON file of the reference's seconds per size and corruption: reused where "
+                             "present, measured and added otherwise (the reference does not change)")
     args = parser.parse_args(argv)
     try:
         args.size = tuple(int(v) for v in args.size.lower().split("x"))
@@ -55,15 +61,28 @@ def machine() -> str:
     return f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}"
 
 
+def load_cache(path: Path | None) -> dict[str, float]:
+    if path is None or not path.exists():
+        return {}
+    return json.loads(path.read_text())
+
+
 def cpu_table(args: argparse.Namespace) -> None:
     image = bench_image(args.size)
     x = to_tensor(image)
     ours, ref = {}, {}
+    cache = load_cache(args.reference_cache)
+    size_key = f"{args.size[0]}x{args.size[1]}"
     print(f"CPU, {args.size[0]}x{args.size[1]}, {torch.get_num_threads()} torch threads; {machine()}\n")
     print("| corruption | shiftbench, 5 severities (s) | imagecorruptions (s) | speed-up |")
     print("|---|---:|---:|---:|")
     for name in args.names:
-        ref[name] = reference_seconds(name, image)
+        key = f"{size_key}/{name}"
+        if key not in cache:
+            cache[key] = reference_seconds(name, image)
+            if args.reference_cache is not None:
+                write_json(args.reference_cache, cache)
+        ref[name] = cache[key]
         ours[name] = ours_seconds(name, x)
         print(f"| {name} | {ours[name]:.3f} | {ref[name]:.2f} | {ref[name] / ours[name]:.1f}x |", flush=True)
     total_ours, total_ref = sum(ours.values()), sum(ref.values())

@@ -214,12 +214,7 @@ def _seeds(name: str, severity: int, k: int) -> tuple[list[int], list[int]]:
     return _frost_seeds(our_texture_of, k), _frost_seeds(_reference_frost_texture_of, k)
 
 
-# fog and spatter need 8-10 draws per image for a stable mean (about 30 s): make test-slow. Their
-# same-draw tests above check them pixel for pixel in the fast suite.
-@pytest.mark.parametrize("name", [
-    "snow", "elastic_transform", "frost",
-    pytest.param("fog", marks=pytest.mark.slow), pytest.param("spatter", marks=pytest.mark.slow),
-])
+@pytest.mark.parametrize("name", RANDOM)
 def test_random_corruptions_have_the_reference_strength(name):
     """Per severity, mean |change| and SSIM over 4 photos x 2 sizes x seeds within 10 % of the reference's."""
     for severity in SEVERITIES:
