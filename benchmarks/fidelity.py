@@ -109,11 +109,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.draws < 4:
         parser.error(f"--draws must be >= 4 (the contract averages over 4 or more seeds), got {args.draws}")
+    text = args.sizes
     try:
-        args.sizes = [tuple(int(v) for v in s.lower().split("x")) for s in args.sizes.split(",")]
+        args.sizes = [tuple(int(v) for v in s.lower().split("x")) for s in text.split(",")]
         assert all(len(s) == 2 and min(s) >= 32 for s in args.sizes)
     except (ValueError, AssertionError):
-        parser.error(f"--sizes must look like 97x160,128x128 with sides >= 32, got {args.sizes!r}")
+        parser.error(f"--sizes must look like 97x160,128x128 with sides >= 32, got {text!r}")
     args.names = CORRUPTIONS if args.corruptions == "all" else tuple(args.corruptions.split(","))
     unknown = [n for n in args.names if n not in CORRUPTIONS]
     if unknown:

@@ -42,11 +42,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="JSON file of the reference's seconds per size and corruption: reused where "
                              "present, measured and added otherwise (the reference does not change)")
     args = parser.parse_args(argv)
+    text = args.size
     try:
-        args.size = tuple(int(v) for v in args.size.lower().split("x"))
+        args.size = tuple(int(v) for v in text.lower().split("x"))
         assert len(args.size) == 2 and min(args.size) >= 32
     except (ValueError, AssertionError):
-        parser.error(f"--size must look like 1208x1920 with sides >= 32, got {args.size!r}")
+        parser.error(f"--size must look like 1208x1920 with sides >= 32, got {text!r}")
     names = CORRUPTIONS if args.corruptions == "all" else tuple(args.corruptions.split(","))
     unknown = [n for n in names if n not in CORRUPTIONS]
     if unknown:
