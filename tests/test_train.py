@@ -163,6 +163,11 @@ def test_train_command_errors_are_one_line(tmp_path, fake_data, capsys):
            "baseline, moe_simple, moe_classwise_conv" in err
     assert main(["train", str(path), "--only", "moe_simple", "--quiet"]) == 2  # experts not trained yet
     assert "expert_highway.pt not found" in capsys.readouterr().err
+    if not torch.cuda.is_available():
+        assert main(["train", str(path), "--device", "cuda"]) == 2
+        assert "--device cuda: no CUDA device is available; use --device cpu" in capsys.readouterr().err
+    assert main(["train", str(path), "--threads", "0"]) == 2
+    assert "--threads: 0 is not a positive integer" in capsys.readouterr().err
     no_train = {k: v for k, v in SUITE.items() if k != "train"}
     path.write_text(yaml.safe_dump(no_train, sort_keys=False))
     assert main(["train", str(path)]) == 2
