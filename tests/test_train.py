@@ -172,3 +172,21 @@ def test_train_command_errors_are_one_line(tmp_path, fake_data, capsys):
     path.write_text(yaml.safe_dump(no_train, sort_keys=False))
     assert main(["train", str(path)]) == 2
     assert "train: missing; the suite needs a train section" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("eight_bit", [True, False])
+def test_in_memory_copy_returns_the_same_samples(eight_bit):
+    from shiftbench.models.training import InMemory
+
+    ds = Blobs("urban", 40)
+    if eight_bit:
+        ds.x = (ds.x * 255).round() / 255
+    ds.x[35, 0, 0, 0] = 0.5 if eight_bit else ds.x[35, 0, 0, 0]  # 0.5 is not k/255: a later batch is not 8-bit
+    mem = InMemory(ds)
+    assert mem.x.dtype == torch.float32 and mem.y.dtype == torch.uint8
+    for i in (0, 17, 35, 39):
+        for a, b in zip(mem[i], ds[i]):
+            assert torch.equal(a, b) if isinstance(a, torch.Tensor) else a == b
+    ds.x[35, 0, 0, 0] = 2 / 255
+    if eight_bit:
+        assert InMemory(ds).x.dtype == torch.uint8 and torch.equal(InMemory(ds)[35][0], ds[35][0])

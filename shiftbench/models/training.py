@@ -77,8 +77,9 @@ class InMemory(Dataset):
             xs.append(q.to(torch.uint8) if torch.equal(q / 255, x) else x)
             ys.append(y.to(torch.uint8) if int(y.max()) <= 255 and int(y.min()) >= 0 else y)
             self.ids += list(ids)
-        self.x = torch.cat([x.float() if x.dtype != xs[0].dtype else x for x in xs])
-        self.y = torch.cat(ys) if len({y.dtype for y in ys}) == 1 else torch.cat([y.long() for y in ys])
+        lossless = all(x.dtype == torch.uint8 for x in xs)
+        self.x = torch.cat(xs if lossless else [x.float() / 255 if x.dtype == torch.uint8 else x for x in xs])
+        self.y = torch.cat(ys if all(y.dtype == torch.uint8 for y in ys) else [y.long() for y in ys])
 
     def __len__(self) -> int:
         return len(self.ids)
