@@ -247,6 +247,9 @@ def test_any_number_of_experts():
     assert log_p.shape == (2, K, 32, 64) and w.shape == (2, 5, K) and logits.shape == (5, 2, K, 32, 64)
     torch.testing.assert_close(log_p.exp().sum(1), torch.ones(2, 32, 64))
     assert [k for k in moe.state_dict() if k.startswith("expert5.")]
+    moe.train()
+    assert moe.gate.training and not any(m.training for e in moe.experts for m in e.modules())
+    assert not any(p.requires_grad for e in moe.experts for p in e.parameters())
 
 
 # --------------------------------------------------------------------------- MC dropout
