@@ -136,7 +136,7 @@ def _fmt(config: dict[str, Any]) -> str:
 
 #: pixels per update chunk by device type: on CPU the per-pixel temporaries of a chunk stay small
 #: (a few MB each, mostly in cache) whatever the batch; on a GPU one chunk is the whole batch.
-CHUNK_PIXELS: dict[str, int] = {"cpu": 2**20}
+CHUNK_PIXELS: dict[str, int] = {"cpu": 2**18}
 DEFAULT_CHUNK_PIXELS = 2**62
 
 

@@ -43,7 +43,7 @@ def big():
 
 
 def _throughput(benchmark, fn):
-    benchmark.pedantic(fn, rounds=3, iterations=1)
+    benchmark.pedantic(fn, rounds=3, iterations=1, warmup_rounds=1)
     best = benchmark.stats.stats.min
     benchmark.extra_info.update(pixels=PIXELS, mpixel_per_s_best=round(PIXELS / best / 1e6, 2),
                                 threads=torch.get_num_threads())
