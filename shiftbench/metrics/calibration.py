@@ -108,7 +108,7 @@ class CalibrationMetrics(Accumulator):
         self.add_state("pixel_sum", torch.zeros(len(SCORES), **f64))
         self.add_state("image_sum", torch.zeros(len(ERRORS) + len(SCORES), **f64))
         self.add_state("n_images", torch.zeros((), **i64))
-        self.add_state("n_updates", torch.zeros(len(MODES), **i64))
+        self.add_state("modes_used", torch.zeros(len(MODES), **i64), reduce="max")  # 0/1 flags: batching-invariant
 
     # ----------------------------------------------------------------- update
     @torch.no_grad()
@@ -220,14 +220,14 @@ class CalibrationMetrics(Accumulator):
         per_image = torch.cat([_errors(count, n_correct, conf_sum, part.n_valid), part.scores / part.n_valid])
         self.image_sum += per_image[:, has].sum(1)
         self.n_images += has.sum()
-        self.n_updates[int(given)] += 1
+        self.modes_used[int(given)] = 1
 
     # ----------------------------------------------------------------- compute
     def compute(self) -> dict[str, Any]:
         """ece, mce, brier, nll, brier_multiclass, nll_multiclass (NaN when nothing was seen), accuracy,
         mean_confidence, n_pixels, n_images, confidence mode, average, and the pooled reliability bins:
         bin_edges [n+1], bin_count, bin_accuracy, bin_confidence [n] (NaN for empty bins)."""
-        used = [m for m, c in zip(MODES, self.n_updates.tolist()) if c]
+        used = [m for m, c in zip(MODES, self.modes_used.tolist()) if c]
         if len(used) > 1:
             raise ShiftbenchError("CalibrationMetrics was updated both with and without a confidence; "
                                   "use one accumulator per confidence source")

@@ -157,10 +157,9 @@ def _run_one(zoo, suite, plan, cond: Condition, data, device, timer: Timer, stor
     with timer("io"):
         if world.distributed:
             accs.all_reduce()
+        n_images = sum(dist.gather_objects(accs.n_images, world))  # a collective: every rank calls it
         if world.is_main:
-            n_images = len(data.cache.ids) if data.cache is not None else len(data)
-            store.save_state(cond, {"condition": cond.key, "states": accs.state_dict(),
-                                    "n_images": int(sum(dist.gather_objects(n_images, world)))})
+            store.save_state(cond, {"condition": cond.key, "states": accs.state_dict(), "n_images": int(n_images)})
     return None
 
 

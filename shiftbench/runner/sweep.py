@@ -59,6 +59,7 @@ class Accumulators:
     def __init__(self, suite, plan: dict[str, tuple[str, ...]], device: torch.device):
         m, k = suite.metrics, suite.dataset.classes
         self.plan = plan
+        self.n_images = 0
         self.confidence = m.calibration_confidence
         self.segmentation = {name: SegmentationMetrics(k, ignore_index=IGNORE).to(device) for name in plan}
         self.calibration = {(name, e): CalibrationMetrics(k, n_bins=m.n_bins, ignore_index=IGNORE,
@@ -81,6 +82,7 @@ class Accumulators:
     def update(self, preds: dict[str, Prediction], labels: Tensor) -> dict[str, dict[str, Tensor]]:
         """Update every accumulator; returns the uncertainty maps per model and estimator."""
         maps: dict[str, dict[str, Tensor]] = {}
+        self.n_images += labels.shape[0]
         for name, ests in self.plan.items():
             pred = preds[name]
             label_pred = pred.probs.argmax(1)
