@@ -11,6 +11,8 @@ uncertainty histogram. So a table or figure built from ``results.csv`` and one b
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -39,6 +41,31 @@ N_BINS, N_THRESHOLDS, N_HIST = 15, 101, 20
 CLASSES = ("Person", "Car", "Truck", "Drivable", "Nondrivable", "Blocker", "Info", "Sky", "Buildings",
            "Nature", "Lanes")
 GALLERY = {"id": "highway/test/000000", "ood": "ambiguous/test/000000"}
+
+
+ROOT = Path(__file__).resolve().parents[1]
+#: the project's CI sweep: the demo suite reduced to a few images, 3 corruptions x 2 severities (CPU, deterministic)
+CI_SWEEP = ("suites/demo.yaml", "--limit", "16", "--corruptions", "fog,contrast,gaussian_noise",
+            "--severities", "2,4", "--device", "cpu", "--quiet")
+CI_BASELINE = ROOT / "results" / "ci_baseline.json"
+_CI_RUNS: dict[str, Path] = {}
+
+
+def ci_sweep(out: Path) -> Path:
+    """Run the CI sweep into ``out`` (a fresh folder), once per test session; later calls reuse the first run.
+
+    The runner runs in a subprocess (as in CI, and so a failure shows its own log).
+    """
+    if "run" not in _CI_RUNS:
+        if not (ROOT / "suites" / "demo").is_dir():
+            import pytest
+
+            pytest.skip("suites/demo/ checkpoints are not present")
+        cmd = [sys.executable, "-m", "shiftbench", "run", *CI_SWEEP, "--out", str(out)]
+        proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+        assert proc.returncode == 0, f"CI sweep failed ({' '.join(cmd)}):\n{proc.stdout[-2000:]}{proc.stderr[-2000:]}"
+        _CI_RUNS["run"] = out
+    return _CI_RUNS["run"]
 
 
 def make_run(root: str | Path, *, splits: tuple[str, ...] = SPLITS, corrupted: tuple[str, ...] = ("id",),

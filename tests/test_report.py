@@ -15,7 +15,7 @@ from shiftbench.report import aggregate, tables
 from shiftbench.report.build import build_report
 from shiftbench.report.load import load_run
 from shiftbench.report.style import ESTIMATOR_STYLES, estimator_label
-from tests.run_fixture import MODELS, make_run
+from tests.run_fixture import MODELS, ci_sweep, make_run
 
 
 @pytest.fixture(scope="module")
@@ -223,6 +223,26 @@ def test_severity_means_against_a_loop(run_dir):
                        & (results["estimator"] == row.estimator) & (results["severity"] == row.severity)]
         assert len(rows) == (1 if row.severity == 0 else 3)
         assert row.ece == pytest.approx(sum(rows["ece"]) / len(rows))
+
+
+# ------------------------------------------------------------------ a real run (the CI sweep of the demo suite)
+def test_report_of_a_real_run(tmp_path_factory):
+    run = ci_sweep(tmp_path_factory.mktemp("ci") / "run")
+    report = build_report(run, fmt="pdf", out=tmp_path_factory.mktemp("real") / "report")
+    results = pd.read_csv(run / "results.csv")
+    assert {f.family for f in report.figures} == {"calibration_vs_severity", "conditional_vs_severity",
+                                                 "threshold_sweeps", "id_vs_ood", "gate_entropy", "reliability",
+                                                 "gallery"}
+    for fig in report.figures:
+        assert all((report.out / f).stat().st_size > 2000 for f in fig.files), fig.name
+    metrics = ["peak_p_accurate_certain", "peak_p_uncertain_inaccurate", "peak_pavpu", "au_pavpu"]
+    _assert_table((report.out / "tables" / "table2_id.md").read_text(),
+                  _expected(results, "id", metrics, corrupted=True), [100] * 4, [2] * 4)
+    metrics, scales, decimals = ["miou", "ece", "mce", "brier", "nll"], [100, 100, 100, 1, 1], [2, 2, 2, 4, 3]
+    blocks = [_expected(results, "id", metrics, False), _expected(results, "ood", metrics, False),
+              _expected(results, "id", metrics, True)]
+    _assert_table((report.out / "tables" / "table3.md").read_text(),
+                  {k: blocks[0][k] + blocks[1][k] + blocks[2][k] for k in blocks[0]}, scales * 3, decimals * 3)
 
 
 # ------------------------------------------------------------------ degraded runs

@@ -108,6 +108,15 @@ def _severity_axis(ax, severities: list[int], xlabel: bool = True) -> None:
     ax.grid(True, axis="y")
 
 
+def _wrap(name: str, width_in: float, pt: float = 8) -> str:
+    """Break a long model name at its last underscore that fits ``width_in`` inches (about 0.6 em a character)."""
+    fits = int(width_in * 72 / (0.6 * pt))
+    if len(name) <= fits or "_" not in name[1:fits]:
+        return name
+    cut = name.rindex("_", 1, fits)
+    return name[:cut] + "\n" + name[cut:]
+
+
 # ------------------------------------------------------------------ 1 calibration vs severity
 def calibration_vs_severity(ctx: Context) -> Iterator[Rendered | Note]:
     """Per corrupted split and calibration metric: boxes over corruption types per severity, mean as a line."""
@@ -346,13 +355,13 @@ def reliability(ctx: Context) -> Iterator[Rendered | Note]:
         if not models:
             continue
         width = FULL_WIDTH if len(models) > 2 else COLUMN_WIDTH
-        panel = (width - 0.6) / len(models) - 0.08  # square panels
+        panel = (width - 0.8) / len(models) - 0.12  # square panels
         fig = _figure(width, (panel + 0.2) * len(rows) + 0.8)
         axes = fig.subplots(len(rows), len(models), squeeze=False, sharex=True, sharey=True)
         for r, sev in enumerate(rows):
             for c, model in enumerate(models):
                 _reliability_panel(axes[r, c], ctx, sub[(sub["model"] == model) & (sub["severity"] == sev)], model)
-                axes[r, c].set_title(model if r == 0 else "", color=ctx.colours[model])
+                axes[r, c].set_title(_wrap(model, panel) if r == 0 else "", color=ctx.colours[model])
             axes[r, 0].set_ylabel(("clean" if sev == 0 else f"severity {sev}") + "\naccuracy")
         for ax in axes[-1]:
             ax.set_xlabel("confidence")
@@ -372,6 +381,8 @@ def _reliability_panel(ax, ctx: Context, rows: pd.DataFrame, model: str) -> None
         ax.plot(pooled["bin_confidence"], pooled["bin_accuracy"], markersize=2.5, **_line_kw(ctx, model, est))
     ax.set_xlim(0, 1)
     ax.set_ylim(0, 1)
+    ax.set_xticks([0, 0.5, 1], ["0", "0.5", "1"])
+    ax.set_yticks([0, 0.5, 1], ["0", "0.5", "1"])
     ax.set_aspect("equal")
     ax.grid(True)
 
