@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Callable
 
 import torch
@@ -45,6 +46,11 @@ class Prediction:
     members: Tensor | None = None
     gate: Tensor | None = None
 
+    @cached_property
+    def terms(self) -> Terms:
+        """The shared intermediate quantities of this prediction (computed on first use, then kept)."""
+        return Terms(self.probs, self.members, self.gate)
+
 
 # --------------------------------------------------------------------------- helpers
 
@@ -56,12 +62,6 @@ def _dtype(x: Tensor) -> torch.dtype:
 
 def _working(x: Tensor) -> Tensor:
     return x.to(_dtype(x))
-
-
-def _top(probs: Tensor) -> tuple[Tensor, Tensor]:
-    """(max_k P(k), first maximal class) [B,H,W]; ``max(dim)`` is much faster than ``argmax`` on CPU."""
-    top, c = probs.max(1)
-    return _working(top), c
 
 
 def _entropy(p: Tensor, dim: int) -> Tensor:
@@ -90,14 +90,56 @@ def _check_members(members: Tensor, probs: Tensor | None = None) -> None:
                               "(expected [M, *probs.shape])")
 
 
-def _member_entropies(members: Tensor) -> Tensor:
-    """H(P_i) for every member, [M,B,H,W]; one member at a time so only one [B,K,H,W] temporary lives."""
-    return torch.stack([_entropy(m, 1) for m in members])
-
-
 def _unit(x: Tensor) -> Tensor:
     """Clamp float rounding (e.g. MI = -1e-8) into [0,1]."""
     return x.clamp_(0.0, 1.0)
+
+
+class Terms:
+    """The intermediate quantities the estimators share, each computed at most once per prediction.
+
+    The runner evaluates up to six estimators on one MoE output; PE and MI (stacked) need the same
+    entropies, EV and the classwise gate entropy the same argmax. ``Prediction.terms`` holds one.
+    Shapes as in :class:`Prediction`; every map is [B,H,W] (member entropies [M,B,H,W]), in nats.
+    """
+
+    def __init__(self, probs: Tensor | None = None, members: Tensor | None = None, gate: Tensor | None = None):
+        if probs is not None:
+            _check_probs(probs)
+        if members is not None:
+            _check_members(members, probs)
+        self.probs, self.members, self.gate = probs, members, gate
+
+    @cached_property
+    def entropy(self) -> Tensor:
+        """H(P)."""
+        return _entropy(self.probs, 1)
+
+    @cached_property
+    def top(self) -> tuple[Tensor, Tensor]:
+        """(max_k P(k), first maximal class); ``max(dim)`` is much faster than ``argmax`` on CPU."""
+        top, c = self.probs.max(1)
+        return _working(top), c
+
+    @cached_property
+    def member_entropies(self) -> Tensor:
+        """H(P_i) for every member, [M,B,H,W]; one member at a time so one [B,K,H,W] temporary lives."""
+        return torch.stack([_entropy(m, 1) for m in self.members])
+
+    @cached_property
+    def mean_entropy(self) -> Tensor:
+        """H(P̄), P̄ = (1/M) sum_i P_i."""
+        return _entropy(self.members.mean(0, dtype=_dtype(self.members)), 1)
+
+    @cached_property
+    def stacked_entropy(self) -> Tensor:
+        """H(P̄'), P̄' = (sum_i P_i + P) / (M+1): the output appended as member M+1."""
+        m = self.members
+        return _entropy((m.sum(0, dtype=_dtype(m)) + self.probs) / (m.shape[0] + 1), 1)
+
+    @property
+    def log_k(self) -> float:
+        return _log_k(self.members[0] if self.probs is None else self.probs)
 
 
 def _simple_gate(gate: Tensor | None, members: Tensor, who: str) -> Tensor:
@@ -113,89 +155,47 @@ def _simple_gate(gate: Tensor | None, members: Tensor, who: str) -> Tensor:
     return _working(gate).t()
 
 
-# --------------------------------------------------------------------------- ensembles / MC dropout
+# --------------------------------------------------------------------------- the formulas, on shared terms
+# Each public estimator below is one of these on a fresh Terms; the registry passes Prediction.terms.
 
 
-def predictive_entropy(members: Tensor) -> Tensor:
-    """PE = H(P̄) / log K with P̄ = (1/M) sum_i P_i.  members [M,B,K,H,W] -> [B,H,W]."""
-    _check_members(members)
-    return _unit(_entropy(members.mean(0, dtype=_dtype(members)), 1) / _log_k(members[0]))
+def _pe(t: Terms) -> Tensor:
+    return _unit(t.mean_entropy / t.log_k)
 
 
-def mutual_information(members: Tensor) -> Tensor:
-    """MI = (H(P̄) - (1/M) sum_i H(P_i)) / log K.  members [M,B,K,H,W] -> [B,H,W].
-
-    0 <= MI <= H(P̄) <= log K (Jensen); float rounding below 0 is clamped.
-    """
-    _check_members(members)
-    mean_entropy = _member_entropies(members).mean(0)
-    return _unit((_entropy(members.mean(0, dtype=_dtype(members)), 1) - mean_entropy) / _log_k(members[0]))
+def _mi(t: Terms) -> Tensor:
+    return _unit((t.mean_entropy - t.member_entropies.mean(0)) / t.log_k)
 
 
-# --------------------------------------------------------------------------- MoE: stacked, weighted, EV, gate
+def _pe_stacked(t: Terms) -> Tensor:
+    return _unit(t.stacked_entropy / t.log_k)
 
 
-def predictive_entropy_stacked(probs: Tensor, members: Tensor) -> Tensor:
-    """PE with the MoE output appended as member M+1: H((sum_i P_i + P) / (M+1)) / log K.  -> [B,H,W]."""
-    _check_probs(probs)
-    _check_members(members, probs)
-    mean = (members.sum(0, dtype=_dtype(members)) + probs) / (members.shape[0] + 1)
-    return _unit(_entropy(mean, 1) / _log_k(probs))
+def _mi_stacked(t: Terms) -> Tensor:
+    mean_entropy = (t.member_entropies.sum(0) + t.entropy) / (t.members.shape[0] + 1)
+    return _unit((t.stacked_entropy - mean_entropy) / t.log_k)
 
 
-def mutual_information_stacked(probs: Tensor, members: Tensor) -> Tensor:
-    """MI over the M experts plus the MoE output: (H(P̄') - (sum_i H(P_i) + H(P)) / (M+1)) / log K.  -> [B,H,W]."""
-    _check_probs(probs)
-    _check_members(members, probs)
-    n = members.shape[0] + 1
-    mean = (members.sum(0, dtype=_dtype(members)) + probs) / n
-    mean_entropy = (_member_entropies(members).sum(0) + _entropy(probs, 1)) / n
-    return _unit((_entropy(mean, 1) - mean_entropy) / _log_k(probs))
+def _pe_weighted(t: Terms) -> Tensor:
+    _simple_gate(t.gate, t.members, "predictive_entropy_weighted")
+    return _unit(t.entropy / t.log_k)
 
 
-def predictive_entropy_weighted(probs: Tensor, members: Tensor, gate: Tensor | None) -> Tensor:
-    """PE of the gate-weighted mixture, i.e. of the MoE output itself: H(P) / log K (simple gates only)."""
-    _check_probs(probs)
-    _check_members(members, probs)
-    _simple_gate(gate, members, "predictive_entropy_weighted")
-    return _unit(_entropy(probs, 1) / _log_k(probs))
+def _mi_weighted(t: Terms) -> Tensor:
+    w = _simple_gate(t.gate, t.members, "mutual_information_weighted")  # [E,B]
+    weighted_entropy = (w[:, :, None, None] * t.member_entropies).sum(0)
+    return _unit((t.entropy - weighted_entropy) / t.log_k)
 
 
-def mutual_information_weighted(probs: Tensor, members: Tensor, gate: Tensor | None) -> Tensor:
-    """MI = max(0, H(P) - sum_i w_i H(P_i)) / log K, w [B,E] the simple gate, P the MoE output.
-
-    With P = sum_i w_i P_i (probabilities combined) this is >= 0 by concavity; an MoE that
-    combines logits or ends in a conv can give H(P) < sum_i w_i H(P_i): clamped at 0.
-    """
-    _check_probs(probs)
-    _check_members(members, probs)
-    w = _simple_gate(gate, members, "mutual_information_weighted")  # [E,B]
-    weighted_entropy = (w[:, :, None, None] * _member_entropies(members)).sum(0)
-    return _unit((_entropy(probs, 1) - weighted_entropy) / _log_k(probs))
-
-
-def expert_variance(probs: Tensor, members: Tensor) -> Tensor:
-    """EV = (1/N) sum_i (P_i(c) - P(c))^2 / EV_BOUND at c = argmax_k P(k).  -> [B,H,W].
-
-    P the MoE output [B,K,H,W], P_i the N experts [N,B,K,H,W]. EV_BOUND = 1 is the sup over all
-    admissible inputs (P one-hot at c, every P_i(c) = 0; reachable when the MoE combines logits
-    or ends in a conv). For P = sum_i w_i P_i the sup is (N-1)/N, for an equal-weight mean 1/4.
-    """
-    _check_probs(probs)
-    _check_members(members, probs)
-    top, c = _top(probs)
-    idx = c[None, :, None].expand(members.shape[0], -1, 1, -1, -1)
-    at_c = members.gather(2, idx).squeeze(2).to(top.dtype)  # [N,B,H,W]
+def _ev(t: Terms) -> Tensor:
+    top, c = t.top
+    idx = c[None, :, None].expand(t.members.shape[0], -1, 1, -1, -1)
+    at_c = t.members.gather(2, idx).squeeze(2).to(top.dtype)  # [N,B,H,W]
     return _unit((at_c - top).square_().mean(0) / EV_BOUND)
 
 
-def gate_entropy(probs: Tensor, gate: Tensor | None) -> Tensor:
-    """Routing uncertainty H(w) / log E.  -> [B,H,W].
-
-    Simple gate w [B,E]: one value per image, broadcast over pixels. Classwise gate w [B,E,K]:
-    the entropy of the expert weights of the class the MoE predicts at each pixel (argmax of P).
-    """
-    _check_probs(probs)
+def _ge(t: Terms) -> Tensor:
+    probs, gate = t.probs, t.gate
     if gate is None:
         raise ShiftbenchError("gate_entropy needs an MoE gate; the prediction has none")
     b, k, h, w = probs.shape
@@ -207,8 +207,77 @@ def gate_entropy(probs: Tensor, gate: Tensor | None) -> Tensor:
     ent = _entropy(gate, 1) / math.log(e)  # [B] or [B,K]
     if gate.dim() == 2:
         return _unit(ent[:, None, None].expand(b, h, w).clone())
-    c = _top(probs)[1]
-    return _unit(ent.gather(1, c.view(b, -1)).view(b, h, w))
+    return _unit(ent.gather(1, t.top[1].view(b, -1)).view(b, h, w))
+
+
+def _se(t: Terms) -> Tensor:
+    return _unit(t.entropy / t.log_k)
+
+
+def _msp(t: Terms) -> Tensor:
+    return _unit(1.0 - t.top[0])
+
+
+# --------------------------------------------------------------------------- ensembles / MC dropout
+
+
+def predictive_entropy(members: Tensor) -> Tensor:
+    """PE = H(P̄) / log K with P̄ = (1/M) sum_i P_i.  members [M,B,K,H,W] -> [B,H,W]."""
+    return _pe(Terms(members=members))
+
+
+def mutual_information(members: Tensor) -> Tensor:
+    """MI = (H(P̄) - (1/M) sum_i H(P_i)) / log K.  members [M,B,K,H,W] -> [B,H,W].
+
+    0 <= MI <= H(P̄) <= log K (Jensen); float rounding below 0 is clamped.
+    """
+    return _mi(Terms(members=members))
+
+
+# --------------------------------------------------------------------------- MoE: stacked, weighted, EV, gate
+
+
+def predictive_entropy_stacked(probs: Tensor, members: Tensor) -> Tensor:
+    """PE with the MoE output appended as member M+1: H((sum_i P_i + P) / (M+1)) / log K.  -> [B,H,W]."""
+    return _pe_stacked(Terms(probs, members))
+
+
+def mutual_information_stacked(probs: Tensor, members: Tensor) -> Tensor:
+    """MI over the M experts plus the MoE output: (H(P̄') - (sum_i H(P_i) + H(P)) / (M+1)) / log K.  -> [B,H,W]."""
+    return _mi_stacked(Terms(probs, members))
+
+
+def predictive_entropy_weighted(probs: Tensor, members: Tensor, gate: Tensor | None) -> Tensor:
+    """PE of the gate-weighted mixture, i.e. of the MoE output itself: H(P) / log K (simple gates only)."""
+    return _pe_weighted(Terms(probs, members, gate))
+
+
+def mutual_information_weighted(probs: Tensor, members: Tensor, gate: Tensor | None) -> Tensor:
+    """MI = max(0, H(P) - sum_i w_i H(P_i)) / log K, w [B,E] the simple gate, P the MoE output.
+
+    With P = sum_i w_i P_i (probabilities combined) this is >= 0 by concavity; an MoE that
+    combines logits or ends in a conv can give H(P) < sum_i w_i H(P_i): clamped at 0.
+    """
+    return _mi_weighted(Terms(probs, members, gate))
+
+
+def expert_variance(probs: Tensor, members: Tensor) -> Tensor:
+    """EV = (1/N) sum_i (P_i(c) - P(c))^2 / EV_BOUND at c = argmax_k P(k).  -> [B,H,W].
+
+    P the MoE output [B,K,H,W], P_i the N experts [N,B,K,H,W]. EV_BOUND = 1 is the sup over all
+    admissible inputs (P one-hot at c, every P_i(c) = 0; reachable when the MoE combines logits
+    or ends in a conv). For P = sum_i w_i P_i the sup is (N-1)/N, for an equal-weight mean 1/4.
+    """
+    return _ev(Terms(probs, members))
+
+
+def gate_entropy(probs: Tensor, gate: Tensor | None) -> Tensor:
+    """Routing uncertainty H(w) / log E.  -> [B,H,W].
+
+    Simple gate w [B,E]: one value per image, broadcast over pixels. Classwise gate w [B,E,K]:
+    the entropy of the expert weights of the class the MoE predicts at each pixel (argmax of P).
+    """
+    return _ge(Terms(probs, gate=gate))
 
 
 # --------------------------------------------------------------------------- single deterministic model
@@ -216,8 +285,7 @@ def gate_entropy(probs: Tensor, gate: Tensor | None) -> Tensor:
 
 def softmax_entropy(probs: Tensor) -> Tensor:
     """H(P) / log K of one model's softmax.  [B,K,H,W] -> [B,H,W]."""
-    _check_probs(probs)
-    return _unit(_entropy(probs, 1) / _log_k(probs))
+    return _se(Terms(probs))
 
 
 def one_minus_max_prob(probs: Tensor) -> Tensor:
@@ -226,8 +294,7 @@ def one_minus_max_prob(probs: Tensor) -> Tensor:
     Kept unscaled (its sup is 1 - 1/K, within [0,1]) so that 1 - u is exactly the top-label
     probability, the confidence of the probability mode.
     """
-    _check_probs(probs)
-    return _unit(1.0 - _working(probs.amax(1)))
+    return _msp(Terms(probs))
 
 
 # --------------------------------------------------------------------------- registry
@@ -266,21 +333,21 @@ class Estimator:
 
 
 ESTIMATORS: dict[str, Estimator] = {e.name: e for e in (
-    Estimator("predictive_entropy", "PE", lambda p: predictive_entropy(p.members), needs_members=True),
-    Estimator("mutual_information", "MI", lambda p: mutual_information(p.members), needs_members=True),
+    Estimator("predictive_entropy", "PE", lambda p: _pe(p.terms), needs_members=True),
+    Estimator("mutual_information", "MI", lambda p: _mi(p.terms), needs_members=True),
     Estimator("predictive_entropy_stacked", "PE (stacked)",
-              lambda p: predictive_entropy_stacked(p.probs, p.members), needs_members=True, needs_gate=True),
+              lambda p: _pe_stacked(p.terms), needs_members=True, needs_gate=True),
     Estimator("predictive_entropy_weighted", "PE (weighted)",
-              lambda p: predictive_entropy_weighted(p.probs, p.members, p.gate),
+              lambda p: _pe_weighted(p.terms),
               needs_members=True, needs_gate=True, simple_gate_only=True),
     Estimator("mutual_information_stacked", "MI (stacked)",
-              lambda p: mutual_information_stacked(p.probs, p.members), needs_members=True, needs_gate=True),
+              lambda p: _mi_stacked(p.terms), needs_members=True, needs_gate=True),
     Estimator("mutual_information_weighted", "MI (weighted)",
-              lambda p: mutual_information_weighted(p.probs, p.members, p.gate),
+              lambda p: _mi_weighted(p.terms),
               needs_members=True, needs_gate=True, simple_gate_only=True),
-    Estimator("expert_variance", "EV", lambda p: expert_variance(p.probs, p.members), needs_members=True,
+    Estimator("expert_variance", "EV", lambda p: _ev(p.terms), needs_members=True,
               needs_gate=True),
-    Estimator("gate_entropy", "GE", lambda p: gate_entropy(p.probs, p.gate), needs_gate=True),
-    Estimator("softmax_entropy", "SE", lambda p: softmax_entropy(p.probs)),
-    Estimator("one_minus_max_prob", "1-MSP", lambda p: one_minus_max_prob(p.probs)),
+    Estimator("gate_entropy", "GE", lambda p: _ge(p.terms), needs_gate=True),
+    Estimator("softmax_entropy", "SE", lambda p: _se(p.terms)),
+    Estimator("one_minus_max_prob", "1-MSP", lambda p: _msp(p.terms)),
 )}

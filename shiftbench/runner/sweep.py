@@ -85,7 +85,7 @@ class Accumulators:
         self.n_images += labels.shape[0]
         for name, ests in self.plan.items():
             pred = preds[name]
-            label_pred = pred.probs.argmax(1)
+            label_pred = pred.terms.top[1]  # argmax(probs), shared with the estimators
             self.segmentation[name].update(label_pred, labels)
             maps[name] = {}
             for e in ests:
