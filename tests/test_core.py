@@ -27,6 +27,13 @@ def test_atomic_write_on_error_keeps_old_file(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["out.txt"]
 
 
+def test_atomic_write_gives_the_mode_of_a_plain_open(tmp_path):
+    plain = tmp_path / "plain.txt"
+    plain.write_text("x")
+    io.write_text(tmp_path / "atomic.txt", "x")
+    assert (tmp_path / "atomic.txt").stat().st_mode == plain.stat().st_mode
+
+
 def test_keys_are_stable_and_distinct():
     assert key(0, "a") == key(0, "a")
     assert key(0, "a") != key(1, "a") != key(0, "b")
