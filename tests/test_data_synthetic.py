@@ -226,3 +226,10 @@ def test_dataset_pickles_for_worker_processes():
     ds = SyntheticStreetScenes("highway", "val", count=2, seed=4, size=SMALL)
     clone = pickle.loads(pickle.dumps(ds))
     assert all(torch.equal(a, b) for a, b in zip(ds[1][:2], clone[1][:2])) and clone[1][2] == ds[1][2]
+
+
+def test_gantry_spanning_the_whole_road_renders():
+    # highway/train 2575 draws a gantry panel as wide as the gantry: its centre's range rounds to
+    # high < low by one ulp, which numpy's uniform refused ("high - low < 0")
+    rgb, lab = generate("highway", 2575, seed=0, size=(32, 64), split="train")
+    assert rgb.shape == (32, 64, 3) and lab.shape == (32, 64)

@@ -484,7 +484,8 @@ def _objects(s: Scene, p: dict, rng: np.random.Generator) -> None:
         for x in (x0, x1):
             s.things.append(Thing("pole", x, z + 0.3, 0.35, 7.0, (0.5, 0.52, 0.55)))
         width = min(x1 - x0, rng.uniform(4, 10))
-        s.things.append(Thing("panel", rng.uniform(x0 + width / 2, x1 - width / 2), z, width, rng.uniform(2, 3.5),
+        lo = x0 + width / 2  # when the panel spans the whole gantry, x1 - width / 2 can round below lo
+        s.things.append(Thing("panel", rng.uniform(lo, max(lo, x1 - width / 2)), z, width, rng.uniform(2, 3.5),
                               (0.05, 0.3, 0.6) if rng.random() < 0.7 else (0.05, 0.4, 0.2), y0=5.2))
 
 
