@@ -8,7 +8,7 @@ import argparse
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("suite", help="suite file, e.g. suites/demo.yaml")
     p.add_argument("--out", help="run directory (default: the suite's run.out)")
-    p.add_argument("--limit", type=int, help="at most N images per split (quick runs)")
+    p.add_argument("--limit", type=int, help="at most N images per split group, taken evenly from its splits (quick runs)")
     p.add_argument("--corruptions", help="comma-separated corruption names, 'all' or 'none'")
     p.add_argument("--severities", help="comma-separated severities, e.g. 1,3")
     p.add_argument("--batch-size", type=int, help="images per batch (results do not depend on it)")

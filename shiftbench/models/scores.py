@@ -1,7 +1,7 @@
 """Clean-data mIoU of every model of a suite, per split and per group of splits.
 
 ``python -m shiftbench.models.scores suites/demo.yaml`` prints the Markdown table of
-docs/readme/models.md. A group's mIoU comes from the summed confusion matrices of its splits
+docs/models.md. A group's mIoU comes from the summed confusion matrices of its splits
 (not the mean of the splits' mIoUs).
 """
 
