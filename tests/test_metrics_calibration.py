@@ -107,6 +107,23 @@ def test_random_inputs_match_brute_force(average, given):
     assert result["n_pixels"] == int((target != IGNORE).sum())
 
 
+@pytest.mark.parametrize("average", ["pixels", "images"])
+def test_without_multiclass_the_given_confidence_scores_are_unchanged(average):
+    probs, target = _random(b=3, seed=4)
+    conf = torch.rand(target.shape, generator=torch.Generator().manual_seed(5))
+    full, lean = _run(probs, target, conf, average=average), _run(probs, target, conf, average=average,
+                                                                  multiclass=False)
+    want, _ = brute_calibration(probs, target, conf, average=average)
+    for key in ("ece", "mce", "brier", "nll"):
+        assert lean[key] == full[key], key
+        assert lean[key] == pytest.approx(want[key], rel=1e-5, abs=1e-7), key
+    assert math.isnan(lean["brier_multiclass"]) and math.isnan(lean["nll_multiclass"])
+    prob_mode = _run(probs, target, average=average, multiclass=False)  # there brier/nll are the multiclass ones
+    assert prob_mode["brier_multiclass"] == prob_mode["brier"] == pytest.approx(want["brier_multiclass"], rel=1e-5)
+    with pytest.raises(ValueError):
+        CalibrationMetrics(5).merge(CalibrationMetrics(5, multiclass=False))
+
+
 def test_confidences_exactly_on_bin_edges_zero_and_one():
     n_bins = 15
     edges = torch.linspace(0, 1, n_bins + 1)

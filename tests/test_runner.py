@@ -67,6 +67,31 @@ def test_outputs_follow_the_run_format(base):
     assert (base / "maps" / "ood" / "ambiguous__test__000001.npz").exists()
 
 
+def test_multiclass_scores_are_the_models_and_match_a_direct_computation(suite, base):
+    from shiftbench.models.zoo import ModelZoo
+    from shiftbench.runner.data import open_split
+    from shiftbench.runner.dist import World
+    from shiftbench.suite import load_suite
+
+    res = pd.read_csv(base / "results.csv")
+    per_model = res.groupby(["split", "corruption", "severity", "model"])[["brier_multiclass", "nll_multiclass"]]
+    assert per_model.nunique().eq(1).all().all()  # carried by one estimator, the same on every row of a model
+    assert res[["brier_multiclass", "nll_multiclass"]].notna().all().all()
+    s = load_suite(suite)
+    zoo = ModelZoo.from_suite(s, torch.device("cpu"))
+    brier, nll, n = 0.0, 0.0, 0
+    for batch in open_split(s, "id", World()).batches(4):
+        with torch.no_grad():
+            p = zoo(batch.images.float() / 255, [0] * len(batch.ids))["ensemble"].probs.double()
+        onehot = torch.nn.functional.one_hot(batch.labels, p.shape[1]).permute(0, 3, 1, 2).double()
+        brier += float(((p - onehot) ** 2).sum(1).sum())
+        nll += float(-p.gather(1, batch.labels[:, None]).clamp_min(1e-12).log().sum())
+        n += batch.labels.numel()
+    rows = res[(res.split == "id") & (res.corruption == "clean") & (res.model == "ensemble")]
+    assert rows.brier_multiclass.to_numpy() == pytest.approx(brier / n, rel=1e-5)
+    assert rows.nll_multiclass.to_numpy() == pytest.approx(nll / n, rel=1e-5)
+
+
 def test_rerun_skips_finished_conditions(suite, base):
     before = (base / "results.csv").read_bytes()
     assert run(suite, base) == 0

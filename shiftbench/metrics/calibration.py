@@ -10,7 +10,9 @@ Two confidence sources (fixed per accumulator):
   the binary scores of that confidence as a forecast of correctness: mean (conf - correct)^2
   and mean -[correct log conf + (1 - correct) log(1 - conf)], probabilities clamped at 1e-12.
 
-The multiclass scores are always also returned as ``brier_multiclass`` / ``nll_multiclass``.
+The multiclass scores are also returned as ``brier_multiclass`` / ``nll_multiclass``; with a given
+confidence they do not depend on it, so ``multiclass=False`` skips them (NaN) where another
+accumulator of the same model already has them (the runner keeps them on one estimator per model).
 Bins: n equal-width bins [e_i, e_i+1) with e = float32 ``linspace(0, 1, n+1)`` (i/n rounded to
 float32: torchmetrics' edges, compared in float32 as torchmetrics does), the last bin closed at 1
 (torchmetrics puts a confidence of exactly 1 into an extra bin of its own).
@@ -90,15 +92,18 @@ class CalibrationMetrics(Accumulator):
     counts; update counts per confidence mode (mixing modes is refused at ``compute``).
     """
 
-    def __init__(self, num_classes: int, n_bins: int = 15, ignore_index: int = 255, average: str = "pixels") -> None:
+    def __init__(self, num_classes: int, n_bins: int = 15, ignore_index: int = 255, average: str = "pixels",
+                 multiclass: bool = True) -> None:
         if not isinstance(num_classes, int) or num_classes < 1:
             raise ShiftbenchError(f"num_classes must be a positive integer; got {num_classes!r}")
         if not isinstance(n_bins, int) or n_bins < 1:
             raise ShiftbenchError(f"n_bins must be a positive integer; got {n_bins!r}")
         if average not in AVERAGES:
             raise ShiftbenchError(f"average={average!r} is not one of {', '.join(AVERAGES)}")
-        super().__init__(num_classes=num_classes, n_bins=n_bins, ignore_index=ignore_index, average=average)
+        super().__init__(num_classes=num_classes, n_bins=n_bins, ignore_index=ignore_index, average=average,
+                         multiclass=bool(multiclass))
         self.num_classes, self.n_bins, self.ignore_index, self.average = num_classes, n_bins, ignore_index, average
+        self.multiclass = bool(multiclass)
         self.edges = torch.linspace(0, 1, n_bins + 1, dtype=torch.float32)  # torchmetrics' edges
         self._margin = _edge_margin(self.edges)
         f64, i64 = dict(dtype=torch.float64), dict(dtype=torch.int64)
@@ -177,16 +182,19 @@ class CalibrationMetrics(Accumulator):
         q = c if correct else 1 - c (the forecast probability of what happened): binary Brier = (1 - q)^2,
         binary NLL = -log max(q, 1e-12). In probability mode ``brier`` / ``nll`` are the multiclass maps.
         """
+        if given:
+            q = torch.where(correct, conf, 1 - conf).masked_fill_(invalid, 1)
+            brier = torch.sub(1, q).square_()
+            binary = [_Score([0], brier), _Score([1], q.clamp_(min=EPS).log_(), -1.0)]
+            if not self.multiclass:
+                return binary
         p_y = probs.gather(1, y.unsqueeze(1)).squeeze(1).float()
         brier_mc = sum_of_squares(probs).sub_(p_y, alpha=2).masked_fill_(invalid, 0)  # + 1 per valid pixel below
         log_p_y = p_y.masked_fill_(invalid, 1).clamp_(min=EPS).log_()
         multiclass = [_Score([2], brier_mc, 1.0, 1.0), _Score([3], log_p_y, -1.0)]
         if not given:
             return [_Score([0, 2], brier_mc, 1.0, 1.0), _Score([1, 3], log_p_y, -1.0)]
-        q = torch.where(correct, conf, 1 - conf).masked_fill_(invalid, 1)
-        brier = torch.sub(1, q).square_()
-        log_q = q.clamp_(min=EPS).log_()
-        return [_Score([0], brier), _Score([1], log_q, -1.0)] + multiclass
+        return binary + multiclass
 
     def _cells(self, conf: Tensor, correct: Tensor, invalid: Tensor) -> Tensor:
         """Histogram cell of every pixel, int64 [B*r*W]: (image * n + bin) * 2 + correct; ignored -> 2Bn (dropped).
@@ -241,6 +249,8 @@ class CalibrationMetrics(Accumulator):
         else:
             errors, scores = (self.image_sum / self.n_images.double()).split([len(ERRORS), len(SCORES)])
         out: dict[str, Any] = dict(zip(ERRORS + SCORES, (errors.tolist() + scores.tolist())))
+        if used == ["given"] and not self.multiclass:
+            out.update(brier_multiclass=float("nan"), nll_multiclass=float("nan"))
         out.update(
             accuracy=(self.bin_correct.sum() / n).item(),
             mean_confidence=(self.bin_confidence.sum() / n).item(),

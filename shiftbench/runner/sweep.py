@@ -62,8 +62,10 @@ class Accumulators:
         self.n_images = 0
         self.confidence = m.calibration_confidence
         self.segmentation = {name: SegmentationMetrics(k, ignore_index=IGNORE).to(device) for name in plan}
+        # the multiclass Brier/NLL depend on the model only: one estimator per model carries them
         self.calibration = {(name, e): CalibrationMetrics(k, n_bins=m.n_bins, ignore_index=IGNORE,
-                                                          average=m.calibration_average).to(device)
+                                                          average=m.calibration_average,
+                                                          multiclass=e == ests[0]).to(device)
                             for name, ests in plan.items() for e in ests}
         self.conditional = {(name, e): ConditionalMetrics(patch_size=m.patch_size,
                                                           accuracy_threshold=m.accuracy_threshold,
