@@ -29,6 +29,7 @@ _BORDER = {
     "wrap": lambda i, n: i.remainder(n),  # c d | a b c d | a b
 }
 _BLOCK = 64  # output rows per block of the banded matrix product
+_SHIFT_MAX = 25  # along W, kernels up to this length are cheaper as k shifted multiply-adds
 
 
 def _fold(i: Tensor, top: int, n: int) -> Tensor:
@@ -80,6 +81,12 @@ def correlate1d(x: Tensor, weights: Sequence[float], dim: int, mode: str = "near
     if dim not in (-1, -2):
         raise ValueError(f"dim must be -1 or -2 (W or H), got {dim}")
     k, n = len(weights), x.shape[dim]
+    if dim == -1 and k <= _SHIFT_MAX:  # the banded product reads W through a strided unfold: slow
+        padded = pad2d(x, 0, 0, k // 2, k - 1 - k // 2, mode)
+        out = padded[..., :n] * float(weights[0])
+        for j in range(1, k):
+            out.add_(padded[..., j:j + n], alpha=float(weights[j]))
+        return out
     block = min(_BLOCK, n)
     nblocks = -(-n // block)
     length = block + k - 1  # source positions one block of outputs reads

@@ -16,12 +16,7 @@ DEMO = Path(__file__).resolve().parents[1] / "suites" / "demo.yaml"
 MB = 1 << 20
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -13,13 +13,7 @@ from shiftbench.suite import load_suite
 K = 11
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: one thread is as fast, and immune to a busy shared machine's core contention."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 GRID = [2, 4]  # the tiny backbone's stride-16 map of a 32x64 image
 
 MODELS = [

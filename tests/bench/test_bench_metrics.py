@@ -62,6 +62,20 @@ def test_bench_calibration_and_conditional_given_confidence(benchmark, big):
     _throughput(benchmark, step)
 
 
+def test_bench_calibration_and_conditional_given_confidence_no_multiclass(benchmark, big):
+    """The runner's path for every estimator of a model but the first: the multiclass Brier/NLL, which do
+    not depend on the estimator, are skipped (``multiclass=False``)."""
+    probs, target, unc, pred = big
+    cal, cond = CalibrationMetrics(K, multiclass=False), ConditionalMetrics()
+    conf = 1 - unc
+
+    def step():
+        cal.update(probs, target, conf, pred=pred)
+        cond.update(pred, target, unc)
+
+    _throughput(benchmark, step)
+
+
 def test_bench_calibration_and_conditional_probability_mode(benchmark, big):
     probs, target, unc, pred = big
     cal, cond = CalibrationMetrics(K), ConditionalMetrics()
