@@ -126,6 +126,17 @@ def correlate3x3(x: Tensor, kernel: tuple[tuple[float, ...], ...], border: str) 
 _TAN22 = int(0.4142135623730950488016887242097 * (1 << 15) + 0.5)
 
 
+def _dilate3(mask: Tensor) -> Tensor:
+    """3x3 binary dilation of a bool map [..., H, W] (= max_pool2d(3, 1, 1) > 0), as separable ORs of shifts."""
+    rows = mask.clone()
+    rows[..., 1:] |= mask[..., :-1]
+    rows[..., :-1] |= mask[..., 1:]
+    out = rows.clone()
+    out[..., 1:, :] |= rows[..., :-1, :]
+    out[..., :-1, :] |= rows[..., 1:, :]
+    return out
+
+
 def canny(image: Tensor, low: float, high: float) -> Tensor:
     """cv2.Canny(image, low, high) (aperture 3, L1 gradient) of 8-bit images held as float [B,1,H,W]; bool edges.
 
@@ -156,7 +167,7 @@ def canny(image: Tensor, low: float, high: float) -> Tensor:
     candidate = is_max & (mag > math.floor(low))
     edges = candidate & (mag > math.floor(high))
     while True:
-        grown = candidate & (F.max_pool2d(edges.float(), 3, 1, 1) > 0)
+        grown = candidate & _dilate3(edges)
         if torch.equal(grown, edges):
             return edges
         edges = grown

@@ -312,6 +312,12 @@ def test_chamfer_distance_is_opencvs():
         np.testing.assert_allclose(ours, expected, atol=1e-5)
 
 
+@pytest.mark.parametrize("shape", [(1, 1, 7, 9), (2, 3, 64, 33), (1, 1, 1, 5)])
+def test_dilate3_is_max_pool(shape):
+    mask = torch.rand(shape, generator=torch.Generator().manual_seed(0)) < 0.1
+    assert torch.equal(ops._dilate3(mask), torch.nn.functional.max_pool2d(mask.float(), 3, 1, 1) > 0)
+
+
 def test_canny_and_equalize_hist_are_opencvs():
     import cv2
 
