@@ -19,7 +19,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from functools import cached_property
-from typing import Callable
+from typing import Callable, Iterable
 
 import torch
 from torch import Tensor
@@ -109,6 +109,7 @@ class Terms:
         if members is not None:
             _check_members(members, probs)
         self.probs, self.members, self.gate = probs, members, gate
+        self.peer: Terms | None = None  # holds the same members tensor: its member-only terms are ours
 
     @cached_property
     def entropy(self) -> Tensor:
@@ -124,11 +125,15 @@ class Terms:
     @cached_property
     def member_entropies(self) -> Tensor:
         """H(P_i) for every member, [M,B,H,W]; one member at a time so one [B,K,H,W] temporary lives."""
+        if self.peer is not None:
+            return self.peer.member_entropies
         return torch.stack([_entropy(m, 1) for m in self.members])
 
     @cached_property
     def mean_entropy(self) -> Tensor:
         """H(P̄), P̄ = (1/M) sum_i P_i."""
+        if self.peer is not None:
+            return self.peer.mean_entropy
         return _entropy(self.members.mean(0, dtype=_dtype(self.members)), 1)
 
     @cached_property
@@ -140,6 +145,17 @@ class Terms:
     @property
     def log_k(self) -> float:
         return _log_k(self.members[0] if self.probs is None else self.probs)
+
+
+def share_members(preds: Iterable[Prediction]) -> None:
+    """Let predictions that hold the very same members tensor (an ensemble and the MoEs built on the
+    same experts) compute its member entropies once: each later one takes the first one's terms."""
+    owners: dict[int, Terms] = {}
+    for pred in preds:
+        if pred.members is not None:
+            owner = owners.setdefault(id(pred.members), pred.terms)
+            if owner is not pred.terms and owner.members is pred.members:
+                pred.terms.peer = owner
 
 
 def _simple_gate(gate: Tensor | None, members: Tensor, who: str) -> Tensor:

@@ -9,6 +9,7 @@ from scipy.stats import entropy
 
 from shiftbench.errors import ShiftbenchError
 from shiftbench.uncertainty import (
+    share_members,
     ESTIMATORS,
     Prediction,
     expert_variance,
@@ -236,3 +237,29 @@ def test_suite_validator_uses_the_registry():
     classwise = ModelSpec(name="moe", kind="moe", estimators=(), gate="classwise")
     assert "simple gate" in _estimator_misfit(ESTIMATORS["mutual_information_weighted"], classwise)
     assert _estimator_misfit(ESTIMATORS["expert_variance"], classwise) is None
+
+
+def test_predictions_sharing_members_compute_their_entropies_once(monkeypatch):
+    import shiftbench.uncertainty as unc
+
+    members = _probs(M, B, K, H, W, seed=7)
+    gate = _gate(B, M, seed=8)
+    moe_probs = (gate.t()[:, :, None, None, None] * members).sum(0)
+
+    def preds():
+        return {"ensemble": Prediction(members.mean(0), members), "moe": Prediction(moe_probs, members, gate)}
+
+    plan = {"ensemble": ["predictive_entropy", "mutual_information"],
+            "moe": ["mutual_information_stacked", "mutual_information_weighted", "predictive_entropy_stacked"]}
+    alone = {n: {e: ESTIMATORS[e](p) for e in plan[n]} for n, p in preds().items()}
+    calls = []
+    entropy_fn = unc._entropy
+    monkeypatch.setattr(unc, "_entropy", lambda p, dim: calls.append(p.shape) or entropy_fn(p, dim))
+    shared = preds()
+    share_members(shared.values())
+    together = {n: {e: ESTIMATORS[e](p) for e in plan[n]} for n, p in shared.items()}
+    for n in plan:
+        for e in plan[n]:
+            assert torch.equal(together[n][e], alone[n][e]), (n, e)
+    # M member entropies once, H(mean), H(moe output), H(stacked mean)
+    assert len(calls) == M + 3

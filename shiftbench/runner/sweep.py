@@ -23,7 +23,7 @@ from shiftbench.metrics import (CalibrationMetrics, ConditionalMetrics, Segmenta
 from shiftbench.runner.conditions import Condition
 from shiftbench.runner.data import Batch, SplitData
 from shiftbench.seeding import key
-from shiftbench.uncertainty import ESTIMATORS, Prediction
+from shiftbench.uncertainty import ESTIMATORS, Prediction, share_members
 
 IGNORE = 255
 
@@ -85,6 +85,7 @@ class Accumulators:
         """Update every accumulator; returns the uncertainty maps per model and estimator."""
         maps: dict[str, dict[str, Tensor]] = {}
         self.n_images += labels.shape[0]
+        share_members(preds.values())
         for name, ests in self.plan.items():
             pred = preds[name]
             label_pred = pred.terms.top[1]  # argmax(probs), shared with the estimators
@@ -131,7 +132,8 @@ def predict(zoo, x: Tensor, seeds: list[int], exact: bool = True) -> dict[str, P
     if not exact or x.shape[0] == 1:
         return zoo(x, seeds)
     parts = [zoo(x[i:i + 1], seeds[i:i + 1]) for i in range(x.shape[0])]
-    return {n: _cat_predictions([p[n] for p in parts]) for n in parts[0]}
+    memo: dict[tuple[int, ...], Tensor] = {}
+    return {n: _cat_predictions([p[n] for p in parts], memo) for n in parts[0]}
 
 
 def forward_batch(zoo, cond: Condition, batch: Batch, seed: int, device: torch.device, timer: Timer,
@@ -154,12 +156,22 @@ def forward_batch(zoo, cond: Condition, batch: Batch, seed: int, device: torch.d
         halves = [Batch(batch.images[s], batch.labels[s], batch.ids[s]) for s in (slice(0, h), slice(h, None))]
         parts = [forward_batch(zoo, cond, b, seed, device, timer, exact) for b in halves]
         x = torch.cat([p[0] for p in parts])
-        preds = {n: _cat_predictions([p[1][n] for p in parts]) for n in parts[0][1]}
+        memo: dict[tuple[int, ...], Tensor] = {}
+        preds = {n: _cat_predictions([p[1][n] for p in parts], memo) for n in parts[0][1]}
         return x, preds
 
 
-def _cat_predictions(parts: list[Prediction]) -> Prediction:
-    cat = lambda xs, dim: None if xs[0] is None else torch.cat(xs, dim)  # noqa: E731
+def _cat_predictions(parts: list[Prediction], memo: dict[tuple[int, ...], Tensor]) -> Prediction:
+    """Concatenate per-part predictions along the batch. Tensors that several models share in every part
+    (the experts' probabilities under an ensemble and its MoEs) are concatenated once and stay shared."""
+    def cat(xs: list[Tensor | None], dim: int) -> Tensor | None:
+        if xs[0] is None:
+            return None
+        key = (dim, *map(id, xs))
+        if key not in memo:
+            memo[key] = torch.cat(xs, dim)
+        return memo[key]
+
     return Prediction(probs=cat([p.probs for p in parts], 0), members=cat([p.members for p in parts], 1),
                       gate=cat([p.gate for p in parts], 0))
 
