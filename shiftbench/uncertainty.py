@@ -5,8 +5,7 @@ data-independent bound (log K, log E, ...), never by a statistic of the data.
 
 Shapes: ``probs`` [B,K,H,W] (the evaluated predictive distribution), ``members``
 [M,B,K,H,W] (MC passes, ensemble members, MoE experts), ``gate`` [B,E] (simple gate) or
-[B,E,K] (classwise gate), E = M. Entropies use ``0 log 0 = 0`` (``torch.special.entr``),
-so one-hot inputs give exact zeros, never NaN. Half-precision inputs are computed in
+[B,E,K] (classwise gate), E = M. Entropies use ``0 log 0 = 0``, so one-hot inputs give exact zeros, never NaN. Half-precision inputs are computed in
 float32; float64 inputs stay float64.
 
 :data:`ESTIMATORS` maps each estimator's name to an :class:`Estimator`: a function
@@ -65,8 +64,18 @@ def _working(x: Tensor) -> Tensor:
 
 
 def _entropy(p: Tensor, dim: int) -> Tensor:
-    """Shannon entropy -sum p log p along ``dim`` (nats), with 0 log 0 = 0."""
-    return torch.special.entr(_working(p)).sum(dim)
+    """Shannon entropy -sum p log p along ``dim`` (nats), with 0 log 0 = 0.
+
+    Fast path: sum(p * log p), about twice as fast as ``torch.special.entr`` on the CPU. A zero
+    probability makes that sum NaN (0 * -inf); only those entries are recomputed with ``entr``
+    (exact zeros for one-hot inputs), and a NaN input stays NaN.
+    """
+    p = _working(p)
+    h = p.log().mul_(p).sum(dim).neg_()
+    bad = h.isnan()
+    if bad.any():
+        h[bad] = torch.special.entr(p.movedim(dim, -1)[bad]).sum(-1)
+    return h
 
 
 def _log_k(probs: Tensor) -> float:

@@ -263,3 +263,17 @@ def test_predictions_sharing_members_compute_their_entropies_once(monkeypatch):
             assert torch.equal(together[n][e], alone[n][e]), (n, e)
     # M member entropies once, H(mean), H(moe output), H(stacked mean)
     assert len(calls) == M + 3
+
+
+def test_entropy_fast_path_handles_zeros_and_nan():
+    from shiftbench.uncertainty import _entropy
+
+    p = _probs(B, K, H, W, seed=9)
+    p[0, :, 0, 0] = torch.tensor([1.0, 0, 0, 0, 0])  # one-hot: exactly 0
+    p[1, :, 1, 1] = torch.tensor([0.5, 0.5, 0, 0, 0])  # zeros in a mixed pixel: exactly log 2
+    p[1, 0, 2, 2] = float("nan")
+    h = _entropy(p, 1)
+    assert h[0, 0, 0] == 0 and h[1, 1, 1] == torch.special.entr(p[1, :, 1, 1]).sum()
+    assert torch.isnan(h[1, 2, 2])
+    ok = ~torch.isnan(h)
+    torch.testing.assert_close(h[ok], torch.special.entr(p).sum(1)[ok], rtol=1e-6, atol=1e-6)
