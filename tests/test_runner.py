@@ -255,3 +255,15 @@ def test_out_of_memory_halves_the_batch(suite, base, tmp_path, monkeypatch):
     assert run(suite, tmp_path / "oom") == 0
     assert 2 in sizes and 1 in sizes
     assert (tmp_path / "oom" / "results.csv").read_bytes() == (base / "results.csv").read_bytes()
+
+
+def test_out_of_memory_on_a_single_image_fails_the_condition(suite, tmp_path, monkeypatch):
+    import shiftbench.runner.sweep as sweep
+
+    def no_memory(zoo, x, seeds, exact=True):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
+
+    monkeypatch.setattr(sweep, "predict", no_memory)
+    assert run(suite, tmp_path / "oom", "--corruptions", "none") == 1
+    failed = json.loads((tmp_path / "oom" / "summary.json").read_text())["failed"]
+    assert len(failed) == 2 and all("out of memory on a single image" in f["reason"] for f in failed)

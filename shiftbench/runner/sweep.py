@@ -148,9 +148,10 @@ def forward_batch(zoo, cond: Condition, batch: Batch, seed: int, device: torch.d
         with timer("forward"):
             preds = predict(zoo, x, model_seeds(seed, batch.ids), exact)
         return x, preds
-    except torch.cuda.OutOfMemoryError:
+    except torch.cuda.OutOfMemoryError as exc:
         if len(batch.ids) == 1:
-            raise
+            first = str(exc).splitlines()[0] if str(exc) else "CUDA out of memory"
+            raise ConditionFailed(f"out of memory on a single image ({batch.ids[0]}): {first}") from exc
         torch.cuda.empty_cache()
         h = len(batch.ids) // 2
         halves = [Batch(batch.images[s], batch.labels[s], batch.ids[s]) for s in (slice(0, h), slice(h, None))]
