@@ -207,6 +207,14 @@ def _states(out: Path) -> dict:
     return {p.relative_to(out).as_posix(): torch.load(p, weights_only=True) for p in (out / "states").rglob("*.pt")}
 
 
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 def test_torchrun_two_gloo_processes_equal_single_process(suite, tmp_path):
     # CPU convolutions round differently with different thread counts (oneDNN splits the
     # reductions), and torchrun gives each process one thread: compare like with like.
@@ -219,7 +227,7 @@ def test_torchrun_two_gloo_processes_equal_single_process(suite, tmp_path):
     base = tmp_path / "single"
     out = tmp_path / "ddp"
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29517",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(_free_port()),
            "-m", "shiftbench", "run", str(suite), "--out", str(out), "--quiet"]
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
