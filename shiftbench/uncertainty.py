@@ -5,8 +5,8 @@ data-independent bound (log K, log E, ...), never by a statistic of the data.
 
 Shapes: ``probs`` [B,K,H,W] (the evaluated predictive distribution), ``members``
 [M,B,K,H,W] (MC passes, ensemble members, MoE experts), ``gate`` [B,E] (simple gate) or
-[B,E,K] (classwise gate), E = M. Entropies use ``0 log 0 = 0``, so one-hot inputs give exact zeros, never NaN. Half-precision inputs are computed in
-float32; float64 inputs stay float64.
+[B,E,K] (classwise gate), E = M. Entropies use ``0 log 0 = 0``, so one-hot inputs give exact
+zeros, never NaN. Half-precision inputs are computed in float32; float64 inputs stay float64.
 
 :data:`ESTIMATORS` maps each estimator's name to an :class:`Estimator`: a function
 ``(Prediction) -> Tensor [B,H,W]``, what it needs from the model (members, a gate, a

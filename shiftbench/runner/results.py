@@ -42,10 +42,10 @@ def condition_tables(suite, cond: Condition, payload: dict[str, Any]) -> tuple[l
     rows, curves = [], []
     for model, ests in plan.items():
         seg = accs.segmentation[model].compute()
-        first = accs.calibration[model, ests[0]].compute()  # carries the model's multiclass Brier/NLL
+        cals = {e: accs.calibration[model, e].compute() for e in ests}
+        first = cals[ests[0]]  # carries the model's multiclass Brier/NLL
         for e in ests:
-            cal = dict(accs.calibration[model, e].compute(), brier_multiclass=first["brier_multiclass"],
-                       nll_multiclass=first["nll_multiclass"])
+            cal = dict(cals[e], brier_multiclass=first["brier_multiclass"], nll_multiclass=first["nll_multiclass"])
             con = accs.conditional[model, e].compute()
             hist = accs.histogram[model, e].compute()
             key = {"split": cond.split, "model": model, "kind": kinds[model], "estimator": e,
