@@ -162,8 +162,8 @@ def share_members(preds: Iterable[Prediction]) -> None:
     owners: dict[int, Terms] = {}
     for pred in preds:
         if pred.members is not None:
-            owner = owners.setdefault(id(pred.members), pred.terms)
-            if owner is not pred.terms and owner.members is pred.members:
+            owner = owners.setdefault(id(pred.members), pred.terms)  # ids are unique while both live
+            if owner is not pred.terms:
                 pred.terms.peer = owner
 
 
@@ -203,7 +203,7 @@ def _mi_stacked(t: Terms) -> Tensor:
 
 def _pe_weighted(t: Terms) -> Tensor:
     _simple_gate(t.gate, t.members, "predictive_entropy_weighted")
-    return _unit(t.entropy / t.log_k)
+    return _se(t)  # the gate-weighted mixture is the MoE output itself
 
 
 def _mi_weighted(t: Terms) -> Tensor:
