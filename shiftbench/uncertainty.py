@@ -18,11 +18,12 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from functools import cached_property
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Sequence
 
 import torch
 from torch import Tensor
 
+from shiftbench.chunks import row_chunks
 from shiftbench.errors import ShiftbenchError
 
 #: sup of (1/N) sum_i (P_i(c) - P(c))^2 over all admissible inputs (P, P_i distributions, c = argmax P):
@@ -66,16 +67,32 @@ def _working(x: Tensor) -> Tensor:
 def _entropy(p: Tensor, dim: int) -> Tensor:
     """Shannon entropy -sum p log p along ``dim`` (nats), with 0 log 0 = 0.
 
-    Fast path: sum(p * log p), about twice as fast as ``torch.special.entr`` on the CPU. A zero
-    probability makes that sum NaN (0 * -inf); only those entries are recomputed with ``entr``
-    (exact zeros for one-hot inputs), and a NaN input stays NaN.
+    Computed as sum p log max(p, tiny) (tiny = the smallest normal float): a zero probability adds
+    an exact 0 (one-hot inputs give exact zeros), a NaN stays NaN, and no second pass is needed.
     """
     p = _working(p)
-    h = p.log().mul_(p).sum(dim).neg_()
-    bad = h.isnan()
-    if bad.any():
-        h[bad] = torch.special.entr(p.movedim(dim, -1)[bad]).sum(-1)
-    return h
+    return p.clamp(min=torch.finfo(p.dtype).tiny).log_().mul_(p).sum(dim).neg_()
+
+
+def _mixture_entropy(parts: Sequence[Tensor]) -> Tensor:
+    """H((1/n) sum_i parts_i) per pixel for n distributions [B,K,H,W] -> [B,H,W] (n = 1: H(parts_0)).
+
+    Row chunk by row chunk (:func:`shiftbench.chunks.row_chunks`), so the mixture and its log are
+    small temporaries instead of two [B,K,H,W] tensors (about 2x faster on the CPU); the sum runs
+    in the order of ``parts`` and is divided by n, as ``stack(parts).mean(0)`` does.
+    """
+    first = parts[0]
+    b, k, h, w = first.shape
+    dtype = _dtype(first)
+    out = torch.empty(b, h, w, dtype=dtype, device=first.device)
+    for rows in row_chunks((b, h, w), first.device, channels=k):
+        mix = first[:, :, rows].to(dtype, copy=len(parts) > 1)
+        for part in parts[1:]:
+            mix.add_(part[:, :, rows])
+        if len(parts) > 1:
+            mix.div_(len(parts))
+        out[:, rows] = _entropy(mix, 1)
+    return out
 
 
 def _log_k(probs: Tensor) -> float:
@@ -123,7 +140,7 @@ class Terms:
     @cached_property
     def entropy(self) -> Tensor:
         """H(P)."""
-        return _entropy(self.probs, 1)
+        return _mixture_entropy([self.probs])
 
     @cached_property
     def top(self) -> tuple[Tensor, Tensor]:
@@ -136,20 +153,19 @@ class Terms:
         """H(P_i) for every member, [M,B,H,W]; one member at a time so one [B,K,H,W] temporary lives."""
         if self.peer is not None:
             return self.peer.member_entropies
-        return torch.stack([_entropy(m, 1) for m in self.members])
+        return torch.stack([_mixture_entropy([m]) for m in self.members])
 
     @cached_property
     def mean_entropy(self) -> Tensor:
         """H(P̄), P̄ = (1/M) sum_i P_i."""
         if self.peer is not None:
             return self.peer.mean_entropy
-        return _entropy(self.members.mean(0, dtype=_dtype(self.members)), 1)
+        return _mixture_entropy(list(self.members))
 
     @cached_property
     def stacked_entropy(self) -> Tensor:
         """H(P̄'), P̄' = (sum_i P_i + P) / (M+1): the output appended as member M+1."""
-        m = self.members
-        return _entropy((m.sum(0, dtype=_dtype(m)) + self.probs) / (m.shape[0] + 1), 1)
+        return _mixture_entropy([*self.members, self.probs])
 
     @property
     def log_k(self) -> float:
