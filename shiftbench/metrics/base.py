@@ -15,6 +15,7 @@ from typing import Any, Callable
 import torch
 from torch import Tensor
 
+from shiftbench.chunks import CHUNK_PIXELS, row_chunks  # noqa: F401  (re-exported for the metrics)
 from shiftbench.errors import ShiftbenchError
 
 #: reduce name -> (how two states combine, the matching torch.distributed op name)
@@ -134,21 +135,6 @@ def _fmt(config: dict[str, Any]) -> str:
 
 # --------------------------------------------------------------------------- helpers shared by the metrics
 
-#: pixels per update chunk by device type: on CPU the per-pixel temporaries of a chunk stay small
-#: (a few MB each, mostly in cache) whatever the batch; on a GPU one chunk is the whole batch.
-CHUNK_PIXELS: dict[str, int] = {"cpu": 2**18}
-DEFAULT_CHUNK_PIXELS = 2**62
-
-
-def row_chunks(shape: torch.Size, device: torch.device, multiple: int = 1) -> list[slice]:
-    """Row ranges that cut a [B,H,W] batch into chunks of about CHUNK_PIXELS pixels (rows a multiple of ``multiple``)."""
-    b, h, w = shape
-    per_row = max(1, b * w)
-    rows = CHUNK_PIXELS.get(device.type, DEFAULT_CHUNK_PIXELS) // per_row // multiple * multiple
-    rows = min(max(rows, multiple), max(h, 1))
-    return [slice(r, r + rows) for r in range(0, h, rows)] or [slice(0, 0)]
-
-
 
 def check_labels(name: str, x: Tensor, shape: torch.Size | None = None) -> None:
     """``x`` must be an integer [B,H,W] tensor (of ``shape`` when given)."""
@@ -165,29 +151,37 @@ def check_map(name: str, x: Tensor, shape: torch.Size) -> None:
 
 
 class RangeCheck:
-    """Collects the (min, max) of inputs chunk by chunk and refuses out-of-range values with one line.
+    """Checks inputs chunk by chunk and refuses out-of-range values with one line.
 
-    The fast path looks at every pixel (one ``aminmax``); only when that range is not allowed are
-    the values re-checked where ``where`` is true (e.g. NaN on ignored pixels is fine). Nothing
-    syncs with the device until :meth:`raise_if_bad`, called before the states change (so a
-    refused update leaves the accumulator as it was).
+    The fast path looks at every pixel (one ``aminmax``, one host sync); only when that range is
+    not allowed is the input kept, to be re-checked where ``where`` is true (e.g. NaN on ignored
+    pixels is fine) by :meth:`raise_if_bad`, called before the states change (so a refused
+    update leaves the accumulator as it was).
     """
 
     def __init__(self) -> None:
-        self._seen: dict[str, tuple[list[tuple[Tensor, Tensor, Tensor | None]], float, float, str]] = {}
+        self._seen: dict[str, tuple[list[tuple[Tensor, Tensor | None]], float, float, str]] = {}
 
-    def add(self, name: str, x: Tensor, low: float, high: float, what: str, where: Tensor | None = None) -> None:
-        """Record ``x`` (only where ``where`` is true, if given); allowed: ``what`` = values in [low, high]."""
-        if x.numel():
-            lo_hi = torch.stack(torch.aminmax(x)).double()
-            self._seen.setdefault(name, ([], low, high, what))[0].append((lo_hi, x, where))
+    def add(self, name: str, x: Tensor, low: float, high: float, what: str, where: Tensor | None = None) -> bool:
+        """Record ``x`` (only where ``where`` is true, if given); allowed: ``what`` = values in [low, high].
+
+        Returns whether every value of ``x``, where-masked or not, is in range (one host sync): then the
+        caller may mask ``x`` by arithmetic (``x * valid``); otherwise it must sanitise the masked-out
+        values first (they may be NaN), and :meth:`raise_if_bad` looks at the unmasked ones.
+        """
+        if not x.numel():
+            return True
+        if _allowed(torch.stack(torch.aminmax(x)).double()[None], low, high):
+            return True
+        self._seen.setdefault(name, ([], low, high, what))[0].append((x, where))
+        return False
 
     def raise_if_bad(self) -> None:
+        """Raise for the first recorded input with a value out of range where it counts."""
         for name, (parts, low, high, what) in self._seen.items():
-            if _allowed(torch.stack([lo_hi for lo_hi, _, _ in parts]), low, high):
-                continue
-            values = torch.cat([(x if where is None else x[where]).reshape(-1).double() for _, x, where in parts])
+            values = torch.cat([(x if where is None else x[where]).reshape(-1).double() for x, where in parts])
             if values.numel() and not _allowed(torch.stack(torch.aminmax(values))[None], low, high):
+                self._seen.clear()
                 raise ShiftbenchError(f"{name} holds values in [{values.min().item():g}, {values.max().item():g}]; "
                                       f"expected {what}")
         self._seen.clear()

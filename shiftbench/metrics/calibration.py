@@ -31,6 +31,7 @@ from torch import Tensor
 
 from shiftbench.errors import ShiftbenchError
 from shiftbench.metrics.base import Accumulator, RangeCheck, check_labels, check_map, row_chunks
+from shiftbench.metrics.outcome import Outcome
 
 AVERAGES = ("pixels", "images")
 #: per-pixel scores, in the order of the ``pixel_sum`` / ``image_sum`` states
@@ -64,24 +65,26 @@ class _Score:
 class _Partial:
     """Per-image sums of one update, filled chunk by chunk, committed only after the checks pass."""
 
-    hist: Tensor  # int64 [B,n,2]: pixels by image, bin and (incorrect, correct)
-    conf_sum: Tensor  # float64 [B,n,2]: their confidence sums
+    hist: Tensor  # int64 [B,n+1,2]: pixels by image, bin (n = ignored) and (incorrect, correct)
+    conf_sum: Tensor  # float64 [B,n+1,2]: their confidence sums
     scores: Tensor  # float64 [len(SCORES),B]
     n_valid: Tensor  # int64 [B]
 
     @classmethod
     def zeros(cls, b: int, n: int, s: int, device: torch.device) -> _Partial:
         i64, f64 = dict(dtype=torch.int64, device=device), dict(dtype=torch.float64, device=device)
-        return cls(torch.zeros(b, n, 2, **i64), torch.zeros(b, n, 2, **f64), torch.zeros(s, b, **f64),
+        return cls(torch.zeros(b, n + 1, 2, **i64), torch.zeros(b, n + 1, 2, **f64), torch.zeros(s, b, **f64),
                    torch.zeros(b, **i64))
 
 
 def _edge_margin(edges: Tensor) -> float:
-    """How close to an integer n x (float32) can be for a float32 x whose bucket against ``edges`` is not
-    floor(n x): the edges' own distance to i/n plus the float32 rounding of the product, doubled."""
+    """max_i |n e_i - i| (exact in float64), the most an edge's bucket boundary in t = n x lies off an integer.
+
+    For a float32 x, t = n x is exact in float64; its bucket against ``edges`` is floor(t) whenever t is
+    farther than this margin from every integer."""
     n = edges.numel() - 1
     exact = torch.arange(n + 1, dtype=torch.float64)
-    return 2 * ((edges.double() * n - exact).abs().max().item() + n * 2.0**-23) + 1e-9
+    return (edges.double() * n - exact).abs().max().item() + 1e-12
 
 
 class CalibrationMetrics(Accumulator):
@@ -118,19 +121,29 @@ class CalibrationMetrics(Accumulator):
     # ----------------------------------------------------------------- update
     @torch.no_grad()
     def update(self, probs: Tensor, target: Tensor, confidence: Tensor | None = None, *,
-               pred: Tensor | None = None) -> None:
+               pred: Tensor | None = None, outcome: Outcome | None = None) -> None:
         """probs [B,K,H,W], target [B,H,W]; optional confidence [B,H,W] in [0,1] (checked on valid pixels).
 
         ``pred`` [B,H,W] may pass argmax(probs) when the caller already has it: it is used as the
         prediction without being recomputed (on CPU ``probs.max(1)`` is the slowest part of an update).
+        ``outcome`` (:class:`~shiftbench.metrics.outcome.Outcome` of that prediction and ``target``) passes
+        the correctness masks that the other metrics of the same model share; it implies ``pred``.
         """
         self._check_shapes(probs, target, confidence, pred)
+        if outcome is None:
+            outcome = Outcome(probs.max(1).indices if pred is None else pred, target, self.ignore_index)
+        else:
+            outcome.matches(target, self.ignore_index, "CalibrationMetrics")
+        outcome.check_target(self.num_classes)
         self._follow(target)
         b, n = target.shape[0], self.n_bins
         part = _Partial.zeros(b, n, len(SCORES), target.device)
+        checks = RangeCheck()
         for rows in row_chunks(target.shape, target.device):
-            self._chunk(part, probs[:, :, rows], target[:, rows],
-                        None if confidence is None else confidence[:, rows], None if pred is None else pred[:, rows])
+            self._chunk(part, probs[:, :, rows], None if confidence is None else confidence[:, rows], outcome, rows,
+                        checks)
+        checks.raise_if_bad()  # before anything is committed; the states are still untouched
+        part.n_valid += outcome.n_valid
         self._commit(part, given=confidence is not None)
 
     def _check_shapes(self, probs: Tensor, target: Tensor, confidence: Tensor | None, pred: Tensor | None) -> None:
@@ -144,82 +157,82 @@ class CalibrationMetrics(Accumulator):
         if pred is not None:
             check_labels("pred", pred, target.shape)
 
-    def _chunk(self, part: _Partial, probs: Tensor, target: Tensor, confidence: Tensor | None,
-               pred: Tensor | None) -> None:
-        """Add one row chunk ([B,K,r,W] probabilities) to the per-image partial sums."""
-        k = self.num_classes
-        valid = target != self.ignore_index
-        invalid = ~valid
-        y = target.masked_fill(invalid, 0)
-        checks = RangeCheck()
-        checks.add("target", y, 0, k - 1, f"class ids in [0, {k - 1}] or ignore_index {self.ignore_index}")
-        if confidence is None:
-            top, pred = probs.max(1) if pred is None else (probs.amax(1), pred)
-            conf = top.float()
-            checks.add("probs", conf, 0.0, 1.0 + PROB_SLACK, "probabilities (top-label probability in [0, 1])", valid)
-        else:
+    def _chunk(self, part: _Partial, probs: Tensor, confidence: Tensor | None, outcome: Outcome, rows: slice,
+               checks: RangeCheck) -> None:
+        """Add one row chunk ([B,K,r,W] probabilities, [B,r,W] confidence) to the per-image partial sums."""
+        valid, correct, invalid = outcome.valid[:, rows], outcome.correct[:, rows], outcome.invalid[:, rows]
+        given = confidence is not None
+        if given:
             conf = confidence.float()
-            checks.add("confidence", conf, 0.0, 1.0, "values in [0, 1] on valid pixels", valid)
-            pred = probs.max(1).indices if pred is None else pred
-        checks.raise_if_bad()  # before anything is used as an index; the states are still untouched
-        correct = (pred == target).logical_and_(valid)
-        n_valid = valid.sum((1, 2))
-        for score in self._scores(probs, y, conf, correct, invalid, given=confidence is not None):
+            clean = checks.add("confidence", conf, 0.0, 1.0, "values in [0, 1] on valid pixels", ~invalid)
+        else:
+            conf = probs.amax(1).float()
+            clean = checks.add("probs", conf, 0.0, 1.0 + PROB_SLACK, "probabilities (top-label probability in [0, 1])",
+                               ~invalid)
+        if not clean:  # out of range somewhere: NaN or garbage on ignored pixels must not reach the sums
+            conf = conf.masked_fill(invalid, 0.5)
+            if not bool(conf.isfinite().all()):
+                return  # refused by checks.raise_if_bad(); nothing of this update is committed
+        for score in self._scores(probs, outcome.safe_target[:, rows], conf, valid, correct, invalid, given):
             total = score.map.sum(2).sum(1, dtype=torch.float64)  # float32 along W, then float64
-            part.scores[score.rows] += score.scale * total + score.shift * n_valid
-        cell = self._cells(conf, correct, invalid)
+            part.scores[score.rows] += score.scale * total
+            if score.shift:
+                part.scores[score.rows] += score.shift * valid.sum((1, 2), dtype=torch.float64)
+        conf64 = conf.double()
+        valid64, correct64 = (m[:, rows] for m in outcome.masks(torch.float64))
+        cell = self._cells(conf64, valid64, correct64)
         size = part.hist.numel()
-        part.hist += torch.bincount(cell, minlength=size + 1)[:size].view_as(part.hist)
-        part.conf_sum += torch.bincount(cell, conf.reshape(-1).double(), minlength=size + 1)[:size].view_as(part.hist)
-        part.n_valid += n_valid
+        part.hist += torch.bincount(cell, minlength=size).view_as(part.hist)
+        part.conf_sum += torch.bincount(cell, conf64.view(-1), minlength=size).view_as(part.hist)
 
-    def _scores(self, probs: Tensor, y: Tensor, conf: Tensor, correct: Tensor, invalid: Tensor,
+    def _scores(self, probs: Tensor, y: Tensor, conf: Tensor, valid: Tensor, correct: Tensor, invalid: Tensor,
                 given: bool) -> list[_Score]:
         """Per-pixel float32 maps, zero on ignored pixels, with the SCORES rows they add to as
         score = scale * map + shift (the constant and the sign are applied to the sums, not per pixel).
 
         Multiclass: Brier = sum_k p_k^2 - 2 p_y + 1, NLL = -log max(p_y, 1e-12). Given confidence c and
-        q = c if correct else 1 - c (the forecast probability of what happened): binary Brier = (1 - q)^2,
-        binary NLL = -log max(q, 1e-12). In probability mode ``brier`` / ``nll`` are the multiclass maps.
+        q = c if correct else 1 - c (the forecast probability of what happened): binary Brier = (c - correct)^2,
+        binary NLL = -log max(q, 1e-12), with q = |c + (correct - 1)| (exactly c, or 1 - c rounded once).
+        In probability mode ``brier`` / ``nll`` are the multiclass maps.
         """
         if given:
-            q = torch.where(correct, conf, 1 - conf).masked_fill_(invalid, 1)
-            brier = torch.sub(1, q).square_()
-            binary = [_Score([0], brier), _Score([1], q.clamp_(min=EPS).log_(), -1.0)]
+            brier = (conf - correct).mul_(valid).square_()
+            q = (correct - 1).add_(conf).abs_()
+            binary = [_Score([0], brier), _Score([1], q.clamp_(min=EPS).log_().mul_(valid), -1.0)]
             if not self.multiclass:
                 return binary
         p_y = probs.gather(1, y.unsqueeze(1)).squeeze(1).float()
         brier_mc = sum_of_squares(probs).sub_(p_y, alpha=2).masked_fill_(invalid, 0)  # + 1 per valid pixel below
         log_p_y = p_y.masked_fill_(invalid, 1).clamp_(min=EPS).log_()
-        multiclass = [_Score([2], brier_mc, 1.0, 1.0), _Score([3], log_p_y, -1.0)]
         if not given:
             return [_Score([0, 2], brier_mc, 1.0, 1.0), _Score([1, 3], log_p_y, -1.0)]
-        return binary + multiclass
+        return binary + [_Score([2], brier_mc, 1.0, 1.0), _Score([3], log_p_y, -1.0)]
 
-    def _cells(self, conf: Tensor, correct: Tensor, invalid: Tensor) -> Tensor:
-        """Histogram cell of every pixel, int64 [B*r*W]: (image * n + bin) * 2 + correct; ignored -> 2Bn (dropped).
+    def _cells(self, conf: Tensor, valid: Tensor, correct: Tensor) -> Tensor:
+        """Histogram cell of every pixel, int32 [B*r*W]: (image * (n+1) + bin) * 2 + correct; ignored pixels
+        get bin n (dropped at commit). conf, valid, correct: float64 [B,r,W] (conf holds float32 values).
 
-        bin = bucket [e_i, e_i+1) of the float32 ``edges`` (1.0 in the last bin). floor(n x) is that bucket
-        except within ``_margin`` of an interior integer (a confidence on or next to an edge); those few
-        pixels are bucketized.
+        bin = bucket [e_i, e_i+1) of the float32 ``edges`` (1.0 in the last bin): t = n conf is exact in
+        float64, and the bucket is floor(t) unless t lies within ``_margin`` of an integer (a confidence
+        on or next to an edge); those few pixels are bucketized against the edges.
         """
         b, n = conf.shape[0], self.n_bins
-        t = conf * n
+        t = conf.mul(n).clamp_(0.5, n - 0.5)  # [0, 1) -> bin 0, (n-1, n] -> bin n-1: neither is near an edge
         bin_ = t.floor()
-        frac = t.sub_(bin_)
-        near = (frac < self._margin).logical_or_(frac > 1 - self._margin).logical_and_(bin_ < n)
-        bin_.clamp_(max=n - 1)
-        if near.any():
+        low, high = torch.aminmax(t.sub_(bin_))
+        if n > 1 and bool((low < self._margin) | (high > 1 - self._margin)):
+            near = (t < self._margin).logical_or_(t > 1 - self._margin)
             idx = torch.unravel_index(near.view(-1).nonzero().squeeze(1), near.shape)
-            bucket = torch.bucketize(conf[idx], self.edges.to(conf.device), right=True) - 1
-            bin_[idx] = bucket.clamp_(max=n - 1).to(bin_.dtype)
-        offset = torch.arange(0, 2 * b * n, 2 * n, device=conf.device, dtype=bin_.dtype).view(b, 1, 1)
-        cell = bin_.mul_(2).add_(offset).add_(correct).masked_fill_(invalid, 2 * b * n)  # exact small ints
-        return cell.view(-1).long()
+            bucket = torch.bucketize(conf[idx].float(), self.edges.to(conf.device), right=True) - 1
+            bin_[idx] = bucket.clamp_(0, n - 1).to(bin_.dtype)
+        offset = torch.arange(0, 2 * b * (n + 1), 2 * (n + 1), device=conf.device, dtype=bin_.dtype).view(b, 1, 1)
+        cell = bin_.sub_(n).mul_(valid).add_(n)  # ignored pixels: bin n
+        return cell.mul_(2).add_(correct).add_(offset).view(-1).int()  # exact small integers
 
     def _commit(self, part: _Partial, given: bool) -> None:
         """Fold one update's per-image sums into the states."""
-        count, n_correct, conf_sum = part.hist.sum(2), part.hist[..., 1], part.conf_sum.sum(2)
+        hist, conf = part.hist[:, :-1], part.conf_sum[:, :-1]  # without the ignored pixels' bin
+        count, n_correct, conf_sum = hist.sum(2), hist[..., 1], conf.sum(2)
         self.bin_count += count.sum(0)
         self.bin_correct += n_correct.sum(0)
         self.bin_confidence += conf_sum.sum(0)

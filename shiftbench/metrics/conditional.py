@@ -24,21 +24,13 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from shiftbench.errors import ShiftbenchError
 from shiftbench.metrics.base import Accumulator, RangeCheck, check_labels, check_map, row_chunks
+from shiftbench.metrics.outcome import Outcome, patch_sums
 
 CURVES = ("p_accurate_certain", "p_uncertain_inaccurate", "pavpu")
-
-
-def patch_sums(x: Tensor, patch: int) -> Tensor:
-    """Sums over non-overlapping patch x patch blocks, float [B,H,W] -> [B,ceil(H/p),ceil(W/p)], in x's dtype.
-
-    Border blocks are partial when H or W is not a multiple of ``patch``: summed over the pixels they have.
-    """
-    return F.avg_pool2d(x.unsqueeze(1), patch, ceil_mode=True, divisor_override=1).squeeze(1)
 
 
 class ConditionalMetrics(Accumulator):
@@ -67,43 +59,43 @@ class ConditionalMetrics(Accumulator):
         self.add_state("n_pixels", torch.zeros((), dtype=torch.int64))
 
     @torch.no_grad()
-    def update(self, pred: Tensor, target: Tensor, uncertainty: Tensor) -> None:
+    def update(self, pred: Tensor, target: Tensor, uncertainty: Tensor, *, outcome: Outcome | None = None) -> None:
         """pred, target [B,H,W] class ids (``ignore_index`` in target = ignore); uncertainty [B,H,W] in [0,1]
-        (checked on valid pixels)."""
+        (checked on valid pixels). ``outcome``: the :class:`~shiftbench.metrics.outcome.Outcome` of ``pred``
+        and ``target``, shared with the other metrics of the same model (computed here if not given)."""
         check_labels("target", target)
         check_labels("pred", pred, target.shape)
         check_map("uncertainty", uncertainty, target.shape)
+        if outcome is None:
+            outcome = Outcome(pred, target, self.ignore_index)
+        else:
+            outcome.matches(target, self.ignore_index, "ConditionalMetrics")
         self._follow(target)
-        t = self.grid.numel()
+        p, t = self.patch_size, self.grid.numel()
+        n_valid, n_correct = outcome.patches(p)
+        accurate = (n_correct.double() / n_valid.double()) > self.accuracy_threshold  # float64, like Python's /
+        base = torch.where(n_valid > 0, accurate * t, 2 * t)  # a patch without valid pixels goes to cell 2T
         hist = torch.zeros(2 * t + 1, dtype=torch.int64, device=target.device)
-        u_sum = torch.zeros((), dtype=torch.float64, device=target.device)
+        u_total = torch.zeros((), dtype=torch.float64, device=target.device)
+        grid = self.grid.to(target.device)
         checks = RangeCheck()
-        for rows in row_chunks(target.shape, target.device, multiple=self.patch_size):
-            cell, chunk_sum = self._chunk(pred[:, rows], target[:, rows], uncertainty[:, rows], checks)
-            hist += torch.bincount(cell, minlength=2 * t + 1)
-            u_sum += chunk_sum
+        for rows in row_chunks(target.shape, target.device, multiple=p):
+            u, invalid = uncertainty[:, rows], outcome.invalid[:, rows]
+            if not checks.add("uncertainty", u, 0.0, 1.0, "normalised uncertainty in [0, 1] on valid pixels", ~invalid):
+                u = u.masked_fill(invalid, 0)  # NaN or garbage on ignored pixels must not reach the sums
+                if not bool(u.isfinite().all()):
+                    continue  # refused by checks.raise_if_bad() below
+            u_sum = patch_sums(u.double().mul_(outcome.valid[:, rows]), p)  # float64: exact for float32 inputs
+            prow = slice(rows.start // p, -(-rows.stop // p))
+            u_patch = (u_sum / n_valid[:, prow]).float()  # rounded to float32; NaN without valid pixels (dropped)
+            first = torch.bucketize(u_patch, grid)  # first j with u <= t_j (T if none)
+            cell = torch.where(base[:, prow] < 2 * t, base[:, prow] + first, 2 * t)
+            hist += torch.bincount(cell.reshape(-1), minlength=2 * t + 1)
+            u_total += u_sum.sum()
         checks.raise_if_bad()
         self.hist += hist[: 2 * t].view(2, t)
-        self.uncertainty_sum += u_sum
-        self.n_pixels += (target != self.ignore_index).sum()
-
-    def _chunk(self, pred: Tensor, target: Tensor, uncertainty: Tensor, checks: RangeCheck) -> tuple[Tensor, Tensor]:
-        """Histogram cells of the patches of one row chunk (2T = dropped patch) and its uncertainty sum."""
-        p, t = self.patch_size, self.grid.numel()
-        valid = target != self.ignore_index
-        checks.add("uncertainty", uncertainty, 0.0, 1.0, "normalised uncertainty in [0, 1] on valid pixels", valid)
-        # one pooled map counts both: code = 1 for a valid pixel, m + 1 for a correct one (exact small ints)
-        m = p * p + 1
-        exact = torch.float32 if p * p * m < 2**24 else torch.float64
-        code = patch_sums(torch.where(pred == target, m + 1.0, valid.to(exact)).masked_fill_(~valid, 0), p)
-        n_correct = code.div(m).floor_()
-        n_valid = code - n_correct * m
-        u_sum = patch_sums(uncertainty.double().masked_fill_(~valid, 0), p)  # float64: exact for float32 inputs
-        u_patch = (u_sum / n_valid).float()  # rounded to float32; NaN for a patch without valid pixels (dropped)
-        accurate = (n_correct.double() / n_valid.double()) > self.accuracy_threshold  # float64, like Python's /
-        first = torch.bucketize(u_patch, self.grid.to(u_patch.device))  # first j with u <= t_j (T if none)
-        cell = torch.where(n_valid > 0, accurate * t + first, 2 * t)
-        return cell.reshape(-1), u_sum.sum()
+        self.uncertainty_sum += u_total
+        self.n_pixels += outcome.n_valid.sum()
 
     def compute(self) -> dict[str, Any]:
         """thresholds [T]; curves p_accurate_certain, p_uncertain_inaccurate, pavpu [T] (float64, NaN where

@@ -9,6 +9,7 @@ from torch import Tensor
 
 from shiftbench.errors import ShiftbenchError
 from shiftbench.metrics.base import Accumulator, RangeCheck, check_labels, check_map, row_chunks
+from shiftbench.metrics.outcome import Outcome
 
 
 class UncertaintyHistogram(Accumulator):
@@ -24,23 +25,33 @@ class UncertaintyHistogram(Accumulator):
         self.add_state("total", torch.zeros((), dtype=torch.float64))
 
     @torch.no_grad()
-    def update(self, uncertainty: Tensor, target: Tensor) -> None:
-        """uncertainty [B,H,W] in [0,1] (checked on valid pixels), target [B,H,W] (``ignore_index`` = ignore)."""
+    def update(self, uncertainty: Tensor, target: Tensor, *, outcome: Outcome | None = None) -> None:
+        """uncertainty [B,H,W] in [0,1] (checked on valid pixels), target [B,H,W] (``ignore_index`` = ignore);
+        ``outcome``: an :class:`~shiftbench.metrics.outcome.Outcome` for ``target`` whose masks are reused."""
         check_labels("target", target)
         check_map("uncertainty", uncertainty, target.shape)
+        if outcome is None:
+            outcome = Outcome(None, target, self.ignore_index)
+        else:
+            outcome.matches(target, self.ignore_index, "UncertaintyHistogram")
         self._follow(target)
         n = self.bins
         counts = torch.zeros(n + 1, dtype=torch.int64, device=target.device)
         total = torch.zeros((), dtype=torch.float64, device=target.device)
         checks = RangeCheck()
+        valid64 = outcome.masks(torch.float64)[0]
         for rows in row_chunks(target.shape, target.device):
-            u, invalid = uncertainty[:, rows].double(), target[:, rows] == self.ignore_index
-            checks.add("uncertainty", u, 0.0, 1.0, "normalised uncertainty in [0, 1] on valid pixels", ~invalid)
-            checks.raise_if_bad()  # before binning; the states are still untouched
-            u.masked_fill_(invalid, 0)
-            cell = u.mul(n).floor_().clamp_(0, n - 1).long().masked_fill_(invalid, n)
-            counts += torch.bincount(cell.reshape(-1), minlength=n + 1)
-            total += u.sum()
+            u, invalid = uncertainty[:, rows], outcome.invalid[:, rows]
+            if not checks.add("uncertainty", u, 0.0, 1.0, "normalised uncertainty in [0, 1] on valid pixels", ~invalid):
+                u = u.masked_fill(invalid, 0)  # NaN or garbage on ignored pixels must not reach the sums
+                if not bool(u.isfinite().all()):
+                    continue  # refused by checks.raise_if_bad() below
+            u, valid = u.double(), valid64[:, rows]
+            # bin floor(n u) in [0, n-1] (1.0 in the last), exact in float64; ignored pixels: bin n (dropped)
+            cell = u.mul(n).clamp_(0, n - 0.5).floor_().sub_(n).mul_(valid).add_(n)
+            counts += torch.bincount(cell.view(-1).int(), minlength=n + 1)
+            total += u.mul_(valid).sum()
+        checks.raise_if_bad()
         self.counts += counts[:n]
         self.total += total
 

@@ -9,6 +9,7 @@ from torch import Tensor
 
 from shiftbench.errors import ShiftbenchError
 from shiftbench.metrics.base import Accumulator, check_labels, check_range
+from shiftbench.metrics.outcome import Outcome
 
 
 class SegmentationMetrics(Accumulator):
@@ -26,16 +27,21 @@ class SegmentationMetrics(Accumulator):
         self.add_state("confmat", torch.zeros(num_classes, num_classes, dtype=torch.int64))
 
     @torch.no_grad()
-    def update(self, pred: Tensor, target: Tensor) -> None:
-        """pred [B,H,W] predicted classes (argmax of the probabilities), target [B,H,W] (``ignore_index`` = ignore)."""
+    def update(self, pred: Tensor, target: Tensor, *, outcome: Outcome | None = None) -> None:
+        """pred [B,H,W] predicted classes (argmax of the probabilities), target [B,H,W] (``ignore_index`` = ignore);
+        ``outcome``: the :class:`~shiftbench.metrics.outcome.Outcome` of ``pred`` and ``target``, if the caller has it."""
         check_labels("target", target)
         check_labels("pred", pred, target.shape)
+        if outcome is None:
+            outcome = Outcome(pred, target, self.ignore_index)
+        else:
+            outcome.matches(target, self.ignore_index, "SegmentationMetrics")
         self._follow(target)
         k = self.num_classes
-        valid = target != self.ignore_index
-        check_range("target", target, valid, 0, k - 1, f"class ids in [0, {k - 1}] or ignore_index {self.ignore_index}")
-        check_range("pred", pred, valid, 0, k - 1, f"class ids in [0, {k - 1}]")
-        cell = torch.where(valid, target * k + pred, k * k)  # ignored pixels go to a dropped extra bin
+        outcome.check_target(k)
+        check_range("pred", pred, ~outcome.invalid, 0, k - 1, f"class ids in [0, {k - 1}]")
+        # ignored pixels go to a dropped extra bin k*k
+        cell = (outcome.safe_target * k + pred).masked_fill_(outcome.invalid, k * k)
         self.confmat += torch.bincount(cell.reshape(-1), minlength=k * k + 1)[: k * k].view(k, k)
 
     def compute(self) -> dict[str, Any]:

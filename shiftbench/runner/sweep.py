@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 from corruptions import corrupt
-from shiftbench.metrics import (CalibrationMetrics, ConditionalMetrics, SegmentationMetrics,
+from shiftbench.metrics import (CalibrationMetrics, ConditionalMetrics, Outcome, SegmentationMetrics,
                                 UncertaintyHistogram)
 from shiftbench.runner.conditions import Condition
 from shiftbench.runner.data import Batch, SplitData
@@ -89,15 +89,16 @@ class Accumulators:
         for name, ests in self.plan.items():
             pred = preds[name]
             label_pred = pred.terms.top[1]  # argmax(probs), shared with the estimators
-            self.segmentation[name].update(label_pred, labels)
+            outcome = Outcome(label_pred, labels, IGNORE)  # the masks every metric of this model shares
+            self.segmentation[name].update(label_pred, labels, outcome=outcome)
             maps[name] = {}
             for e in ests:
                 u = ESTIMATORS[e](pred)
                 maps[name][e] = u
                 conf = 1.0 - u if self.confidence == "uncertainty" else None
-                self.calibration[name, e].update(pred.probs, labels, confidence=conf, pred=label_pred)
-                self.conditional[name, e].update(label_pred, labels, u)
-                self.histogram[name, e].update(u, labels)
+                self.calibration[name, e].update(pred.probs, labels, confidence=conf, outcome=outcome)
+                self.conditional[name, e].update(label_pred, labels, u, outcome=outcome)
+                self.histogram[name, e].update(u, labels, outcome=outcome)
         return maps
 
     def state_dict(self) -> dict[str, dict[str, Tensor]]:
@@ -109,12 +110,19 @@ class Accumulators:
 
 
 def check_finite(preds: dict[str, Prediction]) -> None:
-    """Raise :class:`ConditionFailed` naming the models whose probabilities are NaN or Inf."""
-    flags = torch.stack([torch.isfinite(p.probs).all() for p in preds.values()])
+    """Raise :class:`ConditionFailed` naming the models whose probabilities are NaN or Inf.
+
+    One sum per model (at least float32): NaN and Inf propagate into it, probabilities in [0, 1] cannot
+    overflow it, and it is 20x cheaper on the CPU than ``isfinite(probs).all()``."""
+    flags = torch.stack([_sum32(p.probs) for p in preds.values()]).isfinite()
     if bool(flags.all()):
         return
     bad = [n for n, ok in zip(preds, flags.tolist()) if not ok]
     raise ConditionFailed(f"model(s) {', '.join(bad)} produced NaN or Inf probabilities")
+
+
+def _sum32(x: Tensor) -> Tensor:
+    return x.sum(dtype=torch.float32) if x.dtype in (torch.float16, torch.bfloat16) else x.sum()
 
 
 def corruption_seeds(seed: int, ids: list[str], device: torch.device) -> Tensor:

@@ -1,0 +1,99 @@
+"""What a prediction got right: the per-pixel masks every metric of one model and batch shares.
+
+The runner updates a calibration, a conditional and a histogram accumulator for every
+estimator of a model (up to 3 x 6 per MoE), all against the same prediction and labels.
+An :class:`Outcome` computes the masks once; each accumulator's ``update(..., outcome=o)``
+reads them instead of recomputing them. Without one, an accumulator builds its own.
+
+The masks are float32 0/1 maps: on the CPU, arithmetic with them (``x * valid``) is several
+times faster than masking with bool tensors (``masked_fill``, ``where``, ``sum`` of bools).
+"""
+
+from __future__ import annotations
+
+from functools import cached_property
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from shiftbench.errors import ShiftbenchError
+from shiftbench.metrics.base import check_labels, check_range
+
+
+def patch_sums(x: Tensor, patch: int) -> Tensor:
+    """Sums over non-overlapping patch x patch blocks, float [B,H,W] -> [B,ceil(H/p),ceil(W/p)], in x's dtype.
+
+    Border blocks are partial when H or W is not a multiple of ``patch``: summed over the pixels they have.
+    """
+    return F.avg_pool2d(x.unsqueeze(1), patch, ceil_mode=True, divisor_override=1).squeeze(1)
+
+
+class Outcome:
+    """pred, target [B,H,W] class ids (``ignore_index`` in target = an ignored pixel); pred may be None
+    for a metric that needs only the valid mask.
+
+    ``valid`` = [target != ignore_index] and ``correct`` = valid * [pred == target], float32 0/1
+    [B,H,W]; ``invalid`` the bool complement of valid; ``n_valid`` int64 [B] valid pixels per image.
+    """
+
+    def __init__(self, pred: Tensor | None, target: Tensor, ignore_index: int = 255) -> None:
+        check_labels("target", target)
+        if pred is not None:
+            check_labels("pred", pred, target.shape)
+        self.pred, self.target, self.ignore_index = pred, target, ignore_index
+        self._checked: set[int] = set()
+        self._patches: dict[int, tuple[Tensor, Tensor]] = {}
+        self._masks: dict[torch.dtype, tuple[Tensor, Tensor | None]] = {}
+
+    @cached_property
+    def invalid(self) -> Tensor:
+        return self.target == self.ignore_index
+
+    @cached_property
+    def valid(self) -> Tensor:
+        return self.target.ne(self.ignore_index).float()
+
+    @cached_property
+    def correct(self) -> Tensor:
+        if self.pred is None:
+            raise ShiftbenchError("this Outcome was made without a prediction; correctness needs pred")
+        return (self.pred == self.target).float().mul_(self.valid)
+
+    @cached_property
+    def safe_target(self) -> Tensor:
+        """target with ignored pixels set to class 0 (usable as an index)."""
+        return self.target.masked_fill(self.invalid, 0)
+
+    @cached_property
+    def n_valid(self) -> Tensor:
+        return self.valid.sum((1, 2), dtype=torch.float64).long()
+
+    def masks(self, dtype: torch.dtype) -> tuple[Tensor, Tensor | None]:
+        """(valid, correct) as 0/1 maps of ``dtype`` (correct None without pred), cached: mixed-dtype
+        arithmetic is several times slower on the CPU than arithmetic in one dtype."""
+        if dtype not in self._masks:
+            valid = self.valid.to(dtype)
+            self._masks[dtype] = (valid, None if self.pred is None else self.correct.to(dtype))
+        return self._masks[dtype]
+
+    def check_target(self, num_classes: int) -> None:
+        """Refuse target ids outside [0, num_classes - 1] on valid pixels (once per class count)."""
+        if num_classes not in self._checked:
+            check_range("target", self.target, ~self.invalid, 0, num_classes - 1,
+                        f"class ids in [0, {num_classes - 1}] or ignore_index {self.ignore_index}")
+            self._checked.add(num_classes)
+
+    def patches(self, patch: int) -> tuple[Tensor, Tensor]:
+        """(valid, correct) pixel counts per non-overlapping patch x patch block, float [B,ceil(H/p),ceil(W/p)]
+        (exact small integers; partial blocks at the right and bottom borders)."""
+        if patch not in self._patches:
+            self._patches[patch] = (patch_sums(self.valid, patch), patch_sums(self.correct, patch))
+        return self._patches[patch]
+
+    def matches(self, target: Tensor, ignore_index: int, who: str) -> None:
+        """Refuse an outcome computed for other labels or another ignore_index."""
+        if target is not self.target and (target.shape != self.target.shape or not torch.equal(target, self.target)):
+            raise ShiftbenchError(f"{who}: outcome was computed for another target")
+        if ignore_index != self.ignore_index:
+            raise ShiftbenchError(f"{who}: outcome has ignore_index {self.ignore_index}; the metric uses {ignore_index}")

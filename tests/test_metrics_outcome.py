@@ -1,0 +1,132 @@
+"""Outcome: the correctness masks the metrics of one model share, and arithmetic masking of ignored pixels."""
+
+import numpy as np
+import pytest
+import torch
+
+from shiftbench.errors import ShiftbenchError
+from shiftbench.metrics import (CalibrationMetrics, ConditionalMetrics, Outcome, SegmentationMetrics,
+                                UncertaintyHistogram)
+from shiftbench.metrics import base as metrics_base
+
+IGNORE = 255
+B, K, H, W = 3, 5, 13, 10
+
+
+def _inputs(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    probs = torch.randn(B, K, H, W, generator=g).mul_(2).softmax(1)
+    target = torch.randint(0, K, (B, H, W), generator=g)
+    target[torch.rand(B, H, W, generator=g) < 0.2] = IGNORE
+    target[1, :4] = IGNORE
+    u = torch.rand(B, H, W, generator=g)
+    return probs, target, u, probs.max(1).indices
+
+
+def _states(acc):
+    return {k: v.clone() for k, v in acc.state_dict().items()}
+
+
+def _equal(a, b):
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+def test_masks_match_their_definition():
+    probs, target, _, pred = _inputs()
+    o = Outcome(pred, target, IGNORE)
+    t, p = target.numpy(), pred.numpy()
+    valid = t != IGNORE
+    assert np.array_equal(o.valid.numpy(), valid.astype(np.float32))
+    assert np.array_equal(o.correct.numpy(), (valid & (p == t)).astype(np.float32))
+    assert np.array_equal(o.invalid.numpy(), ~valid)
+    assert o.n_valid.tolist() == valid.sum((1, 2)).tolist()
+    assert np.array_equal(o.safe_target.numpy(), np.where(valid, t, 0))
+    n_valid, n_correct = o.patches(4)
+    assert n_valid.shape == (B, 4, 3)
+    for i in range(B):
+        for r in range(4):
+            for c in range(3):
+                block = (i, slice(4 * r, 4 * r + 4), slice(4 * c, 4 * c + 4))
+                assert n_valid[i, r, c] == valid[block].sum()
+                assert n_correct[i, r, c] == (valid & (p == t))[block].sum()
+    v64, c64 = o.masks(torch.float64)
+    assert v64.dtype == c64.dtype == torch.float64 and torch.equal(v64.float(), o.valid)
+    assert Outcome(None, target, IGNORE).masks(torch.float64)[1] is None
+
+
+@pytest.mark.parametrize("chunk", [None, 2 * 10 * 4])
+def test_a_shared_outcome_gives_the_same_states_as_none(monkeypatch, chunk):
+    if chunk:
+        monkeypatch.setitem(metrics_base.CHUNK_PIXELS, "cpu", chunk)  # several row chunks
+    probs, target, u, pred = _inputs(1)
+    o = Outcome(pred, target, IGNORE)
+    pairs = [
+        (lambda a: a.update(pred, target), lambda a: a.update(pred, target, outcome=o), SegmentationMetrics(K)),
+        (lambda a: a.update(probs, target, 1 - u, pred=pred), lambda a: a.update(probs, target, 1 - u, outcome=o),
+         CalibrationMetrics(K)),
+        (lambda a: a.update(probs, target, pred=pred), lambda a: a.update(probs, target, outcome=o),
+         CalibrationMetrics(K, n_bins=7, average="images")),
+        (lambda a: a.update(pred, target, u), lambda a: a.update(pred, target, u, outcome=o),
+         ConditionalMetrics(patch_size=3)),
+        (lambda a: a.update(u, target), lambda a: a.update(u, target, outcome=o), UncertaintyHistogram()),
+    ]
+    for plain, shared, acc in pairs:
+        plain(acc)
+        want = _states(acc)
+        acc.reset()
+        shared(acc)
+        _equal(_states(acc), want)
+
+
+@pytest.mark.parametrize("garbage", [float("nan"), float("inf"), 7.0, -3.0])
+def test_garbage_on_ignored_pixels_changes_nothing(garbage):
+    """Ignored pixels are masked by arithmetic on the fast path; anything there (NaN included) must not leak."""
+    probs, target, u, pred = _inputs(2)
+    ignored = target == IGNORE
+    dirty_u = u.masked_fill(ignored, garbage)
+    dirty_probs = probs.masked_fill(ignored[:, None], garbage)
+    runs = [
+        (CalibrationMetrics(K), lambda a, x: a.update(probs, target, 1 - x, pred=pred), u, dirty_u),
+        (CalibrationMetrics(K), lambda a, x: a.update(x, target, pred=pred), probs, dirty_probs),
+        (ConditionalMetrics(), lambda a, x: a.update(pred, target, x), u, dirty_u),
+        (UncertaintyHistogram(), lambda a, x: a.update(x, target), u, dirty_u),
+    ]
+    for acc, update, clean, dirty in runs:
+        update(acc, clean)
+        want = _states(acc)
+        acc.reset()
+        update(acc, dirty)
+        _equal(_states(acc), want)
+
+
+def test_garbage_on_a_valid_pixel_is_refused_and_leaves_the_state_unchanged():
+    probs, target, u, pred = _inputs(3)
+    i = torch.nonzero(target != IGNORE)[0].tolist()
+    bad = u.clone()
+    bad[tuple(i)] = float("nan")
+    for acc, update in ((CalibrationMetrics(K), lambda a: a.update(probs, target, 1 - bad, pred=pred)),
+                        (ConditionalMetrics(), lambda a: a.update(pred, target, bad)),
+                        (UncertaintyHistogram(), lambda a: a.update(bad, target))):
+        before = _states(acc)
+        with pytest.raises(ShiftbenchError, match="holds values"):
+            update(acc)
+        _equal(_states(acc), before)
+
+
+def test_an_outcome_of_other_labels_is_refused():
+    probs, target, u, pred = _inputs(4)
+    other = target.clone()
+    other[0, 0, 0] = (int(other[0, 0, 0]) + 1) % K
+    o = Outcome(pred, other, IGNORE)
+    with pytest.raises(ShiftbenchError, match="another target"):
+        CalibrationMetrics(K).update(probs, target, 1 - u, outcome=o)
+    with pytest.raises(ShiftbenchError, match="another target"):
+        ConditionalMetrics().update(pred, target, u, outcome=o)
+    with pytest.raises(ShiftbenchError, match="ignore_index"):
+        UncertaintyHistogram(ignore_index=0).update(u, target, outcome=Outcome(pred, target, IGNORE))
+    with pytest.raises(ShiftbenchError, match="correctness needs pred"):
+        CalibrationMetrics(K).update(probs, target, 1 - u, outcome=Outcome(None, target, IGNORE))
+    same = Outcome(pred, target.clone(), IGNORE)  # equal labels in another tensor are fine
+    CalibrationMetrics(K).update(probs, target, 1 - u, outcome=same)
