@@ -44,13 +44,17 @@ EPS = 1e-12
 PROB_SLACK = 1e-4
 
 
-def sum_of_squares(probs: Tensor) -> Tensor:
-    """sum_k p_k^2, [B,K,H,W] -> float32 [B,H,W], one class plane at a time (no [B,K,H,W] temporary)."""
-    out = torch.zeros(probs.shape[:1] + probs.shape[2:], dtype=torch.float32, device=probs.device)
-    for k in range(probs.shape[1]):
-        plane = probs[:, k]
-        out.addcmul_(plane, plane)
-    return out
+def class_scores(probs: Tensor, y: Tensor, top: bool = False) -> tuple[Tensor, Tensor, Tensor | None]:
+    """(sum_k p_k^2, p_y, max_k p_k if ``top``) of probabilities [B,K,H,W] at labels y [B,H,W] -> float32 [B,H,W].
+
+    The squares are added one class plane at a time, k = 0, 1, ...: the same order for every pixel whatever
+    the batch or chunk shape (a ``sum(1)`` may reorder it), and no [B,K,H,W] temporary.
+    """
+    sos = torch.zeros(probs.shape[:1] + probs.shape[2:], dtype=torch.float32, device=probs.device)
+    for plane in probs.unbind(1):
+        sos.addcmul_(plane, plane)
+    p_y = probs.gather(1, y.unsqueeze(1)).squeeze(1).float()
+    return sos, p_y, probs.amax(1).float() if top else None
 
 
 @dataclass
@@ -162,18 +166,21 @@ class CalibrationMetrics(Accumulator):
         """Add one row chunk ([B,K,r,W] probabilities, [B,r,W] confidence) to the per-image partial sums."""
         valid, correct, invalid = outcome.valid[:, rows], outcome.correct[:, rows], outcome.invalid[:, rows]
         given = confidence is not None
+        sos = p_y = None
+        if not given or self.multiclass:  # one pass over the probabilities for all their reductions
+            sos, p_y, top = class_scores(probs, outcome.safe_target[:, rows], top=not given)
         if given:
             conf = confidence.float()
             clean = checks.add("confidence", conf, 0.0, 1.0, "values in [0, 1] on valid pixels", ~invalid)
         else:
-            conf = probs.amax(1).float()
+            conf = top
             clean = checks.add("probs", conf, 0.0, 1.0 + PROB_SLACK, "probabilities (top-label probability in [0, 1])",
                                ~invalid)
         if not clean:  # out of range somewhere: NaN or garbage on ignored pixels must not reach the sums
             conf = conf.masked_fill(invalid, 0.5)
             if not bool(conf.isfinite().all()):
                 return  # refused by checks.raise_if_bad(); nothing of this update is committed
-        for score in self._scores(probs, outcome.safe_target[:, rows], conf, valid, correct, invalid, given):
+        for score in self._scores(sos, p_y, conf, valid, correct, invalid, given):
             total = score.map.sum(2).sum(1, dtype=torch.float64)  # float32 along W, then float64
             part.scores[score.rows] += score.scale * total
             if score.shift:
@@ -185,12 +192,13 @@ class CalibrationMetrics(Accumulator):
         part.hist += torch.bincount(cell, minlength=size).view_as(part.hist)
         part.conf_sum += torch.bincount(cell, conf64.view(-1), minlength=size).view_as(part.hist)
 
-    def _scores(self, probs: Tensor, y: Tensor, conf: Tensor, valid: Tensor, correct: Tensor, invalid: Tensor,
-                given: bool) -> list[_Score]:
+    def _scores(self, sos: Tensor | None, p_y: Tensor | None, conf: Tensor, valid: Tensor, correct: Tensor,
+                invalid: Tensor, given: bool) -> list[_Score]:
         """Per-pixel float32 maps, zero on ignored pixels, with the SCORES rows they add to as
         score = scale * map + shift (the constant and the sign are applied to the sums, not per pixel).
 
-        Multiclass: Brier = sum_k p_k^2 - 2 p_y + 1, NLL = -log max(p_y, 1e-12). Given confidence c and
+        Multiclass (from sos = sum_k p_k^2 and p_y of :func:`class_scores`): Brier = sos - 2 p_y + 1,
+        NLL = -log max(p_y, 1e-12). Given confidence c and
         q = c if correct else 1 - c (the forecast probability of what happened): binary Brier = (c - correct)^2,
         binary NLL = -log max(q, 1e-12), with q = |c + (correct - 1)| (exactly c, or 1 - c rounded once).
         In probability mode ``brier`` / ``nll`` are the multiclass maps.
@@ -201,8 +209,7 @@ class CalibrationMetrics(Accumulator):
             binary = [_Score([0], brier), _Score([1], q.clamp_(min=EPS).log_().mul_(valid), -1.0)]
             if not self.multiclass:
                 return binary
-        p_y = probs.gather(1, y.unsqueeze(1)).squeeze(1).float()
-        brier_mc = sum_of_squares(probs).sub_(p_y, alpha=2).masked_fill_(invalid, 0)  # + 1 per valid pixel below
+        brier_mc = sos.sub_(p_y, alpha=2).masked_fill_(invalid, 0)  # + 1 per valid pixel below
         log_p_y = p_y.masked_fill_(invalid, 1).clamp_(min=EPS).log_()
         if not given:
             return [_Score([0, 2], brier_mc, 1.0, 1.0), _Score([1, 3], log_p_y, -1.0)]

@@ -67,7 +67,7 @@ class Outcome:
 
     @cached_property
     def n_valid(self) -> Tensor:
-        return self.valid.sum((1, 2), dtype=torch.float64).long()
+        return self.valid.sum(2).sum(1, dtype=torch.float64).long()  # float32 rows: exact below 2^24 pixels
 
     def masks(self, dtype: torch.dtype) -> tuple[Tensor, Tensor | None]:
         """(valid, correct) as 0/1 maps of ``dtype`` (correct None without pred), cached: mixed-dtype
@@ -80,7 +80,7 @@ class Outcome:
     def check_target(self, num_classes: int) -> None:
         """Refuse target ids outside [0, num_classes - 1] on valid pixels (once per class count)."""
         if num_classes not in self._checked:
-            check_range("target", self.target, ~self.invalid, 0, num_classes - 1,
+            check_range("target", self.safe_target, None, 0, num_classes - 1,
                         f"class ids in [0, {num_classes - 1}] or ignore_index {self.ignore_index}")
             self._checked.add(num_classes)
 

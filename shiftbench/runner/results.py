@@ -5,8 +5,10 @@ from __future__ import annotations
 import math
 from typing import Any
 
+import numpy as np
 import pandas as pd
 import torch
+from torch import Tensor
 
 from shiftbench import io
 from shiftbench.runner.conditions import Condition
@@ -29,8 +31,35 @@ def _float(v: Any) -> float:
     return v if math.isfinite(v) else float("nan")
 
 
-def condition_tables(suite, cond: Condition, payload: dict[str, Any]) -> tuple[list[dict], list[dict]]:
-    """The result rows and curve rows of one finished condition."""
+class _Curves:
+    """curves.parquet built column by column: each block (one curve of one row) appends whole arrays."""
+
+    def __init__(self) -> None:
+        self.columns: dict[str, list[np.ndarray]] = {c: [] for c in KEYS + ["curve", "x"] + CURVE_VALUES}
+
+    def add(self, key: dict[str, Any], curve: str, x: Tensor, **values: Tensor) -> None:
+        n = len(x)
+        for c, v in dict(key, curve=curve).items():
+            self.columns[c].append(np.full(n, v, dtype=object if isinstance(v, str) else np.int64))
+        self.columns["x"].append(x.double().numpy())
+        for c in CURVE_VALUES:
+            v = values.get(c)
+            self.columns[c].append(np.full(n, np.nan) if v is None else _floats(v))
+
+    def frame(self) -> pd.DataFrame:
+        return pd.DataFrame({c: np.concatenate(parts) if parts else np.array([]) for c, parts in self.columns.items()},
+                            columns=list(self.columns))
+
+
+def _floats(v: Tensor) -> np.ndarray:
+    """float64 values with +-inf as NaN (like :func:`_float`)."""
+    a = v.double().numpy().copy()
+    a[~np.isfinite(a)] = np.nan
+    return a
+
+
+def condition_tables(suite, cond: Condition, payload: dict[str, Any], curves: _Curves) -> list[dict]:
+    """The result rows of one finished condition; its curve blocks are appended to ``curves``."""
     from shiftbench.runner.sweep import Accumulators
 
     plan = {m.name: m.estimators for m in suite.models}
@@ -39,7 +68,7 @@ def condition_tables(suite, cond: Condition, payload: dict[str, Any]) -> tuple[l
     states = payload["states"]
     for name, acc in accs.all():
         acc.load_state_dict(states[name])
-    rows, curves = [], []
+    rows = []
     for model, ests in plan.items():
         seg = accs.segmentation[model].compute()
         cals = {e: accs.calibration[model, e].compute() for e in ests}
@@ -59,32 +88,25 @@ def condition_tables(suite, cond: Condition, payload: dict[str, Any]) -> tuple[l
                 if c.startswith(("peak_", "au_")):
                     row[c] = _float(con[c])
             rows.append(row)
-            t = con["thresholds"].tolist()
-            for i, x in enumerate(t):
-                curves.append(dict(key, curve="conditional", x=x, **{
-                    c: _float(con[c][i]) for c in ("p_accurate_certain", "p_uncertain_inaccurate", "pavpu",
-                                                    "n_ac", "n_au", "n_ic", "n_iu")}))
+            curves.add(key, "conditional", con["thresholds"], **{
+                c: con[c] for c in ("p_accurate_certain", "p_uncertain_inaccurate", "pavpu", "n_ac", "n_au", "n_ic",
+                                    "n_iu")})
             n_bins = len(cal["bin_count"])
-            for b in range(n_bins):
-                curves.append(dict(key, curve="reliability", x=(b + 0.5) / n_bins,
-                                   bin_confidence=_float(cal["bin_confidence"][b]),
-                                   bin_accuracy=_float(cal["bin_accuracy"][b]), bin_count=_float(cal["bin_count"][b])))
-            centres = hist["centres"].tolist()
-            for b, x in enumerate(centres):
-                curves.append(dict(key, curve="histogram", x=x, count=_float(hist["counts"][b])))
-    return rows, curves
+            curves.add(key, "reliability", (torch.arange(n_bins, dtype=torch.float64) + 0.5) / n_bins,
+                       bin_confidence=cal["bin_confidence"], bin_accuracy=cal["bin_accuracy"],
+                       bin_count=cal["bin_count"])
+            curves.add(key, "histogram", hist["centres"], count=hist["counts"])
+    return rows
 
 
 def write_results(suite, store: RunStore, conditions: list[Condition]) -> pd.DataFrame:
     """Assemble every finished condition's states into the tables (atomically)."""
-    rows, curves = [], []
+    rows, curves = [], _Curves()
     for cond in conditions:
         if store.is_done(cond):
-            r, c = condition_tables(suite, cond, store.load_state(cond))
-            rows += r
-            curves += c
+            rows += condition_tables(suite, cond, store.load_state(cond), curves)
     results = pd.DataFrame(rows, columns=RESULT_COLUMNS)
-    curve_df = pd.DataFrame(curves, columns=KEYS + ["curve", "x"] + CURVE_VALUES)
+    curve_df = curves.frame()
     with io.atomic_path(store.root / "results.csv") as tmp:
         results.to_csv(tmp, index=False, float_format="%.10g")
     with io.atomic_path(store.root / "results.parquet") as tmp:

@@ -29,6 +29,7 @@ OUTPUTS = ("results.csv", "results.parquet", "curves.parquet", "summary.json")
 class RunStore:
     def __init__(self, root: str | Path):
         self.root = Path(root)
+        self._saved: dict[str, dict[str, Any]] = {}  # condition key -> payload written by this process
 
     # ----------------------------------------------------------------- manifest
     def open(self, suite_name: str, digest: str, force: bool = False) -> None:
@@ -55,6 +56,7 @@ class RunStore:
         io.write_json(manifest, {"suite": suite_name, "digest": digest})
 
     def discard(self) -> None:
+        self._saved.clear()
         for name in ("states", "maps"):
             shutil.rmtree(self.root / name, ignore_errors=True)
         for name in OUTPUTS + (MANIFEST,):
@@ -72,9 +74,14 @@ class RunStore:
         return self.state_path(cond).exists()
 
     def save_state(self, cond: Condition, payload: dict[str, Any]) -> None:
+        """Write a finished condition's states (atomically); this store also keeps them in memory, so the
+        tables at the end of the run do not read back what it just wrote (a few hundred KB a condition)."""
         io.torch_save(payload, self.state_path(cond))
+        self._saved[cond.key] = payload
 
     def load_state(self, cond: Condition) -> dict[str, Any]:
+        if cond.key in self._saved and self.is_done(cond):
+            return self._saved[cond.key]
         path = self.state_path(cond)
         try:
             return torch.load(path, map_location="cpu", weights_only=True)

@@ -10,7 +10,7 @@ import time
 import pytest
 import torch
 
-from shiftbench.metrics import CalibrationMetrics, ConditionalMetrics
+from shiftbench.metrics import CalibrationMetrics, ConditionalMetrics, Outcome
 
 pytestmark = pytest.mark.bench
 
@@ -49,40 +49,36 @@ def _throughput(benchmark, fn):
                                 threads=torch.get_num_threads())
 
 
-def test_bench_calibration_and_conditional_given_confidence(benchmark, big):
-    """The runner's path: confidence = 1 - u, the prediction passed in (computed once per model)."""
+MODES = {  # mode -> (CalibrationMetrics options, confidence given)
+    "given_no_multiclass": (dict(multiclass=False), True),  # every estimator of a model but the first
+    "given": ({}, True),  # the first estimator of a model: the multiclass Brier/NLL too
+    "probability": ({}, False),  # confidence = top-label probability
+}
+
+
+@pytest.mark.parametrize("outcome", ["none", "built_in_step", "prebuilt"])
+@pytest.mark.parametrize("mode", list(MODES))
+def test_bench_calibration_and_conditional(benchmark, big, mode, outcome):
+    """CalibrationMetrics + ConditionalMetrics on one batch, the prediction passed in.
+
+    outcome: ``none`` = each accumulator builds its own masks from ``pred``; ``built_in_step`` = one
+    Outcome shared by both, built inside the timed step (a model with one estimator); ``prebuilt`` = the
+    cost of each further estimator of a model, whose Outcome the runner already has."""
     probs, target, unc, pred = big
-    cal, cond = CalibrationMetrics(K), ConditionalMetrics()
-    conf = 1 - unc
+    options, given = MODES[mode]
+    cal, cond = CalibrationMetrics(K, **options), ConditionalMetrics()
+    conf = 1 - unc if given else None
+    shared = Outcome(pred, target)
+    shared.patches(cond.patch_size), shared.masks(torch.float64), shared.n_valid, shared.check_target(K)
 
     def step():
-        cal.update(probs, target, conf, pred=pred)
-        cond.update(pred, target, unc)
-
-    _throughput(benchmark, step)
-
-
-def test_bench_calibration_and_conditional_given_confidence_no_multiclass(benchmark, big):
-    """The runner's path for every estimator of a model but the first: the multiclass Brier/NLL, which do
-    not depend on the estimator, are skipped (``multiclass=False``)."""
-    probs, target, unc, pred = big
-    cal, cond = CalibrationMetrics(K, multiclass=False), ConditionalMetrics()
-    conf = 1 - unc
-
-    def step():
-        cal.update(probs, target, conf, pred=pred)
-        cond.update(pred, target, unc)
-
-    _throughput(benchmark, step)
-
-
-def test_bench_calibration_and_conditional_probability_mode(benchmark, big):
-    probs, target, unc, pred = big
-    cal, cond = CalibrationMetrics(K), ConditionalMetrics()
-
-    def step():
-        cal.update(probs, target, pred=pred)
-        cond.update(pred, target, unc)
+        if outcome == "none":
+            cal.update(probs, target, conf, pred=pred)
+            cond.update(pred, target, unc)
+            return
+        o = Outcome(pred, target) if outcome == "built_in_step" else shared
+        cal.update(probs, target, conf, outcome=o)
+        cond.update(pred, target, unc, outcome=o)
 
     _throughput(benchmark, step)
 
