@@ -51,9 +51,8 @@ def test_masks_match_their_definition():
                 block = (i, slice(4 * r, 4 * r + 4), slice(4 * c, 4 * c + 4))
                 assert n_valid[i, r, c] == valid[block].sum()
                 assert n_correct[i, r, c] == (valid & (p == t))[block].sum()
-    v64, c64 = o.masks(torch.float64)
-    assert v64.dtype == c64.dtype == torch.float64 and torch.equal(v64.float(), o.valid)
-    assert Outcome(None, target, IGNORE).masks(torch.float64)[1] is None
+    with pytest.raises(ShiftbenchError, match="correctness needs pred"):
+        Outcome(None, target, IGNORE).correct
 
 
 @pytest.mark.parametrize("chunk", [None, 2 * 10 * 4])

@@ -186,8 +186,7 @@ class CalibrationMetrics(Accumulator):
             if score.shift:
                 part.scores[score.rows] += score.shift * valid.sum((1, 2), dtype=torch.float64)
         conf64 = conf.double()
-        valid64, correct64 = (m[:, rows] for m in outcome.masks(torch.float64))
-        cell = self._cells(conf64, valid64, correct64)
+        cell = self._cells(conf64, valid, correct)
         size = part.hist.numel()
         part.hist += torch.bincount(cell, minlength=size).view_as(part.hist)
         part.conf_sum += torch.bincount(cell, conf64.view(-1), minlength=size).view_as(part.hist)
@@ -217,7 +216,7 @@ class CalibrationMetrics(Accumulator):
 
     def _cells(self, conf: Tensor, valid: Tensor, correct: Tensor) -> Tensor:
         """Histogram cell of every pixel, int32 [B*r*W]: (image * (n+1) + bin) * 2 + correct; ignored pixels
-        get bin n (dropped at commit). conf, valid, correct: float64 [B,r,W] (conf holds float32 values).
+        get bin n (dropped at commit). conf float64 [B,r,W] (float32 values); valid, correct float32 0/1.
 
         bin = bucket [e_i, e_i+1) of the float32 ``edges`` (1.0 in the last bin): t = n conf is exact in
         float64, and the bucket is floor(t) unless t lies within ``_margin`` of an integer (a confidence
@@ -232,9 +231,9 @@ class CalibrationMetrics(Accumulator):
             idx = torch.unravel_index(near.view(-1).nonzero().squeeze(1), near.shape)
             bucket = torch.bucketize(conf[idx].float(), self.edges.to(conf.device), right=True) - 1
             bin_[idx] = bucket.clamp_(0, n - 1).to(bin_.dtype)
-        offset = torch.arange(0, 2 * b * (n + 1), 2 * (n + 1), device=conf.device, dtype=bin_.dtype).view(b, 1, 1)
-        cell = bin_.sub_(n).mul_(valid).add_(n)  # ignored pixels: bin n
-        return cell.mul_(2).add_(correct).add_(offset).view(-1).int()  # exact small integers
+        cell = bin_.float().sub_(n).mul_(valid).add_(n)  # ignored pixels: bin n; float32 from here: exact small ints
+        offset = torch.arange(0, 2 * b * (n + 1), 2 * (n + 1), device=conf.device, dtype=cell.dtype).view(b, 1, 1)
+        return cell.mul_(2).add_(correct).add_(offset).view(-1).int()
 
     def _commit(self, part: _Partial, given: bool) -> None:
         """Fold one update's per-image sums into the states."""

@@ -39,18 +39,17 @@ class UncertaintyHistogram(Accumulator):
         counts = torch.zeros(n + 1, dtype=torch.int64, device=target.device)
         total = torch.zeros((), dtype=torch.float64, device=target.device)
         checks = RangeCheck()
-        valid64 = outcome.masks(torch.float64)[0]
         for rows in row_chunks(target.shape, target.device):
-            u, invalid = uncertainty[:, rows], outcome.invalid[:, rows]
+            u, invalid, valid = uncertainty[:, rows], outcome.invalid[:, rows], outcome.valid[:, rows]
             if not checks.add("uncertainty", u, 0.0, 1.0, "normalised uncertainty in [0, 1] on valid pixels", ~invalid):
                 u = u.masked_fill(invalid, 0)  # NaN or garbage on ignored pixels must not reach the sums
                 if not bool(u.isfinite().all()):
                     continue  # refused by checks.raise_if_bad() below
-            u, valid = u.double(), valid64[:, rows]
+            u = u.mul(valid).double()  # 0 on ignored pixels
             # bin floor(n u) in [0, n-1] (1.0 in the last), exact in float64; ignored pixels: bin n (dropped)
-            cell = u.mul(n).clamp_(0, n - 0.5).floor_().sub_(n).mul_(valid).add_(n)
+            cell = u.mul(n).clamp_(0, n - 0.5).floor_().float().sub_(n).mul_(valid).add_(n)
             counts += torch.bincount(cell.view(-1).int(), minlength=n + 1)
-            total += u.mul_(valid).sum()
+            total += u.sum()
         checks.raise_if_bad()
         self.counts += counts[:n]
         self.total += total

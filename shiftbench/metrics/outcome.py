@@ -44,7 +44,6 @@ class Outcome:
         self.pred, self.target, self.ignore_index = pred, target, ignore_index
         self._checked: set[int] = set()
         self._patches: dict[int, tuple[Tensor, Tensor]] = {}
-        self._masks: dict[torch.dtype, tuple[Tensor, Tensor | None]] = {}
 
     @cached_property
     def invalid(self) -> Tensor:
@@ -68,14 +67,6 @@ class Outcome:
     @cached_property
     def n_valid(self) -> Tensor:
         return self.valid.sum(2).sum(1, dtype=torch.float64).long()  # float32 rows: exact below 2^24 pixels
-
-    def masks(self, dtype: torch.dtype) -> tuple[Tensor, Tensor | None]:
-        """(valid, correct) as 0/1 maps of ``dtype`` (correct None without pred), cached: mixed-dtype
-        arithmetic is several times slower on the CPU than arithmetic in one dtype."""
-        if dtype not in self._masks:
-            valid = self.valid.to(dtype)
-            self._masks[dtype] = (valid, None if self.pred is None else self.correct.to(dtype))
-        return self._masks[dtype]
 
     def check_target(self, num_classes: int) -> None:
         """Refuse target ids outside [0, num_classes - 1] on valid pixels (once per class count)."""

@@ -69,7 +69,7 @@ def test_bench_calibration_and_conditional(benchmark, big, mode, outcome):
     cal, cond = CalibrationMetrics(K, **options), ConditionalMetrics()
     conf = 1 - unc if given else None
     shared = Outcome(pred, target)
-    shared.patches(cond.patch_size), shared.masks(torch.float64), shared.n_valid, shared.check_target(K)
+    shared.patches(cond.patch_size), shared.n_valid, shared.safe_target, shared.check_target(K)
 
     def step():
         if outcome == "none":
