@@ -176,6 +176,16 @@ class RangeCheck:
         self._seen.setdefault(name, ([], low, high, what))[0].append((x, where))
         return False
 
+    def masked(self, name: str, x: Tensor, low: float, high: float, what: str, invalid: Tensor,
+               fill: float = 0.0) -> Tensor | None:
+        """``x`` ready to be masked by arithmetic (``x * valid``): ``x`` itself when every value is in range,
+        else ``x`` with ``fill`` on the ``invalid`` (ignored) pixels; None when a valid pixel is NaN or Inf
+        (skip it: :meth:`raise_if_bad` refuses the update). Records ``x`` like :meth:`add`."""
+        if self.add(name, x, low, high, what, ~invalid):
+            return x
+        x = x.masked_fill(invalid, fill)
+        return x if bool(x.isfinite().all()) else None
+
     def raise_if_bad(self) -> None:
         """Raise for the first recorded input with a value out of range where it counts."""
         for name, (parts, low, high, what) in self._seen.items():

@@ -134,10 +134,9 @@ class CalibrationMetrics(Accumulator):
         the correctness masks that the other metrics of the same model share; it implies ``pred``.
         """
         self._check_shapes(probs, target, confidence, pred)
-        if outcome is None:
-            outcome = Outcome(probs.max(1).indices if pred is None else pred, target, self.ignore_index)
-        else:
-            outcome.matches(target, self.ignore_index, "CalibrationMetrics")
+        if outcome is None and pred is None:
+            pred = probs.max(1).indices
+        outcome = Outcome.resolve(outcome, pred, target, self.ignore_index, "CalibrationMetrics")
         outcome.check_target(self.num_classes)
         self._follow(target)
         b, n = target.shape[0], self.n_bins
@@ -167,19 +166,16 @@ class CalibrationMetrics(Accumulator):
         valid, correct, invalid = outcome.valid[:, rows], outcome.correct[:, rows], outcome.invalid[:, rows]
         given = confidence is not None
         sos = p_y = None
-        if not given or self.multiclass:  # one pass over the probabilities for all their reductions
+        if not given or self.multiclass:  # the reductions over the classes, once per chunk
             sos, p_y, top = class_scores(probs, outcome.safe_target[:, rows], top=not given)
         if given:
-            conf = confidence.float()
-            clean = checks.add("confidence", conf, 0.0, 1.0, "values in [0, 1] on valid pixels", ~invalid)
+            conf = checks.masked("confidence", confidence.float(), 0.0, 1.0, "values in [0, 1] on valid pixels",
+                                 invalid, fill=0.5)
         else:
-            conf = top
-            clean = checks.add("probs", conf, 0.0, 1.0 + PROB_SLACK, "probabilities (top-label probability in [0, 1])",
-                               ~invalid)
-        if not clean:  # out of range somewhere: NaN or garbage on ignored pixels must not reach the sums
-            conf = conf.masked_fill(invalid, 0.5)
-            if not bool(conf.isfinite().all()):
-                return  # refused by checks.raise_if_bad(); nothing of this update is committed
+            conf = checks.masked("probs", top, 0.0, 1.0 + PROB_SLACK, "probabilities (top-label probability in [0, 1])",
+                                 invalid, fill=0.5)
+        if conf is None:
+            return  # refused by checks.raise_if_bad(); nothing of this update is committed
         for score in self._scores(sos, p_y, conf, valid, correct, invalid, given):
             total = score.map.sum(2).sum(1, dtype=torch.float64)  # float32 along W, then float64
             part.scores[score.rows] += score.scale * total

@@ -66,10 +66,7 @@ class ConditionalMetrics(Accumulator):
         check_labels("target", target)
         check_labels("pred", pred, target.shape)
         check_map("uncertainty", uncertainty, target.shape)
-        if outcome is None:
-            outcome = Outcome(pred, target, self.ignore_index)
-        else:
-            outcome.matches(target, self.ignore_index, "ConditionalMetrics")
+        outcome = Outcome.resolve(outcome, pred, target, self.ignore_index, "ConditionalMetrics")
         self._follow(target)
         p, t = self.patch_size, self.grid.numel()
         n_valid, n_correct = outcome.patches(p)
@@ -80,12 +77,11 @@ class ConditionalMetrics(Accumulator):
         grid = self.grid.to(target.device)
         checks = RangeCheck()
         for rows in row_chunks(target.shape, target.device, multiple=p):
-            u, invalid = uncertainty[:, rows], outcome.invalid[:, rows]
-            if not checks.add("uncertainty", u, 0.0, 1.0, "normalised uncertainty in [0, 1] on valid pixels", ~invalid):
-                u = u.masked_fill(invalid, 0)  # NaN or garbage on ignored pixels must not reach the sums
-                if not bool(u.isfinite().all()):
-                    continue  # refused by checks.raise_if_bad() below
-            u_sum = patch_sums(u.double().mul_(outcome.valid[:, rows]), p)  # float64: exact for float32 inputs
+            u = checks.masked("uncertainty", uncertainty[:, rows], 0.0, 1.0,
+                              "normalised uncertainty in [0, 1] on valid pixels", outcome.invalid[:, rows])
+            if u is None:
+                continue  # refused by checks.raise_if_bad() below
+            u_sum = patch_sums(u.mul(outcome.valid[:, rows]).double(), p)  # float64: exact for float32 inputs
             prow = slice(rows.start // p, -(-rows.stop // p))
             u_patch = (u_sum / n_valid[:, prow]).float()  # rounded to float32; NaN without valid pixels (dropped)
             first = torch.bucketize(u_patch, grid)  # first j with u <= t_j (T if none)

@@ -30,21 +30,18 @@ class UncertaintyHistogram(Accumulator):
         ``outcome``: an :class:`~shiftbench.metrics.outcome.Outcome` for ``target`` whose masks are reused."""
         check_labels("target", target)
         check_map("uncertainty", uncertainty, target.shape)
-        if outcome is None:
-            outcome = Outcome(None, target, self.ignore_index)
-        else:
-            outcome.matches(target, self.ignore_index, "UncertaintyHistogram")
+        outcome = Outcome.resolve(outcome, None, target, self.ignore_index, "UncertaintyHistogram")
         self._follow(target)
         n = self.bins
         counts = torch.zeros(n + 1, dtype=torch.int64, device=target.device)
         total = torch.zeros((), dtype=torch.float64, device=target.device)
         checks = RangeCheck()
         for rows in row_chunks(target.shape, target.device):
-            u, invalid, valid = uncertainty[:, rows], outcome.invalid[:, rows], outcome.valid[:, rows]
-            if not checks.add("uncertainty", u, 0.0, 1.0, "normalised uncertainty in [0, 1] on valid pixels", ~invalid):
-                u = u.masked_fill(invalid, 0)  # NaN or garbage on ignored pixels must not reach the sums
-                if not bool(u.isfinite().all()):
-                    continue  # refused by checks.raise_if_bad() below
+            valid = outcome.valid[:, rows]
+            u = checks.masked("uncertainty", uncertainty[:, rows], 0.0, 1.0,
+                              "normalised uncertainty in [0, 1] on valid pixels", outcome.invalid[:, rows])
+            if u is None:
+                continue  # refused by checks.raise_if_bad() below
             u = u.mul(valid).double()  # 0 on ignored pixels
             # bin floor(n u) in [0, n-1] (1.0 in the last), exact in float64; ignored pixels: bin n (dropped)
             cell = u.mul(n).clamp_(0, n - 0.5).floor_().float().sub_(n).mul_(valid).add_(n)

@@ -82,6 +82,16 @@ class Outcome:
             self._patches[patch] = (patch_sums(self.valid, patch), patch_sums(self.correct, patch))
         return self._patches[patch]
 
+    @classmethod
+    def resolve(cls, outcome: Outcome | None, pred: Tensor | None, target: Tensor, ignore_index: int,
+                who: str) -> Outcome:
+        """The outcome a metric's update uses: ``outcome`` (checked against ``target`` and ``ignore_index``)
+        or, without one, a new Outcome of ``pred`` and ``target``."""
+        if outcome is None:
+            return cls(pred, target, ignore_index)
+        outcome.matches(target, ignore_index, who)
+        return outcome
+
     def matches(self, target: Tensor, ignore_index: int, who: str) -> None:
         """Refuse an outcome computed for other labels or another ignore_index."""
         if target is not self.target and (target.shape != self.target.shape or not torch.equal(target, self.target)):

@@ -32,10 +32,7 @@ class SegmentationMetrics(Accumulator):
         ``outcome``: the :class:`~shiftbench.metrics.outcome.Outcome` of ``pred`` and ``target``, if the caller has it."""
         check_labels("target", target)
         check_labels("pred", pred, target.shape)
-        if outcome is None:
-            outcome = Outcome(pred, target, self.ignore_index)
-        else:
-            outcome.matches(target, self.ignore_index, "SegmentationMetrics")
+        outcome = Outcome.resolve(outcome, pred, target, self.ignore_index, "SegmentationMetrics")
         self._follow(target)
         k = self.num_classes
         outcome.check_target(k)
