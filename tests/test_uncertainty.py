@@ -182,6 +182,33 @@ def test_one_hot_inputs_give_no_nan_and_half_inputs_compute_in_float32():
     _close(u, mutual_information(half.double()).numpy(), 1e-6)
 
 
+def test_row_chunks_give_bitwise_the_same_maps(monkeypatch):
+    """Entropies are computed row chunk by row chunk on the CPU; chunk size must not change a bit."""
+    import shiftbench.chunks as chunks
+
+    mem = _probs(M, B, K, 7, W, seed=5)
+    out = _probs(B, K, 7, W, seed=6)
+    gate = _gate(B, M)
+
+    def maps():
+        pred = Prediction(probs=out, members=mem, gate=gate)
+        return {name: est(pred) for name, est in ESTIMATORS.items()}
+
+    whole = maps()
+    monkeypatch.setitem(chunks.CHUNK_PIXELS, "cpu", B * W * K * 2)  # 2 rows per chunk, the last one 1
+    for name, u in maps().items():
+        assert torch.equal(u, whole[name]), name
+
+
+def test_nan_probabilities_stay_nan_and_do_not_spread():
+    probs = _probs(B, K, H, W)
+    probs[1, :, 2, 3] = float("nan")
+    u = softmax_entropy(probs)
+    assert torch.isnan(u[1, 2, 3])
+    u[1, 2, 3] = 0
+    assert torch.isfinite(u).all()
+
+
 # --------------------------------------------------------------------------- registry and errors
 
 
@@ -253,8 +280,8 @@ def test_predictions_sharing_members_compute_their_entropies_once(monkeypatch):
             "moe": ["mutual_information_stacked", "mutual_information_weighted", "predictive_entropy_stacked"]}
     alone = {n: {e: ESTIMATORS[e](p) for e in plan[n]} for n, p in preds().items()}
     calls = []
-    entropy_fn = unc._entropy
-    monkeypatch.setattr(unc, "_entropy", lambda p, dim: calls.append(p.shape) or entropy_fn(p, dim))
+    entropy_fn = unc._mixture_entropy  # every per-pixel entropy of [B,K,H,W] distributions goes through it
+    monkeypatch.setattr(unc, "_mixture_entropy", lambda parts: calls.append(len(parts)) or entropy_fn(parts))
     shared = preds()
     share_members(shared.values())
     together = {n: {e: ESTIMATORS[e](p) for e in plan[n]} for n, p in shared.items()}
@@ -262,7 +289,7 @@ def test_predictions_sharing_members_compute_their_entropies_once(monkeypatch):
         for e in plan[n]:
             assert torch.equal(together[n][e], alone[n][e]), (n, e)
     # M member entropies once, H(mean), H(moe output), H(stacked mean)
-    assert len(calls) == M + 3
+    assert sorted(calls) == [1] * (M + 1) + [M, M + 1]
 
 
 def test_entropy_fast_path_handles_zeros_and_nan():
