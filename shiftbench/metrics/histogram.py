@@ -44,7 +44,7 @@ class UncertaintyHistogram(Accumulator):
                 continue  # refused by checks.raise_if_bad() below
             u = u.mul(valid).double()  # 0 on ignored pixels
             # bin floor(n u) in [0, n-1] (1.0 in the last), exact in float64; ignored pixels: bin n (dropped)
-            cell = u.mul(n).clamp_(0, n - 0.5).floor_().float().sub_(n).mul_(valid).add_(n)
+            cell = u.mul(n).clamp_(0, n - 0.5).trunc_().float().sub_(n).mul_(valid).add_(n)  # trunc = floor here
             counts += torch.bincount(cell.view(-1).int(), minlength=n + 1)
             total += u.sum()
         checks.raise_if_bad()
