@@ -55,6 +55,19 @@ def test_masks_match_their_definition():
         Outcome(None, target, IGNORE).correct
 
 
+def test_for_pred_shares_the_label_masks_and_recomputes_correctness():
+    probs, target, u, pred = _inputs(5)
+    base = Outcome(None, target, IGNORE)
+    base.valid, base.invalid, base.check_target(K)
+    other = (pred + 1) % K
+    o = base.for_pred(other)
+    assert o.valid is base.valid and o.invalid is base.invalid and o.pred is other
+    fresh = Outcome(other, target, IGNORE)
+    assert torch.equal(o.correct, fresh.correct) and torch.equal(o.n_valid, fresh.n_valid)
+    assert all(torch.equal(a, b) for a, b in zip(o.patches(2), fresh.patches(2)))
+    assert not torch.equal(o.correct, Outcome(pred, target, IGNORE).correct)
+
+
 @pytest.mark.parametrize("chunk", [None, 2 * 10 * 4])
 def test_a_shared_outcome_gives_the_same_states_as_none(monkeypatch, chunk):
     if chunk:

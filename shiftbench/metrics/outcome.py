@@ -29,6 +29,10 @@ def patch_sums(x: Tensor, patch: int) -> Tensor:
     return F.avg_pool2d(x.unsqueeze(1), patch, ceil_mode=True, divisor_override=1).squeeze(1)
 
 
+#: the cached masks that depend on the labels only (shared by :meth:`Outcome.for_pred`)
+_LABEL_ONLY = ("invalid", "valid", "safe_target", "n_valid")
+
+
 class Outcome:
     """pred, target [B,H,W] class ids (``ignore_index`` in target = an ignored pixel); pred may be None
     for a metric that needs only the valid mask.
@@ -81,6 +85,17 @@ class Outcome:
         if patch not in self._patches:
             self._patches[patch] = (patch_sums(self.valid, patch), patch_sums(self.correct, patch))
         return self._patches[patch]
+
+    def for_pred(self, pred: Tensor) -> Outcome:
+        """An Outcome of another prediction of the same labels, sharing the label-only masks computed so
+        far (valid, invalid, safe_target, n_valid, the target check): the runner makes one per batch and
+        one per model from it."""
+        other = Outcome(pred, self.target, self.ignore_index)
+        for name in _LABEL_ONLY:
+            if name in self.__dict__:
+                other.__dict__[name] = self.__dict__[name]
+        other._checked = set(self._checked)
+        return other
 
     @classmethod
     def resolve(cls, outcome: Outcome | None, pred: Tensor | None, target: Tensor, ignore_index: int,

@@ -86,10 +86,11 @@ class Accumulators:
         maps: dict[str, dict[str, Tensor]] = {}
         self.n_images += labels.shape[0]
         share_members(preds.values())
+        labels_only = Outcome(None, labels, IGNORE)
         for name, ests in self.plan.items():
             pred = preds[name]
             label_pred = pred.terms.top[1]  # argmax(probs), shared with the estimators
-            outcome = Outcome(label_pred, labels, IGNORE)  # the masks every metric of this model shares
+            outcome = labels_only.for_pred(label_pred)  # the masks every metric of this model shares
             self.segmentation[name].update(label_pred, labels, outcome=outcome)
             maps[name] = {}
             for e in ests:
