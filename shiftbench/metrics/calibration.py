@@ -73,12 +73,13 @@ class _Partial:
     conf_sum: Tensor  # float64 [B,n+1,2]: their confidence sums
     scores: Tensor  # float64 [len(SCORES),B]
     n_valid: Tensor  # int64 [B]
+    shift: Tensor  # float64 [len(SCORES)]: each score's constant per valid pixel (_Score.shift)
 
     @classmethod
     def zeros(cls, b: int, n: int, s: int, device: torch.device) -> _Partial:
         i64, f64 = dict(dtype=torch.int64, device=device), dict(dtype=torch.float64, device=device)
         return cls(torch.zeros(b, n + 1, 2, **i64), torch.zeros(b, n + 1, 2, **f64), torch.zeros(s, b, **f64),
-                   torch.zeros(b, **i64))
+                   torch.zeros(b, **i64), torch.zeros(s, **f64))
 
 
 def _edge_margin(edges: Tensor) -> float:
@@ -147,6 +148,7 @@ class CalibrationMetrics(Accumulator):
                         checks)
         checks.raise_if_bad()  # before anything is committed; the states are still untouched
         part.n_valid += outcome.n_valid
+        part.scores += part.shift[:, None] * part.n_valid
         self._commit(part, given=confidence is not None)
 
     def _check_shapes(self, probs: Tensor, target: Tensor, confidence: Tensor | None, pred: Tensor | None) -> None:
@@ -179,8 +181,8 @@ class CalibrationMetrics(Accumulator):
         for score in self._scores(sos, p_y, conf, valid, correct, invalid, given):
             total = score.map.sum(2).sum(1, dtype=torch.float64)  # float32 along W, then float64
             part.scores[score.rows] += score.scale * total
-            if score.shift:
-                part.scores[score.rows] += score.shift * valid.sum((1, 2), dtype=torch.float64)
+            if score.shift:  # the constant per valid pixel; the update adds it per image (n_valid) at the end
+                part.shift[score.rows] = score.shift
         conf64 = conf.double()
         cell = self._cells(conf64, valid, correct)
         size = part.hist.numel()
