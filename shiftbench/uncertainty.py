@@ -99,9 +99,10 @@ def _mixture_entropy(parts: Sequence[Tensor]) -> Tensor:
     for rows in row_chunks((b, h, w), first.device):
         acc = out[:, rows]
         for c in range(k):
-            q = first[:, c, rows].to(dtype, copy=n > 1)
+            q = first[:, c, rows].to(dtype)
             if n > 1:
-                for part in parts[1:]:
+                q = torch.add(q, parts[1][:, c, rows])  # a new tensor: the parts are never written
+                for part in parts[2:]:
                     q.add_(part[:, c, rows])
                 q.div_(n)
             acc.addcmul_(q, q.clamp(min=tiny).log_())

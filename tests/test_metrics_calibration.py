@@ -136,6 +136,26 @@ def test_confidences_exactly_on_bin_edges_zero_and_one():
     assert result["bin_count"].sum() == conf.numel()
 
 
+@pytest.mark.parametrize("n_bins", [15, 10, 7, 3, 100])
+def test_bins_within_a_few_ulps_of_every_edge(n_bins):
+    # the bin comes from float32 n * conf; values within 8 ulps of an edge (float32 and exact i/n) must
+    # still land where a search against torchmetrics' float32 edges puts them
+    edges = torch.linspace(0, 1, n_bins + 1)
+    exact = torch.arange(n_bins + 1, dtype=torch.float64) / n_bins
+    centres = torch.cat([edges, exact.float()])
+    conf, up, down = [centres], centres.clone(), centres.clone()
+    for _ in range(8):
+        up, down = torch.nextafter(up, torch.tensor(2.0)), torch.nextafter(down, torch.tensor(-1.0))
+        conf += [up, down]
+    conf = torch.cat(conf).clamp(0, 1).view(1, 1, -1)
+    target = torch.zeros(conf.shape, dtype=torch.long)
+    m = CalibrationMetrics(2, n_bins=n_bins)
+    m.update(torch.full((1, 2, 1, conf.shape[2]), 0.5), target, conf)
+    want = torch.bincount((torch.bucketize(conf.view(-1), edges, right=True) - 1).clamp(0, n_bins - 1),
+                          minlength=n_bins)
+    assert torch.equal(m.bin_count, want)
+
+
 def test_probability_mode_with_edge_and_one_hot_probabilities():
     # two classes: the top-label probability is exactly an edge >= 1/2, or exactly 1 (one-hot)
     top = torch.cat([torch.linspace(0, 1, 16)[8:], torch.ones(4)])
