@@ -60,7 +60,7 @@ def photo(name: str, size: tuple[int, int] | None = None) -> np.ndarray:
 
 def to_tensor(image: np.ndarray) -> torch.Tensor:
     """uint8 HxWx3 -> float32 [1,3,H,W] in [0,1]."""
-    return torch.from_numpy(image).permute(2, 0, 1).float().div(255).unsqueeze(0)
+    return torch.from_numpy(np.array(image)).permute(2, 0, 1).float().div(255).unsqueeze(0)  # a writable copy
 
 
 def to_uint8(x: torch.Tensor) -> np.ndarray:
