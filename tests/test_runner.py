@@ -14,6 +14,7 @@ import yaml
 
 from runner_fixture import make_suite, suite_dict
 from shiftbench.cli import main
+from shiftbench.errors import ShiftbenchError
 from shiftbench.runner.results import RESULT_COLUMNS
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -275,3 +276,16 @@ def test_out_of_memory_on_a_single_image_fails_the_condition(suite, tmp_path, mo
     assert run(suite, tmp_path / "oom", "--corruptions", "none") == 1
     failed = json.loads((tmp_path / "oom" / "summary.json").read_text())["failed"]
     assert len(failed) == 2 and all("out of memory on a single image" in f["reason"] for f in failed)
+
+
+def test_more_ranks_per_node_than_gpus_is_refused_before_joining(monkeypatch):
+    from shiftbench.runner import dist
+
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    with pytest.raises(ShiftbenchError, match=r"local rank 1 has no GPU of its own: 1 CUDA device\(s\) visible.*"
+                                              r"--nproc-per-node 1 or fewer"):
+        dist.init(torch.device("cuda"))
+    assert not torch.distributed.is_initialized()

@@ -14,6 +14,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as tdist
 
+from shiftbench.errors import ShiftbenchError
+
 
 @dataclass(frozen=True)
 class World:
@@ -36,6 +38,11 @@ def init(device: torch.device) -> World:
         return World()
     rank, size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     local = int(os.environ.get("LOCAL_RANK", rank))
+    if device.type == "cuda" and local >= torch.cuda.device_count():
+        n = torch.cuda.device_count()
+        raise ShiftbenchError(f"torchrun local rank {local} has no GPU of its own: {n} CUDA device(s) visible "
+                              f"on this node; use --nproc-per-node {n} or fewer (NCCL needs one GPU per process), "
+                              "or run.device: cpu (gloo)")
     if size > 1 and not tdist.is_initialized():
         backend = "nccl" if device.type == "cuda" else "gloo"
         if device.type == "cuda":
