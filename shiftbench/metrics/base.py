@@ -203,24 +203,6 @@ def _allowed(lo_hi: Tensor, low: float, high: float) -> bool:
     return lo >= low and hi <= high
 
 
-def uniform_bins(x: Tensor, n: int, margin: float, exact: Callable[[Tensor], Tensor]) -> Tensor:
-    """Bin of every value of x (float32, in [0, 1]) among n equal bins: floor(n x) clamped to [0, n-1],
-    as float32 small integers of x's shape.
-
-    fl(n x) is computed in float32 (within n 2^-24 of n x); values whose fl(n x) lies within ``margin``
-    (which must cover that rounding and any offset of the caller's edges from i/n) of an integer, and
-    only those, get ``exact(x[near])`` (their bins, any integer dtype), e.g. a bucketize against the edges.
-    """
-    t = x.mul(n).clamp_(0.5, n - 0.5)  # [0, 1/n) -> bin 0 and (n-1, n] -> bin n-1: neither near an edge
-    bins = t.trunc()  # = floor for t > 0, and 2x cheaper than floor on the CPU
-    low, high = torch.aminmax(t.sub_(bins))  # the fractional parts, exact
-    if n > 1 and bool((low < margin) | (high > 1 - margin)):
-        near = (t < margin).logical_or_(t > 1 - margin)
-        idx = torch.unravel_index(near.view(-1).nonzero().squeeze(1), near.shape)
-        bins[idx] = exact(x[idx]).clamp_(0, n - 1).to(bins.dtype)
-    return bins
-
-
 def check_range(name: str, x: Tensor, valid: Tensor | None, low: float, high: float, what: str) -> None:
     """Refuse values of ``x`` outside [low, high] (or NaN) where ``valid``; one host sync."""
     check = RangeCheck()
