@@ -174,8 +174,14 @@ def test_nan_model_output_fails_only_that_condition(suite, tmp_path, monkeypatch
     assert "fog" not in set(res.corruption) and {"clean", "gaussian_noise"} <= set(res.corruption)
 
 
-def test_unreadable_image_is_skipped_and_named(tmp_path):
+@pytest.mark.parametrize("mode", ["cached", "streamed", "streamed by a worker"])
+def test_unreadable_image_is_skipped_and_named(tmp_path, monkeypatch, mode):
+    """Named once in summary.json, whether the split is cached, or streamed again for every condition,
+    in this process or in DataLoader workers."""
     from runner_fixture import write_checkpoints
+
+    if mode != "cached":
+        monkeypatch.setattr("shiftbench.runner.data.CACHE_BYTES", 0)
 
     tree = tmp_path / "a2d2"
     assert main(["data", "synth", str(tree), "--format", "a2d2", "--count", "2", "--size", "48x64",
@@ -186,15 +192,27 @@ def test_unreadable_image_is_skipped_and_named(tmp_path):
     data["dataset"] = {"name": "a2d2", "root": str(tree), "split_dir": str(tree / "split"), "classes": 11,
                        "size": [48, 64], "eval": {"id": ["highway_test", "highway_val", "highway_train"]}}
     data["metrics"]["gallery"] = []
+    data["run"]["workers"] = 1 if mode == "streamed by a worker" else 0
     write_checkpoints(tmp_path)
     path = tmp_path / "a2d2.yaml"
     path.write_text(yaml.safe_dump(data))
     out = tmp_path / "run"
-    assert run(path, out, "--corruptions", "none") == 0
+    assert run(path, out, "--corruptions", "fog", "--severities", "1") == 0  # two conditions stream the split
     summary = json.loads((out / "summary.json").read_text())
     assert len(summary["skipped_files"]) == 1
     assert victim.name in summary["skipped_files"][0]["file"] + summary["skipped_files"][0]["reason"]
-    assert pd.read_csv(out / "results.csv").n_images.eq(5).all()
+    results = pd.read_csv(out / "results.csv")
+    assert set(results.corruption) == {"clean", "fog"} and results.n_images.eq(5).all()
+    if mode != "cached":  # the split really was streamed, twice, and the file is named once
+        from shiftbench.runner.data import open_split
+        from shiftbench.runner.dist import World
+        from shiftbench.suite import load_suite
+
+        split = open_split(load_suite(path), "id", World())
+        assert split.cache is None
+        for _ in range(2):
+            assert sum(len(b.ids) for b in split.batches(2, data["run"]["workers"])) == 5
+        assert len(split.skipped) == 1
 
 
 def test_missing_data_stops_at_once_with_what_to_set(tmp_path, capsys, monkeypatch):

@@ -52,17 +52,25 @@ class SplitData:
     def __len__(self) -> int:
         return len(self.index)
 
-    def load(self, k: int) -> tuple[Tensor, Tensor, str] | None:
+    def load(self, k: int) -> tuple[Tensor, Tensor, str] | dict[str, str]:
+        """Image k as (uint8 image, label, sample id), or, if it cannot be read, the record of the skip
+        ({file, reason}); pure, so that DataLoader workers can call it (what they skip comes back in the batch)."""
         d, i = self.index[k]
         try:
             image, label, sid = self.datasets[d][i]
         except ShiftbenchError as exc:  # unreadable image: skip it, name it
-            self.skipped.append({"file": f"{self.name}:{d}:{i}", "reason": str(exc)})
-            return None
+            return {"file": f"{self.name}:{d}:{i}", "reason": str(exc)}
         return (image.mul(255).round_().to(torch.uint8) if image.is_floating_point() else image), label, sid
 
+    def _keep(self, items: list) -> list:
+        """The readable items; the skipped ones are recorded (once per file, however many conditions stream it)."""
+        for item in items:
+            if isinstance(item, dict) and item not in self.skipped:
+                self.skipped.append(item)
+        return [x for x in items if not isinstance(x, dict)]
+
     def fill_cache(self) -> None:
-        items = [x for k in range(len(self)) if (x := self.load(k)) is not None]
+        items = self._keep([self.load(k) for k in range(len(self))])
         self.cache = _collate(items, self.name) if items else Batch(torch.zeros(0, 3, 1, 1, dtype=torch.uint8),
                                                                      torch.zeros(0, 1, 1, dtype=torch.int64), [])
 
@@ -72,9 +80,10 @@ class SplitData:
                 yield Batch(self.cache.images[s:s + batch_size], self.cache.labels[s:s + batch_size],
                             self.cache.ids[s:s + batch_size])
             return
-        loader = DataLoader(_Indexed(self), batch_size=batch_size, num_workers=workers,
-                            collate_fn=lambda items: [x for x in items if x is not None], pin_memory=False)
+        loader = DataLoader(_Indexed(self), batch_size=batch_size, num_workers=workers, collate_fn=list,
+                            pin_memory=False)
         for items in loader:
+            items = self._keep(items)
             if items:
                 yield _collate(items, self.name)
 
@@ -103,14 +112,15 @@ def _collate(items: list, name: str) -> Batch:
                  [s for _, _, s in items])
 
 
-def open_split(suite, group: str, world: World, cache_bytes: int = CACHE_BYTES) -> SplitData:
-    """The images of split group ``group`` that this rank evaluates (rank r: r, r+W, ...)."""
+def open_split(suite, group: str, world: World, cache_bytes: int | None = None) -> SplitData:
+    """The images of split group ``group`` that this rank evaluates (rank r: r, r+W, ...); kept in memory
+    if they fit in ``cache_bytes`` (default ``CACHE_BYTES``), else streamed each condition."""
     from shiftbench.data import open_split as open_dataset
 
     datasets = [open_dataset(suite, s) for s in suite.dataset.eval[group]]
     index = limited_indices([len(d) for d in datasets], suite.run.limit)
     data = SplitData(group, datasets, index[world.rank::world.size])
-    if len(data) and _estimate_bytes(data) <= cache_bytes:
+    if len(data) and _estimate_bytes(data) <= (CACHE_BYTES if cache_bytes is None else cache_bytes):
         data.fill_cache()
     return data
 
