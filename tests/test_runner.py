@@ -296,6 +296,51 @@ def test_out_of_memory_on_a_single_image_fails_the_condition(suite, tmp_path, mo
     assert len(failed) == 2 and all("out of memory on a single image" in f["reason"] for f in failed)
 
 
+def _metrics_short_of_memory(monkeypatch, fits: int) -> list[int]:
+    """Let the histogram updates (the last of each batch: the other accumulators are already updated)
+    raise CUDA out-of-memory above ``fits`` images, with the retry enabled on the CPU."""
+    import shiftbench.runner.sweep as sweep
+
+    real, sizes = sweep.UncertaintyHistogram.update, []
+
+    def update(self, uncertainty, target, **kwargs):
+        sizes.append(target.shape[0])
+        if target.shape[0] > fits:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
+        return real(self, uncertainty, target, **kwargs)
+
+    monkeypatch.setattr(sweep.UncertaintyHistogram, "update", update)
+    monkeypatch.setattr(sweep.Accumulators, "OOM_RETRY", ("cpu", "cuda"))
+    return sizes
+
+
+def test_out_of_memory_in_the_metrics_undoes_the_batch_and_halves_it(suite, base, tmp_path, monkeypatch):
+    sizes = _metrics_short_of_memory(monkeypatch, fits=1)
+    assert run(suite, tmp_path / "oom") == 0
+    assert 2 in sizes and 1 in sizes
+    for path in sorted((base / "states").rglob("*.pt")):  # nothing counted twice: the states themselves agree
+        want = torch.load(path, weights_only=True)
+        got = torch.load(tmp_path / "oom" / path.relative_to(base), weights_only=True)
+        assert got["n_images"] == want["n_images"]
+        for acc, state in want["states"].items():
+            for k, v in state.items():
+                if v.is_floating_point():
+                    assert torch.allclose(got["states"][acc][k], v, rtol=1e-9, atol=1e-12, equal_nan=True), (acc, k)
+                else:
+                    assert torch.equal(got["states"][acc][k], v), (path, acc, k)
+    maps = np.load(tmp_path / "oom" / "maps" / "id" / "highway__test__000000.npz")
+    same = np.load(base / "maps" / "id" / "highway__test__000000.npz")
+    assert all(np.array_equal(maps[k], same[k]) for k in same.files)
+
+
+def test_out_of_memory_in_the_metrics_on_a_single_image_fails_the_condition(suite, tmp_path, monkeypatch):
+    _metrics_short_of_memory(monkeypatch, fits=0)
+    assert run(suite, tmp_path / "oom", "--corruptions", "none") == 1
+    failed = json.loads((tmp_path / "oom" / "summary.json").read_text())["failed"]
+    assert len(failed) == 2
+    assert all("out of memory in the estimators and metrics on a single image" in f["reason"] for f in failed)
+
+
 def test_more_ranks_per_node_than_gpus_is_refused_before_joining(monkeypatch):
     from shiftbench.runner import dist
 

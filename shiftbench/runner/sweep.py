@@ -81,8 +81,38 @@ class Accumulators:
             for (name, e), acc in getattr(self, family).items():
                 yield f"{family}/{name}/{e}", acc
 
+    #: device types on which an update that runs out of memory is undone and redone in two halves
+    OOM_RETRY = ("cuda",)
+
     def update(self, preds: dict[str, Prediction], labels: Tensor) -> dict[str, dict[str, Tensor]]:
-        """Update every accumulator; returns the uncertainty maps per model and estimator."""
+        """Update every accumulator; returns the uncertainty maps per model and estimator.
+
+        On CUDA out-of-memory the states are put back as they were before this batch and the batch is
+        updated in two halves (recursively), so no image is counted twice; a single image that does not
+        fit fails the condition."""
+        if labels.device.type not in self.OOM_RETRY:
+            return self._update(preds, labels)
+        saved = (self.n_images, [{n: getattr(acc, n).clone() for n in acc.state_names} for _, acc in self.all()])
+        try:
+            return self._update(preds, labels)
+        except torch.cuda.OutOfMemoryError as exc:
+            self.n_images = saved[0]
+            for (_, acc), state in zip(self.all(), saved[1]):
+                for name, value in state.items():
+                    setattr(acc, name, value)
+            if labels.shape[0] == 1:
+                first = str(exc).splitlines()[0] if str(exc) else "CUDA out of memory"
+                raise ConditionFailed(f"out of memory in the estimators and metrics on a single image: {first}") \
+                    from exc
+            for pred in preds.values():
+                pred.__dict__.pop("terms", None)  # the shared intermediates of the whole batch: free them
+            torch.cuda.empty_cache()
+            h = labels.shape[0] // 2
+            halves = (slice(0, h), slice(h, None))
+            parts = [self.update(_slice_predictions(preds, rows), labels[rows]) for rows in halves]
+            return {m: {e: torch.cat([p[m][e] for p in parts]) for e in parts[0][m]} for m in parts[0]}
+
+    def _update(self, preds: dict[str, Prediction], labels: Tensor) -> dict[str, dict[str, Tensor]]:
         maps: dict[str, dict[str, Tensor]] = {}
         self.n_images += labels.shape[0]
         share_members(preds.values())
@@ -169,6 +199,21 @@ def forward_batch(zoo, cond: Condition, batch: Batch, seed: int, device: torch.d
         memo: dict[tuple[int, ...], Tensor] = {}
         preds = {n: _cat_predictions([p[1][n] for p in parts], memo) for n in parts[0][1]}
         return x, preds
+
+
+def _slice_predictions(preds: dict[str, Prediction], rows: slice) -> dict[str, Prediction]:
+    """Every prediction restricted to images ``rows``; a tensor several models share stays shared."""
+    memo: dict[tuple[int, int], Tensor] = {}
+
+    def cut(x: Tensor | None, dim: int) -> Tensor | None:
+        if x is None:
+            return None
+        if (id(x), dim) not in memo:
+            memo[id(x), dim] = x[(slice(None),) * dim + (rows,)]
+        return memo[id(x), dim]
+
+    return {n: Prediction(probs=cut(p.probs, 0), members=cut(p.members, 1), gate=cut(p.gate, 0))
+            for n, p in preds.items()}
 
 
 def _cat_predictions(parts: list[Prediction], memo: dict[tuple[int, ...], Tensor]) -> Prediction:
