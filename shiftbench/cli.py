@@ -3,8 +3,8 @@
 Commands live in :mod:`shiftbench.commands`, one module each, registered in
 :data:`COMMANDS`. A module provides ``add_arguments(parser)`` and ``main(args) -> int``
 and imports its heavy dependencies inside ``main``. Any :class:`ShiftbenchError`
-(or the corruptions package's ``CorruptionError``) becomes one line on stderr and
-exit code 2.
+(or the corruptions package's ``CorruptionError``), and any file-system error (a path that
+cannot be created, read or written), becomes one line on stderr and exit code 2.
 """
 
 from __future__ import annotations
@@ -69,6 +69,11 @@ def main(argv: list[str] | None = None) -> int:
         return int(args._main(args) or 0)
     except _user_errors() as exc:
         print(f"shiftbench: error: {one_line(exc)}", file=sys.stderr)
+        return 2
+    except OSError as exc:  # the file system said no: a path that cannot be created, read or written
+        where = f" {exc.filename!r}" if exc.filename else ""
+        print(f"shiftbench: error: cannot use{where}: {exc.strerror or one_line(exc)}; check the paths given "
+              "(input folders must be readable, output folders creatable and writable)", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("shiftbench: interrupted", file=sys.stderr)

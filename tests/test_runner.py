@@ -155,6 +155,13 @@ def test_bad_overrides_are_one_line_exit_2(suite, tmp_path, capsys, args, expect
     assert len(err.splitlines()) == 1 and expected in err
 
 
+def test_an_output_folder_that_cannot_be_made_is_one_line_exit_2(suite, tmp_path, capsys):
+    (tmp_path / "a_file").write_text("not a folder")
+    assert run(suite, tmp_path / "a_file" / "run", "--corruptions", "none") == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "a_file/run" in err and "Not a directory" in err
+
+
 def test_nan_model_output_fails_only_that_condition(suite, tmp_path, monkeypatch):
     import shiftbench.runner.sweep as sweep
 
