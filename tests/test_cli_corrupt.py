@@ -62,6 +62,22 @@ def test_mirrors_the_tree_and_reports_skipped_files(tree, tmp_path, capsys):
         assert im.format == "JPEG" and im.size == (52, 40) and im.mode == "RGB"
 
 
+def test_images_whose_data_is_truncated_are_reported_and_skipped(tree, tmp_path, capsys):
+    """Headers that read (so discovery keeps them) over data that does not decode: the rest is written."""
+    for name in ("a.png", "sub/b.jpg"):
+        data = (tree / name).read_bytes()
+        (tree / name.replace(".", "_cut.")).write_bytes(data[: len(data) // 3])
+    out = tmp_path / "out"
+    code, stdout, err = _run(capsys, "corrupt", str(tree), str(out), "--corruption", "contrast", "--severity", "1,3",
+                             "--quiet")
+    assert code == 0
+    assert _files(out) == sorted(f"contrast/{s}/{r}" for s in (1, 3) for r in ("a.png", "sub/b.jpg", "sub/c.png"))
+    lines = [line for line in err.splitlines() if "_cut." in line]
+    assert len(lines) == 2 and all(line.startswith("shiftbench: skipping") and "unreadable" in line for line in lines)
+    assert ".cpp" not in err  # torchvision's message, without its source location
+    assert "wrote 6 images" in stdout and "4 files skipped" in stdout
+
+
 def test_outputs_do_not_depend_on_batch_size(tree, tmp_path, capsys):
     for bs in ("1", "3"):
         assert _run(capsys, "corrupt", str(tree), str(tmp_path / bs), "--corruption", "shot_noise,motion_blur",

@@ -11,6 +11,7 @@ written to a temporary name and renamed, and a re-run skips the files that exist
 from __future__ import annotations
 
 import argparse
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -127,6 +128,20 @@ def load(source: Source):
     return image
 
 
+def load_or_skip(source: Source, skipped: list[str]):
+    """:func:`load`, or None for an image whose data cannot be decoded (truncated, corrupt): reported on
+    stderr and added to ``skipped``."""
+    import sys
+
+    try:
+        return load(source)
+    except (RuntimeError, OSError) as exc:
+        why = re.sub(r"^.*?\.cpp:\d+, ", "", " ".join(str(exc).split()))  # torchvision's message, not its source line
+        skipped.append(f"{source.rel} (unreadable: {why})")
+        print(f"shiftbench: skipping {skipped[-1]}", file=sys.stderr)
+        return None
+
+
 def encode(image, suffix: str) -> bytes:
     """uint8 [3,H,W] (CPU) -> file bytes in the format of ``suffix``."""
     import warnings
@@ -191,7 +206,14 @@ def main(args: argparse.Namespace) -> int:
             bar.update(sum(len(batch) - len(idx) for idx in todo.values()))
             if not any(todo.values()):
                 continue
-            images = torch.stack([load(src) for src in batch]).to(device).float().div_(255)
+            loaded = [load_or_skip(src, skipped) for src in batch]  # None: its header read, its data does not
+            bar.update(sum(1 for idx in todo.values() for i in idx if loaded[i] is None))
+            todo = {c: [i for i in idx if loaded[i] is not None] for c, idx in todo.items()}
+            if not any(todo.values()):
+                continue
+            blank = next(image for image in loaded if image is not None)
+            images = torch.stack([blank if image is None else image for image in loaded])  # unreadable: never used
+            images = images.to(device).float().div_(255)
             seeds = sample_seeds(args.seed, [src.rel for src in batch], device=device)
             for (name, severity), idx in todo.items():
                 if not idx:
