@@ -78,6 +78,16 @@ def test_images_whose_data_is_truncated_are_reported_and_skipped(tree, tmp_path,
     assert "wrote 6 images" in stdout and "4 files skipped" in stdout
 
 
+def test_a_single_truncated_image_is_one_line_exit_2(tree, tmp_path, capsys):
+    data = (tree / "a.png").read_bytes()
+    (tree / "cut.png").write_bytes(data[: len(data) // 3])
+    for argv in (("corrupt", str(tree / "cut.png"), str(tmp_path / "out")),
+                 ("corruptions", "preview", str(tree / "cut.png"), str(tmp_path / "grid.png"))):
+        code, _, err = _run(capsys, *argv, "--quiet") if argv[0] == "corrupt" else _run(capsys, *argv)
+        assert code == 2 and len(err.strip().splitlines()) == 1, argv
+        assert "is not a readable PNG/JPEG image" in err and "cut.png" in err
+
+
 def test_outputs_do_not_depend_on_batch_size(tree, tmp_path, capsys):
     for bs in ("1", "3"):
         assert _run(capsys, "corrupt", str(tree), str(tmp_path / bs), "--corruption", "shot_noise,motion_blur",

@@ -112,8 +112,17 @@ def batches(sources: list[Source], batch_size: int) -> list[list[Source]]:
     return [g[i:i + batch_size] for g in groups.values() for i in range(0, len(g), batch_size)]
 
 
+class UnreadableImage(Exception):
+    """An image whose header reads but whose data does not decode; ``reason`` is the decoder's message."""
+
+    def __init__(self, source: Source, reason: str):
+        super().__init__(f"{source.rel}: {reason}")
+        self.reason = reason
+
+
 def load(source: Source):
-    """uint8 RGB [3,H,W] (grey and alpha converted, 16-bit scaled to 8), via torchvision."""
+    """uint8 RGB [3,H,W] (grey and alpha converted, 16-bit scaled to 8), via torchvision; raises
+    :class:`UnreadableImage` when the data does not decode (a truncated or corrupt file)."""
     import warnings
 
     import torch
@@ -122,22 +131,24 @@ def load(source: Source):
         warnings.filterwarnings("ignore", _CODEC_DEPRECATION, DeprecationWarning)
         from torchvision.io import ImageReadMode, decode_image, read_file
 
-        image = decode_image(read_file(str(source.path)), mode=ImageReadMode.RGB)
+        try:
+            image = decode_image(read_file(str(source.path)), mode=ImageReadMode.RGB)
+        except (RuntimeError, OSError) as exc:  # torchvision's message without its source location
+            raise UnreadableImage(source, re.sub(r"^.*?\.cpp:\d+, ", "", " ".join(str(exc).split()))) from None
     if image.dtype != torch.uint8:
         image = (image.float() * (255 / torch.iinfo(image.dtype).max)).to(torch.uint8)
     return image
 
 
 def load_or_skip(source: Source, skipped: list[str]):
-    """:func:`load`, or None for an image whose data cannot be decoded (truncated, corrupt): reported on
-    stderr and added to ``skipped``."""
+    """:func:`load`, or None for an image whose data cannot be decoded: reported on stderr and added to
+    ``skipped``."""
     import sys
 
     try:
         return load(source)
-    except (RuntimeError, OSError) as exc:
-        why = re.sub(r"^.*?\.cpp:\d+, ", "", " ".join(str(exc).split()))  # torchvision's message, not its source line
-        skipped.append(f"{source.rel} (unreadable: {why})")
+    except UnreadableImage as exc:
+        skipped.append(f"{source.rel} (unreadable: {exc.reason})")
         print(f"shiftbench: skipping {skipped[-1]}", file=sys.stderr)
         return None
 
@@ -193,6 +204,11 @@ def main(args: argparse.Namespace) -> int:
     sources, skipped = discover(root, out)
     for line in skipped:
         print(f"shiftbench: skipping {line}", file=sys.stderr)
+    if root.is_file():  # one image: one that does not decode is an error, not a skip
+        try:
+            load(sources[0])
+        except UnreadableImage as exc:
+            raise ShiftbenchError(f"input {str(root)!r} is not a readable PNG/JPEG image ({exc.reason})") from None
     small = [s for s in sources if min(s.size) < 32]
     if small:
         raise ShiftbenchError(f"{small[0].rel} is {small[0].size[0]}x{small[0].size[1]}; images must be at least 32x32")

@@ -87,7 +87,7 @@ def main(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from corruptions import CORRUPTIONS
-    from shiftbench.commands.corrupt import discover, load, resolve_device
+    from shiftbench.commands.corrupt import UnreadableImage, discover, load, resolve_device
     from shiftbench.errors import ShiftbenchError
 
     if args.action == "list":
@@ -102,7 +102,11 @@ def main(args: argparse.Namespace) -> int:
     sources, _ = discover(Path(args.image))
     if min(sources[0].size) < 32:
         raise ShiftbenchError(f"IMAGE is {sources[0].size[0]}x{sources[0].size[1]}; images must be at least 32x32")
-    x = shrink(load(sources[0]), args.max_side).to(resolve_device(args.device))
+    try:
+        image = load(sources[0])
+    except UnreadableImage as exc:
+        raise ShiftbenchError(f"IMAGE {args.image!r} is not a readable PNG/JPEG image ({exc.reason})") from None
+    x = shrink(image, args.max_side).to(resolve_device(args.device))
     render(grid(x, args.seed), args.out)
     print(f"shiftbench: wrote {args.out} ({len(CORRUPTIONS)} corruptions x 5 severities at "
           f"{x.shape[-2]}x{x.shape[-1]})")
