@@ -283,6 +283,28 @@ def test_cli_report_of_a_run_without_curves_and_maps(tmp_path, capsys):
     assert (tmp_path / "o" / "figures" / "conditional_vs_severity_id.png").is_file()
 
 
+def test_failed_conditions_and_skipped_files_are_warned_about(tmp_path, capsys):
+    import json
+
+    run = make_run(tmp_path / "r", models={"baseline": MODELS["baseline"]}, splits=("id",), corruptions=("fog",),
+                   severities=(1,), n_patches=200, maps=False)
+    summary = json.loads((run / "summary.json").read_text())
+    summary["failed"] = [{"condition": "id/snow/1", "reason": "model(s) baseline produced NaN or Inf probabilities"}]
+    summary["skipped_files"] = [{"file": "id:0:3", "reason": "x.png: not a readable PNG"}]
+    (run / "summary.json").write_text(json.dumps(summary))
+    assert cli(["report", str(run), "--format", "png", "--out", str(tmp_path / "o")]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].startswith("warning: 1 condition(s) failed") and "id/snow/1 (model(s) baseline" in out[0]
+    assert out[1].startswith("warning: 1 unreadable image(s) were skipped")
+    md, page = (tmp_path / "o" / "report.md").read_text(), (tmp_path / "o" / "report.html").read_text()
+    assert md.count("> **Warning:**") == 2 and "id/snow/1" in md
+    assert page.count('<p class="warning">') == 2 and "id/snow/1" in page
+    assert cli(["report", str(make_run(tmp_path / "ok", models={"baseline": MODELS["baseline"]}, splits=("id",),
+                                       corruptions=("fog",), severities=(1,), n_patches=200, maps=False)),
+                "--format", "png"]) == 0
+    assert "warning" not in capsys.readouterr().out
+
+
 def run_cli(argv: list[str]) -> int:
     """The CLI's exit code, whether it returns it or argparse exits."""
     try:

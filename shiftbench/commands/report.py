@@ -43,6 +43,8 @@ def main(args: argparse.Namespace) -> int:
 
     report = build_report(args.run_dir, out=args.out, fmt=args.format, threshold=args.threshold,
                           sweep_severities=args.sweep_severities, gallery_models=args.gallery_models)
+    for warning in report.warnings:
+        print(f"warning: {warning}")
     for note in report.notes:
         print(f"note: {note}")
     print(f"report: {len(report.figures)} figures, {len(report.tables)} tables -> {report.out / 'report.html'}")

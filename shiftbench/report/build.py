@@ -41,6 +41,7 @@ class Report:
     figures: list[FigureFile] = field(default_factory=list)
     tables: list[tuple[tables.Table, list[Path]]] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)  # what a reader of the figures must know (failures)
 
 
 def build_report(run_dir: str | Path, out: str | Path | None = None, fmt: str = "pdf", threshold: float = 0.5,
@@ -54,6 +55,7 @@ def build_report(run_dir: str | Path, out: str | Path | None = None, fmt: str = 
                           sweep_severities=_sweep_severities(run, sweep_severities),
                           gallery_models=_gallery_models(run, gallery_models))
     _check_threshold(run, threshold)
+    report.warnings = run_warnings(run)
     _write_tables(report)
     with matplotlib.rc_context(RC):
         for family, draw in figures.FIGURES.items():
@@ -65,6 +67,22 @@ def build_report(run_dir: str | Path, out: str | Path | None = None, fmt: str = 
     io.write_text(report.out / "report.md", document.markdown(report))
     io.write_text(report.out / "report.html", document.html_page(report))
     return report
+
+
+def run_warnings(run: Run) -> list[str]:
+    """Failed conditions and skipped files from summary.json, one sentence each: the tables and figures
+    average over the conditions that finished, so a missing one shifts a mean without showing."""
+    out = []
+    failed = run.summary.get("failed") or []
+    if failed:
+        listed = "; ".join(f"{f.get('condition')} ({f.get('reason')})" for f in failed[:5])
+        more = f"; and {len(failed) - 5} more (summary.json)" if len(failed) > 5 else ""
+        out.append(f"{len(failed)} condition(s) failed and are left out of every table and figure, including "
+                   f"the means over corruptions at their severity: {listed}{more}")
+    skipped = run.summary.get("skipped_files") or []
+    if skipped:
+        out.append(f"{len(skipped)} unreadable image(s) were skipped in every condition (named in summary.json)")
+    return out
 
 
 def _write_tables(report: Report) -> None:

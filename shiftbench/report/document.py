@@ -26,7 +26,7 @@ table{border-collapse:collapse;margin:0.5em 0 1.5em;font-size:0.85em}
 th,td{padding:2px 8px;border-bottom:1px solid #ddd}thead th{border-bottom:2px solid #444}
 td.num{text-align:right;font-variant-numeric:tabular-nums}figure{margin:1em 0 2em}
 img{max-width:100%;border:1px solid #eee}figcaption,p.caption{font-size:0.9em;color:#444}
-.note{color:#8a5a00}"""
+.note{color:#8a5a00}.warning{color:#a00;border-left:4px solid #a00;padding-left:0.5em}"""
 
 
 def _facts(report: "Report") -> list[tuple[str, str]]:
@@ -44,7 +44,9 @@ def _facts(report: "Report") -> list[tuple[str, str]]:
 def markdown(report: "Report") -> str:
     """The report as Markdown: facts, tables (Markdown, with links to LaTeX), figures, notes."""
     out = [f"# shiftbench report: {report.run.suite_name}", ""]
-    out += [f"- **{k}**: {v}" for k, v in _facts(report)] + ["", "## Tables", ""]
+    out += [f"- **{k}**: {v}" for k, v in _facts(report)] + [""]
+    out += [f"> **Warning:** {w}" for w in report.warnings] + ([""] if report.warnings else [])
+    out += ["## Tables", ""]
     for table, files in report.tables:
         out += [f"### {table.title}", "", table.caption, "", tables.to_markdown(table).rstrip(), "",
                 f"LaTeX: [{files[1].as_posix()}]({files[1].as_posix()})", ""]
@@ -66,7 +68,8 @@ def html_page(report: "Report") -> str:
     """The same content as a single plain HTML page (no scripts, no server)."""
     esc = html.escape
     body = [f"<h1>shiftbench report: {esc(report.run.suite_name)}</h1>", "<ul>"]
-    body += [f"<li><b>{esc(k)}</b>: {esc(v)}</li>" for k, v in _facts(report)] + ["</ul>", "<h2>Tables</h2>"]
+    body += [f"<li><b>{esc(k)}</b>: {esc(v)}</li>" for k, v in _facts(report)] + ["</ul>"]
+    body += [f'<p class="warning"><b>Warning:</b> {esc(w)}</p>' for w in report.warnings] + ["<h2>Tables</h2>"]
     for table, files in report.tables:
         body += [f"<h3>{esc(table.title)}</h3>", f'<p class="caption">{esc(table.caption)}</p>',
                  tables.to_html(table), f'<p>LaTeX: <a href="{esc(files[1].as_posix())}">{esc(files[1].name)}</a></p>']
