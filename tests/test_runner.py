@@ -140,7 +140,12 @@ def test_a_different_suite_is_refused_unless_forced(suite, base, tmp_path, capsy
     assert run(path, out, "--corruptions", "none") == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "different suite" in err and "--force" in err
+    (out / "report").mkdir()
+    (out / "report" / "report.md").write_text("a report of the other suite")
     assert run(path, out, "--corruptions", "none", "--force") == 0
+    assert not (out / "report").exists()  # nothing of the discarded run is left to be mistaken for this one
+    log = (out / "run.log").read_text()
+    assert log.count("suite tiny") == 1, log
 
 
 @pytest.mark.parametrize("args, expected", [

@@ -56,10 +56,11 @@ class RunStore:
         io.write_json(manifest, {"suite": suite_name, "digest": digest})
 
     def discard(self) -> None:
+        """Remove another suite's run: its states, maps, tables, log and the report made from them."""
         self._saved.clear()
-        for name in ("states", "maps"):
+        for name in ("states", "maps", "report"):
             shutil.rmtree(self.root / name, ignore_errors=True)
-        for name in OUTPUTS + (MANIFEST,):
+        for name in OUTPUTS + (MANIFEST, "run.log", "suite.yaml"):
             (self.root / name).unlink(missing_ok=True)
 
     def clean_temporaries(self) -> None:
