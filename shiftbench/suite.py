@@ -174,6 +174,11 @@ class Suite:
         blob = json.dumps(ident, sort_keys=True, default=str).encode()
         return hashlib.sha256(blob).hexdigest()
 
+    def checkpoints(self) -> list[Path]:
+        """Every checkpoint file the sweep loads (experts, then models), each once, in suite order."""
+        paths = [e.checkpoint for e in self.experts.values()] + [m.checkpoint for m in self.models]
+        return list(dict.fromkeys(p for p in paths if p is not None))
+
     def to_dict(self) -> dict[str, Any]:
         return json.loads(json.dumps(asdict(self), default=str))
 

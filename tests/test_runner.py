@@ -148,6 +148,28 @@ def test_a_different_suite_is_refused_unless_forced(suite, base, tmp_path, capsy
     assert log.count("suite tiny") == 1, log
 
 
+def test_a_checkpoint_retrained_in_place_or_amp_toggled_is_not_resumed(tmp_path, capsys):
+    """Same suite file, other model bytes (or precision): the finished conditions must not be mixed in."""
+    from runner_fixture import write_checkpoints
+
+    path = make_suite(tmp_path / "suite", **SMALL)
+    out = tmp_path / "run"
+    assert run(path, out, "--corruptions", "none") == 0
+    write_checkpoints(path.parent, seed=1)  # the same files, new weights
+    capsys.readouterr()
+    assert run(path, out, "--corruptions", "none") == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "other checkpoint files or run.amp" in err and "--force" in err
+    assert run(path, out, "--corruptions", "none", "--force") == 0
+    assert run(path, out, "--corruptions", "none") == 0  # same inputs again: resumes (nothing to do)
+    data = yaml.safe_load(path.read_text())
+    data["run"]["amp"] = True
+    path.write_text(yaml.safe_dump(data))
+    capsys.readouterr()
+    assert run(path, out, "--corruptions", "none") == 2
+    assert "other checkpoint files or run.amp" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("args, expected", [
     (["--corruptions", "fog,smog"], "corruptions.names[1]: 'smog' is not one of"),
     (["--severities", "0"], "corruptions.severities[0]: 0 is not one of 1, 2, 3, 4, 5"),

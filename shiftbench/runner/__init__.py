@@ -87,7 +87,9 @@ def run_suite(suite, force: bool = False, progress: bool = True) -> dict[str, An
     store = RunStore(suite.run.out)
     digest = suite.digest()
     if world.is_main:
-        store.open(suite.name, digest, force=force)
+        from shiftbench.runner.store import inputs_digest
+
+        store.open(suite.name, digest, force=force, inputs=inputs_digest(suite))
         io.write_text(store.root / "suite.yaml", yaml.safe_dump(suite.raw, sort_keys=False))
     dist.barrier(world)
     handler = _setup_log(store.root / "run.log", world.is_main)

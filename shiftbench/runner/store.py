@@ -1,7 +1,8 @@
 """The run directory: a manifest, one atomic state file per finished condition, and the outputs.
 
 ```
-OUT/manifest.json              suite name + identity digest (a different suite is refused unless --force)
+OUT/manifest.json              suite name, identity digest and inputs digest (checkpoint bytes, amp): a
+                               different suite, or other inputs, is refused unless --force
 OUT/states/<split>/<corruption>/<severity>.pt   accumulator states + per-condition meta, written atomically
 OUT/maps/<split>/<sample>.npz  saved uncertainty maps (gallery)
 OUT/results.csv|.parquet, curves.parquet, summary.json, run.log
@@ -12,6 +13,8 @@ files (``.*.tmp*``), which are ignored and cleaned on the next start.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import shutil
 from pathlib import Path
 from typing import Any
@@ -26,18 +29,32 @@ MANIFEST = "manifest.json"
 OUTPUTS = ("results.csv", "results.parquet", "curves.parquet", "summary.json")
 
 
+def inputs_digest(suite) -> str:
+    """sha256 of what changes a condition's result besides the suite file: the bytes of every checkpoint
+    (a model retrained in place) and ``run.amp``. A run is only resumed with the same inputs."""
+    h = hashlib.sha256(json.dumps({"amp": suite.run.amp}).encode())
+    for path in suite.checkpoints():
+        h.update(f"\0{path.name}\0".encode())
+        try:
+            with open(path, "rb") as fh:
+                for block in iter(lambda: fh.read(1 << 20), b""):
+                    h.update(block)
+        except OSError:
+            h.update(b"missing")  # the model zoo says what is wrong with it
+    return h.hexdigest()
+
+
 class RunStore:
     def __init__(self, root: str | Path):
         self.root = Path(root)
         self._saved: dict[str, dict[str, Any]] = {}  # condition key -> payload written by this process
 
     # ----------------------------------------------------------------- manifest
-    def open(self, suite_name: str, digest: str, force: bool = False) -> None:
-        """Create the run directory, or check that it belongs to the same suite."""
+    def open(self, suite_name: str, digest: str, force: bool = False, inputs: str | None = None) -> None:
+        """Create the run directory, or check that it belongs to the same suite (``digest``) run with the
+        same checkpoints and precision (``inputs``, see :func:`inputs_digest`)."""
         manifest = self.root / MANIFEST
         if manifest.exists():
-            import json
-
             try:
                 old = json.loads(manifest.read_text())
             except (OSError, ValueError):
@@ -48,12 +65,19 @@ class RunStore:
                         f"{self.root}: holds a run of a different suite ({old.get('suite', 'unknown')!r}, "
                         f"digest {str(old.get('digest'))[:12]}); use another --out, or --force to discard it")
                 self.discard()
+            elif inputs is not None and old.get("inputs", inputs) != inputs:
+                if not force:
+                    raise ShiftbenchError(
+                        f"{self.root}: was run with other checkpoint files or run.amp than the suite now names "
+                        "(a model retrained in place?); its finished conditions would mix with new ones: use "
+                        "another --out, or --force to discard it")
+                self.discard()
         elif self.root.exists() and any(self.root.iterdir()) and not force:
             raise ShiftbenchError(f"{self.root}: exists and is not a shiftbench run directory; "
                                   "use another --out, or --force to write into it")
         self.root.mkdir(parents=True, exist_ok=True)
         self.clean_temporaries()
-        io.write_json(manifest, {"suite": suite_name, "digest": digest})
+        io.write_json(manifest, {"suite": suite_name, "digest": digest, **({"inputs": inputs} if inputs else {})})
 
     def discard(self) -> None:
         """Remove another suite's run: its states, maps, tables, log and the report made from them."""
