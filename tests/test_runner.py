@@ -61,6 +61,7 @@ def test_outputs_follow_the_run_format(base):
     assert set(summary["time_s"]) == {"data", "corruption", "forward", "estimators_metrics", "io"}
     assert 0 <= summary["outside_forward_share"] <= 1
     assert summary["classes"][0] == "Person" and summary["models"]["moe_simple"] == "moe"
+    assert summary["torch_threads"] == torch.get_num_threads()
     maps = np.load(base / "maps" / "id" / "highway__test__000000.npz")
     assert maps["image"].shape == (48, 64, 3) and maps["image"].dtype == np.uint8
     assert maps["unc__moe_simple__gate_entropy"].dtype == np.float16

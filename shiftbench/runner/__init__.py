@@ -176,6 +176,7 @@ def _summary(suite, digest, device, world, timer, started, conditions, todo, fai
         "seed": suite.run.seed,
         "device": str(device),
         "world_size": world.size,
+        "torch_threads": torch.get_num_threads(),  # CPU convolutions round differently with another count
         "versions": _versions(),
         "git_commit": _git_commit(),
         "wall_time_s": round(wall, 3),
