@@ -62,6 +62,7 @@ def test_outputs_follow_the_run_format(base):
     assert 0 <= summary["outside_forward_share"] <= 1
     assert summary["classes"][0] == "Person" and summary["models"]["moe_simple"] == "moe"
     assert summary["torch_threads"] == torch.get_num_threads()
+    assert summary["gallery_missing"] == []
     maps = np.load(base / "maps" / "id" / "highway__test__000000.npz")
     assert maps["image"].shape == (48, 64, 3) and maps["image"].dtype == np.uint8
     assert maps["unc__moe_simple__gate_entropy"].dtype == np.float16
@@ -169,6 +170,17 @@ def test_a_checkpoint_retrained_in_place_or_amp_toggled_is_not_resumed(tmp_path,
     capsys.readouterr()
     assert run(path, out, "--corruptions", "none") == 2
     assert "other checkpoint files or run.amp" in capsys.readouterr().err
+
+
+def test_gallery_ids_not_in_the_data_are_named(tmp_path, capsys):
+    data = suite_dict(**SMALL)
+    data["metrics"]["gallery"] = ["highway/test/000000", "urban/test/999999"]
+    path = make_suite(tmp_path / "suite", **SMALL)
+    path.write_text(yaml.safe_dump(data))
+    assert main(["run", str(path), "--out", str(tmp_path / "run"), "--quiet", "--corruptions", "none"]) == 0
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["gallery_missing"] == ["urban/test/999999"]
+    assert "warning: metrics.gallery: 1 sample id(s) not among the evaluated images" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("args, expected", [

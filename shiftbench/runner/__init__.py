@@ -125,6 +125,7 @@ def run_suite(suite, force: bool = False, progress: bool = True) -> dict[str, An
             with timer("io"):
                 write_results(suite, store, conditions)
             summary = _summary(suite, digest, device, world, timer, started, conditions, todo, failed, skipped)
+            summary["gallery_missing"] = _gallery_missing(suite, store, groups)
             io.write_json(store.root / "summary.json", summary)
             _print_end(summary)
         summary = dist.broadcast_object(summary, world)
@@ -188,6 +189,14 @@ def _summary(suite, digest, device, world, timer, started, conditions, todo, fai
     }
 
 
+def _gallery_missing(suite, store: RunStore, groups: list[str]) -> list[str]:
+    """metrics.gallery ids whose maps no split group saved (not in the data, or cut by --limit); saved on the
+    clean conditions, so only checked when the suite sweeps them."""
+    if not suite.corruptions.clean:
+        return []
+    return [sid for sid in suite.metrics.gallery if not any(store.map_path(g, sid).exists() for g in groups)]
+
+
 def _class_names(suite) -> list[str]:
     from shiftbench.data import class_names
 
@@ -201,3 +210,7 @@ def _print_end(summary: dict[str, Any]) -> None:
           f"(data {t['data']:.1f}, corruption {t['corruption']:.1f}, forward {t['forward']:.1f}, "
           f"estimators+metrics {t['estimators_metrics']:.1f}, io {t['io']:.1f}); "
           f"{100 * summary['outside_forward_share']:.0f}% outside model forwards")
+    missing = summary.get("gallery_missing") or []
+    if missing:
+        print(f"shiftbench: warning: metrics.gallery: {len(missing)} sample id(s) not among the evaluated images, "
+              f"so no uncertainty maps for them: {', '.join(missing)} (check the ids and --limit)")
