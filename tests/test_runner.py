@@ -151,7 +151,10 @@ def test_a_different_suite_is_refused_unless_forced(suite, base, tmp_path, capsy
 
 
 def test_a_checkpoint_retrained_in_place_or_amp_toggled_is_not_resumed(tmp_path, capsys):
-    """Same suite file, other model bytes (or precision): the finished conditions must not be mixed in."""
+    """Same suite file, other model bytes (or precision, or device type): finished conditions must not mix in."""
+    from shiftbench.runner.store import inputs_digest
+    from shiftbench.suite import load_suite
+
     from runner_fixture import write_checkpoints
 
     path = make_suite(tmp_path / "suite", **SMALL)
@@ -161,7 +164,7 @@ def test_a_checkpoint_retrained_in_place_or_amp_toggled_is_not_resumed(tmp_path,
     capsys.readouterr()
     assert run(path, out, "--corruptions", "none") == 2
     err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and "other checkpoint files or run.amp" in err and "--force" in err
+    assert len(err.splitlines()) == 1 and "other checkpoint files, run.amp or device type" in err and "--force" in err
     assert run(path, out, "--corruptions", "none", "--force") == 0
     assert run(path, out, "--corruptions", "none") == 0  # same inputs again: resumes (nothing to do)
     data = yaml.safe_load(path.read_text())
@@ -169,7 +172,8 @@ def test_a_checkpoint_retrained_in_place_or_amp_toggled_is_not_resumed(tmp_path,
     path.write_text(yaml.safe_dump(data))
     capsys.readouterr()
     assert run(path, out, "--corruptions", "none") == 2
-    assert "other checkpoint files or run.amp" in capsys.readouterr().err
+    assert "other checkpoint files, run.amp or device type" in capsys.readouterr().err
+    assert inputs_digest(load_suite(path), "cpu") != inputs_digest(load_suite(path), "cuda")
 
 
 def test_gallery_ids_not_in_the_data_are_named(tmp_path, capsys):

@@ -89,7 +89,7 @@ def run_suite(suite, force: bool = False, progress: bool = True) -> dict[str, An
     if world.is_main:
         from shiftbench.runner.store import inputs_digest
 
-        store.open(suite.name, digest, force=force, inputs=inputs_digest(suite))
+        store.open(suite.name, digest, force=force, inputs=inputs_digest(suite, device.type))
         io.write_text(store.root / "suite.yaml", yaml.safe_dump(suite.raw, sort_keys=False))
     dist.barrier(world)
     handler = _setup_log(store.root / "run.log", world.is_main)

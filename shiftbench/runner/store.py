@@ -1,7 +1,7 @@
 """The run directory: a manifest, one atomic state file per finished condition, and the outputs.
 
 ```
-OUT/manifest.json              suite name, identity digest and inputs digest (checkpoint bytes, amp): a
+OUT/manifest.json              suite name, identity digest and inputs digest (checkpoint bytes, amp, device): a
                                different suite, or other inputs, is refused unless --force
 OUT/states/<split>/<corruption>/<severity>.pt   accumulator states + per-condition meta, written atomically
 OUT/maps/<split>/<sample>.npz  saved uncertainty maps (gallery)
@@ -29,10 +29,11 @@ MANIFEST = "manifest.json"
 OUTPUTS = ("results.csv", "results.parquet", "curves.parquet", "summary.json")
 
 
-def inputs_digest(suite) -> str:
+def inputs_digest(suite, device_type: str = "cpu") -> str:
     """sha256 of what changes a condition's result besides the suite file: the bytes of every checkpoint
-    (a model retrained in place) and ``run.amp``. A run is only resumed with the same inputs."""
-    h = hashlib.sha256(json.dumps({"amp": suite.run.amp}).encode())
+    (a model retrained in place), ``run.amp`` and the device type (CPU and CUDA draw other random
+    streams). A run is only resumed with the same inputs."""
+    h = hashlib.sha256(json.dumps({"amp": suite.run.amp, "device": device_type}).encode())
     for path in suite.checkpoints():
         h.update(f"\0{path.name}\0".encode())
         try:
@@ -68,7 +69,7 @@ class RunStore:
             elif inputs is not None and old.get("inputs", inputs) != inputs:
                 if not force:
                     raise ShiftbenchError(
-                        f"{self.root}: was run with other checkpoint files or run.amp than the suite now names "
+                        f"{self.root}: was run with other checkpoint files, run.amp or device type than now "
                         "(a model retrained in place?); its finished conditions would mix with new ones: use "
                         "another --out, or --force to discard it")
                 self.discard()
