@@ -25,7 +25,7 @@ from shiftbench.errors import ShiftbenchError
 from shiftbench.runner import dist
 from shiftbench.runner.conditions import Condition, enumerate_conditions
 from shiftbench.runner.data import open_split
-from shiftbench.runner.store import RunStore
+from shiftbench.runner.store import RunStore, inputs_digest
 from shiftbench.runner.sweep import ConditionFailed, Timer, run_condition
 
 log = logging.getLogger("shiftbench.run")
@@ -87,8 +87,6 @@ def run_suite(suite, force: bool = False, progress: bool = True) -> dict[str, An
     store = RunStore(suite.run.out)
     digest = suite.digest()
     if world.is_main:
-        from shiftbench.runner.store import inputs_digest
-
         store.open(suite.name, digest, force=force, inputs=inputs_digest(suite, device.type))
         io.write_text(store.root / "suite.yaml", yaml.safe_dump(suite.raw, sort_keys=False))
     dist.barrier(world)

@@ -81,7 +81,8 @@ class RunStore:
         io.write_json(manifest, {"suite": suite_name, "digest": digest, **({"inputs": inputs} if inputs else {})})
 
     def discard(self) -> None:
-        """Remove another suite's run: its states, maps, tables, log and the report made from them."""
+        """Remove the run this folder holds (another suite's, or one made with other inputs): its states,
+        maps, tables, log and the report made from them."""
         self._saved.clear()
         for name in ("states", "maps", "report"):
             shutil.rmtree(self.root / name, ignore_errors=True)
