@@ -86,6 +86,17 @@ def test_a_single_truncated_image_is_one_line_exit_2(tree, tmp_path, capsys):
         code, _, err = _run(capsys, *argv, "--quiet") if argv[0] == "corrupt" else _run(capsys, *argv)
         assert code == 2 and len(err.strip().splitlines()) == 1, argv
         assert "is not a readable PNG/JPEG image" in err and "cut.png" in err
+        assert err.startswith("shiftbench: error: " + ("input" if argv[0] == "corrupt" else "IMAGE")), err
+
+
+def test_a_single_input_image_is_decoded_once(tree, tmp_path, capsys, monkeypatch):
+    import shiftbench.commands.corrupt as command
+
+    calls = []
+    monkeypatch.setattr(command, "load", lambda source, real=command.load: calls.append(source.rel) or real(source))
+    code, _, _ = _run(capsys, "corrupt", str(tree / "a.png"), str(tmp_path / "out"), "--corruption", "contrast",
+                      "--severity", "1,2", "--quiet")
+    assert code == 0 and calls == ["a.png"] and len(_files(tmp_path / "out")) == 2
 
 
 def test_outputs_do_not_depend_on_batch_size(tree, tmp_path, capsys):

@@ -73,35 +73,51 @@ def parse_severities(text: str) -> list[int]:
     return values
 
 
-def discover(root: Path, exclude: Path | None = None) -> tuple[list[Source], list[str]]:
+def discover(root: Path, exclude: Path | None = None, what: str = "input") -> tuple[list[Source], list[str]]:
     """The images under ``root`` (a file or a folder; files under ``exclude`` left out) and the
-    skipped files with the reason, in sorted path order."""
+    skipped files with the reason, in sorted path order; ``what`` names ``root`` in the errors."""
     from PIL import Image, UnidentifiedImageError
 
     from shiftbench.errors import ShiftbenchError
 
     if not root.exists():
-        raise ShiftbenchError(f"input {str(root)!r} does not exist; give an image file or a folder of PNG/JPEG images")
+        raise ShiftbenchError(f"{what} {str(root)!r} does not exist; give an image file or a folder of PNG/JPEG images")
     files = [root] if root.is_file() else sorted(p for p in root.rglob("*") if p.is_file())
     exclude = exclude.resolve() if exclude is not None else None
-    sources, skipped = [], []
+    sources, skipped, reasons = [], [], []
     for path in files:
         if exclude is not None and exclude in path.resolve().parents:
             continue  # our own outputs when OUT lies inside IN
         rel = path.name if root.is_file() else path.relative_to(root).as_posix()
         if path.suffix.lower() not in IMAGE_SUFFIXES:
-            skipped.append(f"{rel} (not a .png/.jpg/.jpeg file)")
-            continue
-        try:
-            with Image.open(path) as im:  # reads the header only
-                width, height = im.size
-        except (UnidentifiedImageError, OSError) as exc:
-            skipped.append(f"{rel} (unreadable: {type(exc).__name__})")
-            continue
-        sources.append(Source(path, rel, (height, width)))
+            reasons.append("not a .png/.jpg/.jpeg file")
+        else:
+            try:
+                with Image.open(path) as im:  # reads the header only
+                    width, height = im.size
+                sources.append(Source(path, rel, (height, width)))
+                continue
+            except (UnidentifiedImageError, OSError) as exc:
+                reasons.append(f"unreadable: {type(exc).__name__}")
+        skipped.append(f"{rel} ({reasons[-1]})")
     if root.is_file() and not sources:
-        raise ShiftbenchError(f"input {str(root)!r} is not a readable PNG/JPEG image ({skipped[0].split('(', 1)[1]}")
+        raise not_an_image(what, root, reasons[0])
     return sources, skipped
+
+
+def not_an_image(what: str, path: Path, reason: str) -> Exception:
+    """The one-line error for the single image a command was given (``what`` names the argument)."""
+    from shiftbench.errors import ShiftbenchError
+
+    return ShiftbenchError(f"{what} {str(path)!r} is not a readable PNG/JPEG image ({reason})")
+
+
+def load_given(source: Source, what: str):
+    """:func:`load` for the single image a command was given: data that does not decode is an error, not a skip."""
+    try:
+        return load(source)
+    except UnreadableImage as exc:
+        raise not_an_image(what, source.path, exc.reason) from None
 
 
 def batches(sources: list[Source], batch_size: int) -> list[list[Source]]:
@@ -204,11 +220,7 @@ def main(args: argparse.Namespace) -> int:
     sources, skipped = discover(root, out)
     for line in skipped:
         print(f"shiftbench: skipping {line}", file=sys.stderr)
-    if root.is_file():  # one image: one that does not decode is an error, not a skip
-        try:
-            load(sources[0])
-        except UnreadableImage as exc:
-            raise ShiftbenchError(f"input {str(root)!r} is not a readable PNG/JPEG image ({exc.reason})") from None
+    given = {sources[0].rel: load_given(sources[0], "input")} if root.is_file() else {}  # decoded once, reused
     small = [s for s in sources if min(s.size) < 32]
     if small:
         raise ShiftbenchError(f"{small[0].rel} is {small[0].size[0]}x{small[0].size[1]}; images must be at least 32x32")
@@ -222,7 +234,8 @@ def main(args: argparse.Namespace) -> int:
             bar.update(sum(len(batch) - len(idx) for idx in todo.values()))
             if not any(todo.values()):
                 continue
-            loaded = [load_or_skip(src, skipped) for src in batch]  # None: its header read, its data does not
+            # None: its header read, its data does not
+            loaded = [given[src.rel] if src.rel in given else load_or_skip(src, skipped) for src in batch]
             bar.update(sum(1 for idx in todo.values() for i in idx if loaded[i] is None))
             todo = {c: [i for i in idx if loaded[i] is not None] for c, idx in todo.items()}
             if not any(todo.values()):

@@ -87,7 +87,7 @@ def main(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from corruptions import CORRUPTIONS
-    from shiftbench.commands.corrupt import UnreadableImage, discover, load, resolve_device
+    from shiftbench.commands.corrupt import discover, load_given, resolve_device
     from shiftbench.errors import ShiftbenchError
 
     if args.action == "list":
@@ -99,13 +99,10 @@ def main(args: argparse.Namespace) -> int:
         raise ShiftbenchError(f"--max-side {args.max_side} is not allowed; use 0 (keep the size) or >= 32")
     if Path(args.image).is_dir():
         raise ShiftbenchError(f"IMAGE {args.image!r} is a folder; give one PNG or JPEG image")
-    sources, _ = discover(Path(args.image))
+    sources, _ = discover(Path(args.image), what="IMAGE")
     if min(sources[0].size) < 32:
         raise ShiftbenchError(f"IMAGE is {sources[0].size[0]}x{sources[0].size[1]}; images must be at least 32x32")
-    try:
-        image = load(sources[0])
-    except UnreadableImage as exc:
-        raise ShiftbenchError(f"IMAGE {args.image!r} is not a readable PNG/JPEG image ({exc.reason})") from None
+    image = load_given(sources[0], "IMAGE")
     x = shrink(image, args.max_side).to(resolve_device(args.device))
     render(grid(x, args.seed), args.out)
     print(f"shiftbench: wrote {args.out} ({len(CORRUPTIONS)} corruptions x 5 severities at "
