@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import hashlib
+import os
+from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, Sequence
 
 import torch
@@ -17,6 +19,10 @@ CORRUPTIONS: tuple[str, ...] = (
 )
 SEVERITIES: tuple[int, ...] = (1, 2, 3, 4, 5)
 MIN_SIZE = 32
+#: values per part of a Poisson draw on the CPU, where ``torch.poisson`` samples one value after another
+#: on one core: every part has its own generator, seeded from the sample's stream, and the parts run on a
+#: pool of ``torch.get_num_threads()`` threads. The parts depend on the image size only, never on the pool.
+POISSON_PART = 2**18
 
 CorruptionFn = Callable[[Tensor, int, "Rng"], Tensor]
 _REGISTRY: dict[str, CorruptionFn] = {}
@@ -77,8 +83,32 @@ class Rng:
         return self._stack(lambda g: torch.randint(low, high, shape, generator=g, device=self.device))
 
     def poisson(self, rates: Tensor) -> Tensor:
-        """Poisson draws with per-element ``rates`` [B, ...] (float)."""
-        return torch.stack([torch.poisson(r, generator=g) for r, g in zip(rates, self.generators)])
+        """Poisson draws with per-element ``rates`` [B, ...] (float); on the CPU in parts of POISSON_PART
+        values, part j of a sample drawn from a generator seeded with the sample stream's j-th draw."""
+        if self.device.type != "cpu":
+            return torch.stack([torch.poisson(r, generator=g) for r, g in zip(rates, self.generators)])
+        jobs = []
+        for r, g in zip(rates, self.generators):
+            parts = r.reshape(-1).split(POISSON_PART)
+            seeds = torch.randint(0, 2**62, (len(parts),), generator=g).tolist()
+            jobs += zip(parts, seeds)
+        draws = _pool().map(lambda job: torch.poisson(job[0], generator=torch.Generator().manual_seed(job[1])), jobs)
+        return torch.cat(list(draws)).view_as(rates)
+
+
+_POOL: tuple[int, int, ThreadPoolExecutor] | None = None
+
+
+def _pool() -> ThreadPoolExecutor:
+    """The CPU sampling threads (torch ops release the GIL); made anew after a fork or a change of
+    ``torch.set_num_threads``."""
+    global _POOL
+    key = (os.getpid(), torch.get_num_threads())
+    if _POOL is None or _POOL[:2] != key:
+        if _POOL is not None and _POOL[0] == key[0]:
+            _POOL[2].shutdown(wait=False)  # this process's old pool (after a fork its threads are gone)
+        _POOL = (*key, ThreadPoolExecutor(max(1, key[1]), thread_name_prefix="corruptions-poisson"))
+    return _POOL[2]
 
 
 def _validate(images: Tensor, name: str, severity: int) -> None:

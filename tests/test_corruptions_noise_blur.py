@@ -244,3 +244,32 @@ def test_random_corruptions_have_the_reference_strength(name):
             ours = _strength(images, [_ours(i, name, severity, s) for i, s in zip(images, seeds)])
             for r, o, what in zip(ref, ours, ("change", "SSIM")):
                 assert abs(o - r) <= 0.10 * r, (severity, size, what, r, o)
+
+
+def test_poisson_parts_are_poisson_independent_and_thread_count_free():
+    """Rng.poisson on the CPU draws images larger than POISSON_PART in parts with generators of their own:
+    every part must still be Poisson(rate) (mean and variance), the parts must not repeat one another, and
+    the draw must not depend on the number of sampling threads or on the batch."""
+    from corruptions._core import POISSON_PART, Rng
+
+    rate = 7.5
+    n = 3 * POISSON_PART + 12345  # four parts, the last one short
+    rates = torch.full((2, n), rate)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = Rng([11, 12], "shot_noise", 3, "cpu").poisson(rates)
+        torch.set_num_threads(2)
+        two = Rng([11, 12], "shot_noise", 3, "cpu").poisson(rates)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(one, two)
+    assert torch.equal(Rng([12], "shot_noise", 3, "cpu").poisson(rates[1:]), one[1:])  # batch-invariant
+    parts = one[0].split(POISSON_PART)
+    for part in parts:  # mean and variance of Poisson(7.5) within 6 standard errors
+        m = part.numel()
+        assert abs(part.mean().item() - rate) < 6 * (rate / m) ** 0.5
+        assert abs(part.var().item() - rate) < 6 * (2 * rate**2 / m + rate / m) ** 0.5
+        assert torch.equal(part, part.round()) and part.min() >= 0
+    assert not torch.equal(parts[0], parts[1]) and not torch.equal(one[0], one[1])
+    assert abs(torch.corrcoef(torch.stack([parts[0], parts[1]]))[0, 1].item()) < 0.02
