@@ -131,6 +131,41 @@ def test_killed_run_resumes_to_identical_results(suite, base, tmp_path, monkeypa
     assert not [p for p in out.rglob("*") if ".tmp" in p.name]
 
 
+def test_sigkill_at_any_moment_resumes_to_identical_results(suite, base, tmp_path):
+    """A real SIGKILL of `shiftbench run` (no cleanup code runs): at start-up, after each finished condition
+    and while the tables are written. Every file under its final name must be complete, and the resumed run's
+    results.csv byte-identical to the uninterrupted one."""
+    import signal
+    import time
+
+    out = tmp_path / "sigkill"
+    env = dict(os.environ, OMP_NUM_THREADS=str(torch.get_num_threads()), PYTHONPATH=str(ROOT))
+    cmd = [sys.executable, "-m", "shiftbench", "run", str(suite), "--out", str(out), "--quiet"]
+    n_states = lambda: len(list((out / "states").rglob("[!.]*.pt"))) if (out / "states").exists() else 0  # noqa: E731
+    writing = lambda: bool(list(out.glob(".results.*"))) or (out / "results.csv").exists()  # noqa: E731
+    moments = [lambda: (out / "manifest.json").exists(), lambda: n_states() >= 1, lambda: n_states() >= 2,
+               lambda: n_states() >= 4 and writing()]
+    killed = 0
+    for moment in moments:
+        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 300
+        while proc.poll() is None and not moment() and time.monotonic() < deadline:
+            time.sleep(0.002)
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGKILL)
+            killed += 1
+        proc.wait(timeout=60)
+        for path in (out / "states").rglob("[!.]*.pt") if (out / "states").exists() else []:
+            torch.load(path, weights_only=True)  # complete: a half-written state would not load
+        for name in ("manifest.json", "summary.json"):
+            if (out / name).exists():
+                json.loads((out / name).read_text())
+    assert killed >= 3  # the last moment may pass between two polls
+    assert run(suite, out) == 0
+    assert (out / "results.csv").read_bytes() == (base / "results.csv").read_bytes()
+    assert not [p for p in out.rglob("*") if ".tmp" in p.name]
+
+
 def test_a_different_suite_is_refused_unless_forced(suite, base, tmp_path, capsys):
     other = yaml.safe_load(suite.read_text())
     other["models"][0]["passes"] = 3
