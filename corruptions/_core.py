@@ -135,9 +135,13 @@ def corrupt(images: Tensor, name: str, severity: int, seed: int | Tensor = 0) ->
     images: float [B,3,H,W] in [0,1], any device, H and W >= 32.
     seed:   an int (the same for every sample) or int64 [B] per-sample seeds; sample b's
             output depends only on (seed_b, name, severity) and its own pixels.
-    Returns a tensor of the same shape, dtype and device, clipped to [0,1].
+    Returns a tensor of the same shape, dtype and device, clipped to [0,1]; an empty batch (B = 0)
+    gives an empty batch.
     """
     _validate(images, name, severity)
-    rng = Rng(_seeds(seed, images.shape[0]), name, severity, images.device)
+    seeds = _seeds(seed, images.shape[0])
+    if not seeds:
+        return images.clone()
+    rng = Rng(seeds, name, severity, images.device)
     out = _REGISTRY[name](images.float(), severity, rng)
     return out.clamp_(0.0, 1.0).to(images.dtype)

@@ -44,6 +44,14 @@ def test_tall_and_wide_minimum_sizes(name):
         assert corrupt(_images(1, h, w), name, 3, seed=1).shape == (1, 3, h, w)
 
 
+@pytest.mark.parametrize("name", CORRUPTIONS)
+def test_an_empty_batch_gives_an_empty_batch(name):
+    x = torch.zeros(0, 3, 32, 40, dtype=torch.float64)
+    for seed in (0, torch.zeros(0, dtype=torch.int64)):
+        y = corrupt(x, name, 3, seed=seed)
+        assert y.shape == x.shape and y.dtype == x.dtype and y is not x
+
+
 @pytest.mark.parametrize("name", RANDOM)
 def test_each_sample_depends_only_on_its_seed(name):
     """A batch of 3 equals each sample alone (bitwise), and the seed changes the draw."""
