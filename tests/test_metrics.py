@@ -96,6 +96,30 @@ def test_states_reset_merge_and_reductions():
         a.add_state("total", torch.zeros(1))
 
 
+def test_an_empty_batch_changes_no_count_or_sum():
+    """B = 0 (e.g. a rank whose shard ran out) is a no-op for every accumulator, not an internal error."""
+    k = 4
+    pred, target = _labels(k=k)
+    probs = torch.softmax(torch.randn(2, k, 6, 7, generator=torch.Generator().manual_seed(1)), 1)
+    u = torch.rand(2, 6, 7, generator=torch.Generator().manual_seed(2))
+    e_probs, e_labels, e_u = probs[:0], target[:0], u[:0]
+    cases = [
+        (lambda: SegmentationMetrics(k, ignore_index=IGNORE), lambda m, p, t, x, v: m.update(x, t)),
+        (lambda: CalibrationMetrics(k, ignore_index=IGNORE), lambda m, p, t, x, v: m.update(p, t)),
+        (lambda: CalibrationMetrics(k, ignore_index=IGNORE, average="images"),
+         lambda m, p, t, x, v: m.update(p, t, confidence=1 - v)),
+        (lambda: ConditionalMetrics(ignore_index=IGNORE), lambda m, p, t, x, v: m.update(x, t, v)),
+        (lambda: UncertaintyHistogram(ignore_index=IGNORE), lambda m, p, t, x, v: m.update(v, t)),
+    ]
+    for make, update in cases:
+        empty_first, plain = make(), make()
+        update(empty_first, e_probs, e_labels, pred[:0], e_u)
+        update(empty_first, probs, target, pred, u)
+        update(plain, probs, target, pred, u)
+        for name in plain.state_names:
+            assert torch.equal(getattr(empty_first, name), getattr(plain, name)), (type(plain).__name__, name)
+
+
 def test_state_dict_round_trip_with_weights_only(tmp_path):
     pred, target = _labels()
     m = SegmentationMetrics(4)

@@ -223,7 +223,7 @@ class CalibrationMetrics(Accumulator):
         b, n = conf.shape[0], self.n_bins
         t = conf.mul(n).clamp_(0.5, n - 0.5)  # [0, 1) -> bin 0, (n-1, n] -> bin n-1: neither is near an edge
         bin_ = t.trunc()  # = floor for t > 0, and 2x cheaper on the CPU
-        low, high = torch.aminmax(t.sub_(bin_))
+        low, high = torch.aminmax(t.sub_(bin_)) if t.numel() else (t.new_ones(()), t.new_zeros(()))  # B = 0: none
         if n > 1 and bool((low < self._margin) | (high > 1 - self._margin)):
             near = (t < self._margin).logical_or_(t > 1 - self._margin)
             idx = torch.unravel_index(near.view(-1).nonzero().squeeze(1), near.shape)
