@@ -143,5 +143,5 @@ def corrupt(images: Tensor, name: str, severity: int, seed: int | Tensor = 0) ->
     if not seeds:
         return images.clone()
     rng = Rng(seeds, name, severity, images.device)
-    out = _REGISTRY[name](images.float(), severity, rng)
+    out = _REGISTRY[name](images.float().contiguous(), severity, rng)  # one memory layout: one rounding
     return out.clamp_(0.0, 1.0).to(images.dtype)

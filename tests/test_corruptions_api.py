@@ -45,6 +45,18 @@ def test_tall_and_wide_minimum_sizes(name):
 
 
 @pytest.mark.parametrize("name", CORRUPTIONS)
+def test_the_memory_layout_does_not_change_the_output(name):
+    """channels_last and strided views give bitwise the contiguous tensor's output (contrast's mean once
+    differed by an ulp: the reduction order followed the strides)."""
+    x = _images(2, 40, 52)
+    taller = torch.zeros(2, 3, 80, 52)
+    taller[:, :, ::2] = x
+    want = corrupt(x, name, 3, seed=torch.tensor([5, 6]))
+    for view in (x.contiguous(memory_format=torch.channels_last), taller[:, :, ::2]):
+        assert torch.equal(corrupt(view, name, 3, seed=torch.tensor([5, 6])), want)
+
+
+@pytest.mark.parametrize("name", CORRUPTIONS)
 def test_an_empty_batch_gives_an_empty_batch(name):
     x = torch.zeros(0, 3, 32, 40, dtype=torch.float64)
     for seed in (0, torch.zeros(0, dtype=torch.int64)):
