@@ -16,11 +16,11 @@ CHUNK_PIXELS: dict[str, int] = {"cpu": 2**18}
 DEFAULT_CHUNK_PIXELS = 2**62
 
 
-def row_chunks(shape: Sequence[int], device: torch.device, multiple: int = 1, channels: int = 1) -> list[slice]:
-    """Row ranges that cut a [B,H,W] batch (or its [B,C,H,W] tensors with ``channels`` = C) into chunks of
-    about CHUNK_PIXELS values each; the rows of a chunk are a multiple of ``multiple``."""
+def row_chunks(shape: Sequence[int], device: torch.device, multiple: int = 1) -> list[slice]:
+    """Row ranges that cut a [B,H,W] batch into chunks of about CHUNK_PIXELS values each; the rows of a
+    chunk are a multiple of ``multiple``."""
     b, h, w = shape
-    per_row = max(1, b * w * channels)
+    per_row = max(1, b * w)
     rows = CHUNK_PIXELS.get(device.type, DEFAULT_CHUNK_PIXELS) // per_row // multiple * multiple
     rows = min(max(rows, multiple), max(h, 1))
     return [slice(r, r + rows) for r in range(0, h, rows)] or [slice(0, 0)]
