@@ -223,8 +223,8 @@ class CalibrationMetrics(Accumulator):
         b, n = conf.shape[0], self.n_bins
         t = conf.mul(n).clamp_(0.5, n - 0.5)  # [0, 1) -> bin 0, (n-1, n] -> bin n-1: neither is near an edge
         bin_ = t.trunc()  # = floor for t > 0, and 2x cheaper on the CPU
-        low, high = torch.aminmax(t.sub_(bin_)) if t.numel() else (t.new_ones(()), t.new_zeros(()))  # B = 0: none
-        if n > 1 and bool((low < self._margin) | (high > 1 - self._margin)):
+        t.sub_(bin_)  # the fraction of t
+        if n > 1 and t.numel() and bool(_near_integer(t, self._margin)):
             near = (t < self._margin).logical_or_(t > 1 - self._margin)
             idx = torch.unravel_index(near.view(-1).nonzero().squeeze(1), near.shape)
             bucket = torch.bucketize(conf[idx].float(), self.edges.to(conf.device), right=True) - 1
@@ -281,6 +281,12 @@ class CalibrationMetrics(Accumulator):
             bin_confidence=(self.bin_confidence / count).cpu(),
         )
         return out
+
+
+def _near_integer(frac: Tensor, margin: float) -> Tensor:
+    """Whether any fraction in [0, 1) lies within ``margin`` of 0 or 1 (one aminmax, non-empty ``frac``)."""
+    low, high = torch.aminmax(frac)
+    return (low < margin) | (high > 1 - margin)
 
 
 def _errors(count: Tensor, n_correct: Tensor, conf_sum: Tensor, n_valid: Tensor) -> Tensor:
