@@ -101,9 +101,8 @@ class Accumulators:
                 for name, value in state.items():
                     setattr(acc, name, value)
             if labels.shape[0] == 1:
-                first = str(exc).splitlines()[0] if str(exc) else "CUDA out of memory"
-                raise ConditionFailed(f"out of memory in the estimators and metrics on a single image: {first}") \
-                    from exc
+                raise ConditionFailed("out of memory in the estimators and metrics on a single image: "
+                                      f"{_oom_reason(exc)}") from exc
             for pred in preds.values():
                 pred.__dict__.pop("terms", None)  # the shared intermediates of the whole batch: free them
             torch.cuda.empty_cache()
@@ -189,8 +188,7 @@ def forward_batch(zoo, cond: Condition, batch: Batch, seed: int, device: torch.d
         return x, preds
     except torch.cuda.OutOfMemoryError as exc:
         if len(batch.ids) == 1:
-            first = str(exc).splitlines()[0] if str(exc) else "CUDA out of memory"
-            raise ConditionFailed(f"out of memory on a single image ({batch.ids[0]}): {first}") from exc
+            raise ConditionFailed(f"out of memory on a single image ({batch.ids[0]}): {_oom_reason(exc)}") from exc
         torch.cuda.empty_cache()
         h = len(batch.ids) // 2
         halves = [Batch(batch.images[s], batch.labels[s], batch.ids[s]) for s in (slice(0, h), slice(h, None))]
@@ -199,6 +197,11 @@ def forward_batch(zoo, cond: Condition, batch: Batch, seed: int, device: torch.d
         memo: dict[tuple[int, ...], Tensor] = {}
         preds = {n: _cat_predictions([p[1][n] for p in parts], memo) for n in parts[0][1]}
         return x, preds
+
+
+def _oom_reason(exc: BaseException) -> str:
+    """The first line of a CUDA out-of-memory error (its text goes on to list the allocator's state)."""
+    return str(exc).splitlines()[0] if str(exc) else "CUDA out of memory"
 
 
 def _slice_predictions(preds: dict[str, Prediction], rows: slice) -> dict[str, Prediction]:
