@@ -29,6 +29,8 @@ COMBINE = ("probs", "logits")
 DEVICES = ("auto", "cpu", "cuda")
 CONFIDENCE = ("uncertainty", "probability")
 AVERAGE = ("pixels", "images")
+#: upper bounds that keep the states and curves.parquet small (a grid step of 1e-4; ECE is usually on 10-20 bins)
+MAX_THRESHOLDS, MAX_BINS = 10001, 1000
 SYNTHETIC_SPLITS = {"highway": ("train", "val", "test"), "urban": ("train", "val", "test"), "ambiguous": ("test",)}
 
 #: estimators evaluated when a model does not list its own
@@ -144,6 +146,7 @@ class RunSpec:
     limit: int | None = None
     workers: int = 0
     exact: bool = True
+    overlap: bool | str = "auto"
 
 
 @dataclass(frozen=True)
@@ -253,6 +256,10 @@ def _show(value: Any) -> str:
 def _type_name(kind: type) -> str:
     return {str: "a string", int: "an integer", float: "a number", bool: "true/false",
             list: "a list", dict: "a mapping"}.get(kind, kind.__name__)
+
+
+def _between(value: Any, low: int, high: int) -> str | None:
+    return None if low <= value <= high else f"must be between {low} and {high}"
 
 
 def _positive(value: Any) -> str | None:
@@ -479,16 +486,20 @@ def _corruptions(sec: _Section, eval_groups: dict[str, tuple[str, ...]]) -> Corr
 
 def _metrics(sec: _Section) -> MetricsSpec:
     spec = MetricsSpec(
-        n_bins=sec.get("n_bins", int, 15, check=_positive),
+        n_bins=sec.get("n_bins", int, 15, check=lambda v: _between(v, 1, MAX_BINS)),
         patch_size=sec.get("patch_size", int, 4, check=_positive),
         accuracy_threshold=sec.get("accuracy_threshold", float, 0.5, check=_unit),
-        thresholds=sec.get("thresholds", int, 101, check=lambda v: None if v >= 2 else "must be >= 2"),
+        thresholds=sec.get("thresholds", int, 101, check=lambda v: _between(v, 2, MAX_THRESHOLDS)),
         calibration_confidence=sec.get("calibration_confidence", str, "uncertainty", choices=CONFIDENCE),
         calibration_average=sec.get("calibration_average", str, "pixels", choices=AVERAGE),
         gallery=sec.names("gallery", ()),
     )
     sec.done()
     return spec
+
+
+def _auto_or_bool(value: Any) -> str | None:
+    return None if value == "auto" or isinstance(value, bool) else "is not one of auto, true, false"
 
 
 def _run(sec: _Section, base: Path, name: str) -> RunSpec:
@@ -501,6 +512,7 @@ def _run(sec: _Section, base: Path, name: str) -> RunSpec:
         limit=sec.get("limit", int, None, check=_positive),
         workers=sec.get("workers", int, 0, check=_non_negative),
         exact=sec.get("exact", bool, True),
+        overlap=sec.get("overlap", (bool, str), "auto", check=_auto_or_bool),
     )
     sec.done()
     return spec

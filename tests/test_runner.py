@@ -109,26 +109,92 @@ def test_batch_size_does_not_change_results(suite, base, tmp_path):
 
 
 def test_killed_run_resumes_to_identical_results(suite, base, tmp_path, monkeypatch):
-    import shiftbench.runner as runner
+    import shiftbench.runner.sweep as sweep
 
-    real = runner.run_condition
-    calls = []
+    real = sweep.forward_batch
+    seen = []
 
-    def dies_in_third_condition(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 3:
-            raise KeyboardInterrupt  # the process is killed mid-condition
-        return real(*args, **kwargs)
+    def dies_in_third_condition(zoo, cond, *args, **kwargs):
+        if cond.key not in seen:
+            seen.append(cond.key)
+        if len(seen) == 3:
+            raise KeyboardInterrupt  # the process is killed mid-condition (the metric worker may be busy)
+        return real(zoo, cond, *args, **kwargs)
 
-    monkeypatch.setattr(runner, "run_condition", dies_in_third_condition)
+    monkeypatch.setattr(sweep, "forward_batch", dies_in_third_condition)
     out = tmp_path / "killed"
     assert run(suite, out) == 130
-    assert len(list((out / "states").rglob("*.pt"))) == 2 and not (out / "results.csv").exists()
-    monkeypatch.setattr(runner, "run_condition", real)
+    saved = len(list((out / "states").rglob("*.pt")))
+    # the second condition's last batch is still in the metric worker when the third one's first forward starts
+    assert saved in (1, 2) and not (out / "results.csv").exists()
+    monkeypatch.setattr(sweep, "forward_batch", real)
     assert run(suite, out) == 0
-    assert json.loads((out / "summary.json").read_text())["conditions"]["already_done"] == 2
+    assert json.loads((out / "summary.json").read_text())["conditions"]["already_done"] == saved
     assert (out / "results.csv").read_bytes() == (base / "results.csv").read_bytes()
     assert not [p for p in out.rglob("*") if ".tmp" in p.name]
+
+
+def _with_run(suite: Path, folder: Path, **run_fields) -> Path:
+    """A copy of ``suite`` (beside its checkpoints) with fields of its run section replaced."""
+    data = yaml.safe_load(suite.read_text())
+    data["run"].update(run_fields)
+    path = suite.parent / f"{folder.name}.yaml"
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    return path
+
+
+def test_metric_worker_overlap_gives_the_sequential_results(suite, tmp_path):
+    """With the estimators and metrics on a worker thread (2 threads: 1 + 1) the results are those of the
+    sequential sweep on 1 thread, byte for byte, and the summary says how the threads were split."""
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        assert run(_with_run(suite, tmp_path / "seq", overlap=False), tmp_path / "seq") == 0
+        torch.set_num_threads(2)
+        assert run(_with_run(suite, tmp_path / "overlap", overlap=True), tmp_path / "overlap") == 0
+        assert torch.get_num_threads() == 2  # given back after the sweep
+    finally:
+        torch.set_num_threads(before)
+    seq, over = (json.loads((tmp_path / n / "summary.json").read_text()) for n in ("seq", "overlap"))
+    assert seq["threads"] == {"forward": 1, "metrics": 0} and over["threads"] == {"forward": 1, "metrics": 1}
+    assert over["torch_threads"] == 2
+    assert (tmp_path / "overlap" / "results.csv").read_bytes() == (tmp_path / "seq" / "results.csv").read_bytes()
+    for npz in (tmp_path / "seq" / "maps").rglob("*.npz"):
+        a, b = np.load(npz), np.load(tmp_path / "overlap" / npz.relative_to(tmp_path / "seq"))
+        assert all(np.array_equal(a[k], b[k]) for k in a.files), npz.name
+
+
+@pytest.mark.parametrize("overlap, device, threads, expected", [
+    ("auto", "cpu", 2, (1, 1)), ("auto", "cpu", 4, (2, 2)), ("auto", "cpu", 3, (2, 1)), ("auto", "cpu", 1, (1, 0)),
+    ("auto", "cuda", 4, (4, 0)), (False, "cpu", 2, (2, 0)), (True, "cpu", 1, (1, 1)), (True, "cuda", 2, (1, 1))])
+def test_thread_split(overlap, device, threads, expected):
+    from shiftbench.runner.sweep import thread_split
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        assert thread_split(overlap, torch.device(device)) == expected
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_metric_worker_runs_jobs_in_order_on_its_threads_and_reraises():
+    from shiftbench.runner.sweep import MetricWorker
+
+    seen = []
+    with MetricWorker(1) as worker:
+        for i in range(3):
+            worker.submit(lambda i=i: seen.append((i, torch.get_num_threads())))
+        worker.wait()
+        assert seen == [(0, 1), (1, 1), (2, 1)]
+        worker.submit(lambda: 1 / 0)
+        with pytest.raises(ZeroDivisionError):
+            worker.wait()
+        worker.wait()  # raised once
+    with MetricWorker(0) as inline:
+        assert not inline.threaded
+        inline.submit(lambda: seen.append("now"))
+        assert seen[-1] == "now"
 
 
 def test_sigkill_at_any_moment_resumes_to_identical_results(suite, base, tmp_path):
@@ -320,9 +386,11 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def test_torchrun_two_gloo_processes_equal_single_process(suite, tmp_path):
+@pytest.mark.parametrize("overlap", [False, True])
+def test_torchrun_two_gloo_processes_equal_single_process(suite, tmp_path, overlap):
     # CPU convolutions round differently with different thread counts (oneDNN splits the
     # reductions), and torchrun gives each process one thread: compare like with like.
+    # overlap=True: each rank also runs a metric worker thread (reductions stay on the main thread).
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
@@ -332,11 +400,13 @@ def test_torchrun_two_gloo_processes_equal_single_process(suite, tmp_path):
     base = tmp_path / "single"
     out = tmp_path / "ddp"
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    ranked = _with_run(suite, tmp_path / "ranked", overlap=overlap)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(_free_port()),
-           "-m", "shiftbench", "run", str(suite), "--out", str(out), "--quiet"]
+           "-m", "shiftbench", "run", str(ranked), "--out", str(out), "--quiet"]
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
-    assert json.loads((out / "summary.json").read_text())["world_size"] == 2
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["world_size"] == 2 and summary["threads"] == {"forward": 1, "metrics": int(overlap)}
     single, double = _states(base), _states(out)
     assert single.keys() == double.keys()
     for name in single:

@@ -26,7 +26,7 @@ from shiftbench.runner import dist
 from shiftbench.runner.conditions import Condition, enumerate_conditions
 from shiftbench.runner.data import open_split
 from shiftbench.runner.store import RunStore, inputs_digest
-from shiftbench.runner.sweep import ConditionFailed, Timer, run_condition
+from shiftbench.runner.sweep import MetricWorker, Timer, sweep_conditions, thread_split
 
 log = logging.getLogger("shiftbench.run")
 
@@ -107,12 +107,20 @@ def run_suite(suite, force: bool = False, progress: bool = True) -> dict[str, An
         total = sum(splits[c.split].n_batches(suite.run.batch_size) for c in todo)
         bar = tqdm(total=total, desc=f"{suite.name}", unit="batch", disable=not (progress and world.is_main),
                    dynamic_ncols=True)
-        for cond in todo:
-            bar.set_postfix_str(cond.key)
-            failure = _run_one(zoo, suite, plan, cond, splits[cond.split], device, timer, store, world, bar)
-            if failure:
-                failed.append({"condition": cond.key, "reason": failure})
-                log.error("condition %s failed: %s", cond.key, failure)
+        before = torch.get_num_threads()
+        threads = thread_split(suite.run.overlap, device)
+        torch.set_num_threads(threads[0])
+        try:
+            with MetricWorker(threads[1]) as worker:
+                conds = sweep_conditions(zoo, suite, plan, todo, splits, device, timer, worker,
+                                         on_batch=lambda: bar.update(1), save_map=lambda c: _map_writer(store, c))
+                for cond, accs, reason in _announce(conds, todo, bar):
+                    failure = _finish(cond, accs, reason, timer, store, world)
+                    if failure:
+                        failed.append({"condition": cond.key, "reason": failure})
+                        log.error("condition %s failed: %s", cond.key, failure)
+        finally:
+            torch.set_num_threads(before)
         bar.close()
         skipped = [s for part in dist.gather_objects([s for d in splits.values() for s in d.skipped], world)
                    for s in part]
@@ -122,7 +130,8 @@ def run_suite(suite, force: bool = False, progress: bool = True) -> dict[str, An
         if world.is_main:
             with timer("io"):
                 write_results(suite, store, conditions)
-            summary = _summary(suite, digest, device, world, timer, started, conditions, todo, failed, skipped)
+            summary = _summary(suite, digest, device, world, timer, started, conditions, todo, failed, skipped,
+                               threads)
             summary["gallery_missing"] = _gallery_missing(suite, store, groups)
             io.write_json(store.root / "summary.json", summary)
             _print_end(summary)
@@ -135,9 +144,18 @@ def run_suite(suite, force: bool = False, progress: bool = True) -> dict[str, An
         dist.shutdown(world)
 
 
-def _run_one(zoo, suite, plan, cond: Condition, data, device, timer: Timer, store: RunStore, world, bar
-             ) -> str | None:
-    """Sweep one condition, reduce over ranks, write its states; the failure reason, if any."""
+def _announce(conds, todo: list[Condition], bar):
+    """The sweep's conditions, showing on the progress bar the one whose batches run next."""
+    if todo:
+        bar.set_postfix_str(todo[0].key)
+    for i, item in enumerate(conds):
+        if i + 1 < len(todo):
+            bar.set_postfix_str(todo[i + 1].key)
+        yield item
+
+
+def _map_writer(store: RunStore, cond: Condition):
+    """Writes one gallery sample's maps of ``cond`` atomically."""
     import numpy as np
 
     def save_map(sid: str, arrays: dict) -> None:
@@ -145,12 +163,11 @@ def _run_one(zoo, suite, plan, cond: Condition, data, device, timer: Timer, stor
             with open(tmp, "wb") as fh:
                 np.savez_compressed(fh, **arrays)
 
-    reason = None
-    try:
-        accs = run_condition(zoo, suite, plan, cond, data, device, timer, on_batch=lambda: bar.update(1),
-                             save_map=save_map)
-    except ConditionFailed as exc:
-        reason, accs = str(exc), None
+    return save_map
+
+
+def _finish(cond: Condition, accs, reason: str | None, timer: Timer, store: RunStore, world) -> str | None:
+    """Reduce one swept condition over ranks and write its states; the failure reason, if any."""
     # every rank must agree before any collective: one failing rank fails the condition
     reasons = [r for r in dist.gather_objects(reason, world) if r]
     if reasons:
@@ -164,7 +181,8 @@ def _run_one(zoo, suite, plan, cond: Condition, data, device, timer: Timer, stor
     return None
 
 
-def _summary(suite, digest, device, world, timer, started, conditions, todo, failed, skipped) -> dict[str, Any]:
+def _summary(suite, digest, device, world, timer, started, conditions, todo, failed, skipped,
+             threads: tuple[int, int]) -> dict[str, Any]:
     wall = time.perf_counter() - started
     stages = {s: round(timer.seconds.get(s, 0.0), 3) for s in Timer.STAGES}
     outside = 1.0 - stages["forward"] / wall if wall > 0 else 0.0
@@ -175,7 +193,9 @@ def _summary(suite, digest, device, world, timer, started, conditions, todo, fai
         "seed": suite.run.seed,
         "device": str(device),
         "world_size": world.size,
-        "torch_threads": torch.get_num_threads(),  # CPU convolutions round differently with another count
+        "torch_threads": torch.get_num_threads(),
+        # the forwards' and the metric worker's threads (0: none): CPU convolutions round differently with another count
+        "threads": {"forward": threads[0], "metrics": threads[1]},
         "versions": _versions(),
         "git_commit": _git_commit(),
         "wall_time_s": round(wall, 3),

@@ -1,15 +1,19 @@
-"""One condition of a sweep: load -> corrupt -> forward -> estimators -> accumulators.
+"""The sweep of conditions: load -> corrupt -> forward -> estimators -> accumulators.
 
 For every batch the images are corrupted once on the device, every expert and MC pass
 runs once (:class:`shiftbench.models.zoo.ModelZoo`), and every model variant and
 estimator is derived from those outputs. Accumulator states are summed over batches
-and ranks; nothing here grows with the number of images.
+and ranks; nothing here grows with the number of images. On the CPU a
+:class:`MetricWorker` thread runs a batch's estimators and metrics while the next batch
+runs through the models.
 """
 
 from __future__ import annotations
 
+import threading
 import time
 from collections import defaultdict
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from typing import Any, Callable, Iterator
 
@@ -33,13 +37,16 @@ class ConditionFailed(RuntimeError):
 
 
 class Timer:
-    """Wall time per stage; synchronises CUDA so GPU work is charged to the stage that queued it."""
+    """Wall time per stage; synchronises CUDA so GPU work is charged to the stage that queued it.
+    Thread-safe: with a :class:`MetricWorker` the stages of two threads overlap (and sum to more than
+    the wall time)."""
 
     STAGES = ("data", "corruption", "forward", "estimators_metrics", "io")
 
     def __init__(self, device: torch.device):
         self.device = device
         self.seconds: dict[str, float] = defaultdict(float)
+        self._lock = threading.Lock()
 
     @contextmanager
     def __call__(self, stage: str) -> Iterator[None]:
@@ -49,7 +56,9 @@ class Timer:
         finally:
             if self.device.type == "cuda":
                 torch.cuda.synchronize(self.device)
-            self.seconds[stage] += time.perf_counter() - start
+            elapsed = time.perf_counter() - start
+            with self._lock:
+                self.seconds[stage] += elapsed
 
 
 class Accumulators:
@@ -58,7 +67,7 @@ class Accumulators:
 
     def __init__(self, suite, plan: dict[str, tuple[str, ...]], device: torch.device):
         m, k = suite.metrics, suite.dataset.classes
-        self.plan = plan
+        self.plan, self.device = plan, device
         self.n_images = 0
         self.confidence = m.calibration_confidence
         self.segmentation = {name: SegmentationMetrics(k, ignore_index=IGNORE).to(device) for name in plan}
@@ -234,24 +243,137 @@ def _cat_predictions(parts: list[Prediction], memo: dict[tuple[int, ...], Tensor
                       gate=cat([p.gate for p in parts], 0))
 
 
-def run_condition(zoo, suite, plan: dict[str, tuple[str, ...]], cond: Condition, data: SplitData,
-                  device: torch.device, timer: Timer, on_batch: Callable[[], None] = lambda: None,
-                  save_map: Callable[[str, dict[str, np.ndarray]], None] | None = None) -> Accumulators:
-    """Sweep one condition over this rank's images; returns its (not yet reduced) accumulators."""
-    accs = Accumulators(suite, plan, device)
-    gallery = set(suite.metrics.gallery) if cond.is_clean and save_map is not None else set()
-    for batch in data.batches(suite.run.batch_size, suite.run.workers):
-        x, preds = forward_batch(zoo, cond, batch, suite.run.seed, device, timer, suite.run.exact)
-        with timer("estimators_metrics"):
-            check_finite(preds)
-            labels = batch.labels.to(device, non_blocking=True)
-            maps = accs.update(preds, labels)
-        if gallery & set(batch.ids):
-            with timer("io"):
+class MetricWorker:
+    """Runs each batch's estimators and metrics (a job) on one background thread with ``threads`` torch
+    threads of its own, while the caller runs the next batch through the models: at most one job in flight.
+    ``threads=0``: no thread; a job runs at once in the caller. A job's exception is raised by the next
+    :meth:`submit` or :meth:`wait`."""
+
+    def __init__(self, threads: int = 0):
+        self.threads = threads
+        self._pool = ThreadPoolExecutor(1, "shiftbench-metrics", torch.set_num_threads, (threads,)) if threads else None
+        self._job: Future | None = None
+
+    @property
+    def threaded(self) -> bool:
+        return self._pool is not None
+
+    def submit(self, job: Callable[[], None]) -> None:
+        self.wait()
+        if self._pool is None:
+            job()
+        else:
+            self._job = self._pool.submit(job)
+
+    def wait(self) -> None:
+        job, self._job = self._job, None
+        if job is not None:
+            job.result()
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)  # lets a job in flight finish (a kill loses it: nothing was saved)
+
+    def __enter__(self) -> MetricWorker:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def thread_split(overlap: bool | str, device: torch.device) -> tuple[int, int]:
+    """(torch threads for the forwards, for the worker running estimators + metrics; 0 = no worker).
+
+    ``overlap="auto"`` overlaps on the CPU with 2 or more threads: the metrics get half of them. The
+    forwards of small models scale badly with threads (1.34x from one to two on the demo), so two streams
+    of one thread each finish sooner than one stream of two. On CUDA the GPU work of both threads would
+    queue on one stream and two batches would be held in memory; ``auto`` keeps one thread there."""
+    n = torch.get_num_threads()
+    on = device.type == "cpu" and n >= 2 if overlap == "auto" else bool(overlap)
+    if not on:
+        return n, 0
+    metrics = max(1, n // 2)
+    return max(1, n - metrics), metrics
+
+
+class _ConditionRun:
+    """One condition's accumulators, and why it failed (set by a job on the worker)."""
+
+    def __init__(self, cond: Condition, accs: Accumulators, gallery: set[str],
+                 save_map: Callable[[str, dict[str, np.ndarray]], None] | None, timer: Timer):
+        self.cond, self.accs, self.gallery, self.save_map, self.timer = cond, accs, gallery, save_map, timer
+        self.reason: str | None = None
+
+    def update(self, batch: Batch, preds: dict[str, Prediction]) -> None:
+        """The job of one batch: estimators, accumulators and the gallery maps."""
+        try:
+            with self.timer("estimators_metrics"):
+                check_finite(preds)
+                labels = batch.labels.to(self.accs.device, non_blocking=True)
+                maps = self.accs.update(preds, labels)
+        except ConditionFailed as exc:
+            self.reason = str(exc)
+            return
+        if self.gallery & set(batch.ids):
+            with self.timer("io"):
                 for b, sid in enumerate(batch.ids):
-                    if sid in gallery:
-                        save_map(sid, _gallery_arrays(batch, b, preds, maps))
-        on_batch()
+                    if sid in self.gallery:
+                        self.save_map(sid, _gallery_arrays(batch, b, preds, maps))
+
+    def result(self) -> tuple[Condition, Accumulators | None, str | None]:
+        return self.cond, None if self.reason else self.accs, self.reason
+
+
+def sweep_conditions(zoo, suite, plan: dict[str, tuple[str, ...]], conditions: list[Condition],
+                     splits: dict[str, SplitData], device: torch.device, timer: Timer,
+                     worker: MetricWorker | None = None, on_batch: Callable[[], None] = lambda: None,
+                     save_map: Callable[[Condition], Callable[[str, dict[str, np.ndarray]], None]] | None = None
+                     ) -> Iterator[tuple[Condition, Accumulators | None, str | None]]:
+    """Sweep ``conditions`` in order over this rank's images; yields (condition, its not yet reduced
+    accumulators, None), or (condition, None, reason) for a failed one, with no job in flight.
+
+    Batch k's estimators and metrics run on ``worker`` while batch k+1 runs through the models; a
+    condition's last batch overlaps the next condition's first forwards, so a condition is yielded after
+    them. ``save_map(cond)`` gives the writer of that condition's gallery maps (clean conditions only)."""
+    worker = worker or MetricWorker(0)
+    pending: _ConditionRun | None = None
+    for cond in conditions:
+        gallery = set(suite.metrics.gallery) if cond.is_clean and save_map is not None else set()
+        run = _ConditionRun(cond, Accumulators(suite, plan, device), gallery,
+                            save_map(cond) if gallery else None, timer)
+        for batch in splits[cond.split].batches(suite.run.batch_size, suite.run.workers):
+            try:
+                _, preds = forward_batch(zoo, cond, batch, suite.run.seed, device, timer, suite.run.exact)
+            except ConditionFailed as exc:
+                worker.wait()
+                run.reason = run.reason or str(exc)
+            if pending is not None:
+                worker.wait()
+                yield pending.result()
+                pending = None
+            worker.wait()  # run.reason is now up to date
+            if run.reason:
+                break
+            worker.submit(lambda run=run, batch=batch, preds=preds: run.update(batch, preds))
+            on_batch()
+        if pending is not None:  # a condition without batches on this rank
+            worker.wait()
+            yield pending.result()
+        pending = run
+        if not worker.threaded:
+            yield pending.result()
+            pending = None
+    if pending is not None:
+        worker.wait()
+        yield pending.result()
+
+
+def run_condition(zoo, suite, plan: dict[str, tuple[str, ...]], cond: Condition, data: SplitData,
+                  device: torch.device, timer: Timer) -> Accumulators:
+    """Sweep one condition in the calling thread; its accumulators (raises :class:`ConditionFailed`)."""
+    (_, accs, reason), = sweep_conditions(zoo, suite, plan, [cond], {cond.split: data}, device, timer)
+    if reason:
+        raise ConditionFailed(reason)
     return accs
 
 

@@ -13,7 +13,8 @@ from shiftbench.models.zoo import ModelZoo  # noqa: E402
 from shiftbench.runner.conditions import Condition  # noqa: E402
 from shiftbench.runner.data import open_split  # noqa: E402
 from shiftbench.runner.dist import World  # noqa: E402
-from shiftbench.runner.sweep import Timer, run_condition  # noqa: E402
+from shiftbench.runner.sweep import (MetricWorker, Timer, run_condition, sweep_conditions,  # noqa: E402
+                                     thread_split)
 from shiftbench.suite import load_suite  # noqa: E402
 
 
@@ -31,3 +32,30 @@ def test_bench_one_condition(benchmark, tmp_path, corruption):
     benchmark.pedantic(run_condition, args=(zoo, suite, plan, cond, data, device, timer), rounds=3, iterations=1)
     total = sum(timer.seconds.values())
     benchmark.extra_info.update({k: round(v / total, 3) for k, v in timer.seconds.items()})
+
+
+@pytest.mark.bench
+@pytest.mark.parametrize("overlap", [False, True])
+def test_bench_sweep_with_and_without_the_metric_worker(benchmark, tmp_path, overlap):
+    """clean + fog/3 on the same 8 images, the estimators and metrics after the forwards (False) or on a
+    worker thread alongside them (True: the torch threads split half and half, as ``run.overlap: auto``)."""
+    suite = load_suite(make_suite(tmp_path, count=4, size=(128, 256)))
+    device = torch.device("cpu")
+    zoo = ModelZoo.from_suite(suite, device)
+    plan = {m.name: m.estimators for m in suite.models}
+    splits = {"id": open_split(suite, "id", World())}
+    conds = [Condition("id", "clean", 0), Condition("id", "fog", 3)]
+    timer = Timer(device)
+    before = torch.get_num_threads()
+    forward, metrics = thread_split(overlap, device)
+
+    def sweep_both():
+        torch.set_num_threads(forward)
+        try:
+            with MetricWorker(metrics) as worker:
+                return [r for _, _, r in sweep_conditions(zoo, suite, plan, conds, splits, device, timer, worker)]
+        finally:
+            torch.set_num_threads(before)
+
+    assert benchmark.pedantic(sweep_both, rounds=3, iterations=1) == [None, None]
+    benchmark.extra_info.update(threads=[forward, metrics])
