@@ -3,11 +3,13 @@
 # and no package index (what a GPU session of this project gets):
 #   1. tests/test_device.py: the 19 corruptions, the metrics and one small run on CUDA against the CPU;
 #   2. benchmarks/speed.py --device cuda --batch 8: images/s per corruption at 1208x1920 (issue 3's goal);
-#   3. a reduced demo sweep on CUDA: wall time split and the share outside model forwards (issue 6).
+#   3. a reduced demo sweep on CUDA: wall time split and the share outside model forwards (issue 6);
+#   4. two conditions of it again with --overlap true (the metric worker thread on CUDA): its results.csv
+#      rows must equal step 3's (overlap_cuda.txt says "identical" or lists what differs).
 # Python packages that machine lacks travel as wheels in .whl/ (`make device-wheels` fetches them here);
 # the command there is `bash benchmarks/device_check.sh`, with .whl carried. Everything it measures is
-# written under $OUT (default runs/device_check): env.txt, pytest.txt, speed_cuda.md, run_cuda.txt and
-# run_cuda_summary.json. NCCL needs one GPU per process, so torchrun over NCCL needs a machine of 2+ GPUs.
+# written under $OUT (default runs/device_check): env.txt, pytest.txt, speed_cuda.md, run_cuda.txt,
+# run_cuda_summary.json and overlap_cuda.txt. NCCL needs one GPU per process, so torchrun over NCCL needs a machine of 2+ GPUs.
 # DEVICE=cpu SPEED_ARGS="--size 256x384 --corruptions fog" runs the same steps on the CPU (a dry run).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -33,4 +35,18 @@ timeout 120 $py -m shiftbench run suites/demo.yaml --device "$device" --out "$ru
     --corruptions fog,glass_blur,jpeg_compression,spatter --severities 1,5 2>&1 | tee "$out/run_cuda.txt" \
     || status=1
 cp "$run_dir/summary.json" "$out/run_cuda_summary.json" || status=1
+overlap_dir=$(mktemp -d)
+{ timeout 60 $py -m shiftbench run suites/demo.yaml --device "$device" --out "$overlap_dir" --force --quiet --limit 16 \
+      --corruptions fog --severities 1,5 --overlap true \
+  && $py - "$run_dir/results.csv" "$overlap_dir/results.csv" <<'PY'
+import sys
+import pandas as pd
+full, part = (pd.read_csv(f) for f in sys.argv[1:])
+keys = ["split", "model", "estimator", "corruption", "severity"]
+both = full.merge(part, on=keys, suffixes=("", "_overlap"))
+cols = [c for c in part.columns if c not in keys]
+diff = [c for c in cols if not both[c].astype(str).equals(both[c + "_overlap"].astype(str))]
+print(f"{len(both)} of {len(part)} rows matched;", "identical" if not diff and len(both) == len(part) else f"differ: {diff}")
+PY
+} 2>&1 | tee "$out/overlap_cuda.txt" || status=1
 exit $status

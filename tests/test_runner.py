@@ -145,13 +145,14 @@ def _with_run(suite: Path, folder: Path, **run_fields) -> Path:
 
 def test_metric_worker_overlap_gives_the_sequential_results(suite, tmp_path):
     """With the estimators and metrics on a worker thread (2 threads: 1 + 1) the results are those of the
-    sequential sweep on 1 thread, byte for byte, and the summary says how the threads were split."""
+    sequential sweep on 1 thread, byte for byte, and the summary says how the threads were split.
+    (run.overlap in the suite file for the one, the --overlap override for the other.)"""
     before = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
         assert run(_with_run(suite, tmp_path / "seq", overlap=False), tmp_path / "seq") == 0
         torch.set_num_threads(2)
-        assert run(_with_run(suite, tmp_path / "overlap", overlap=True), tmp_path / "overlap") == 0
+        assert run(suite, tmp_path / "overlap", "--overlap", "true") == 0
         assert torch.get_num_threads() == 2  # given back after the sweep
     finally:
         torch.set_num_threads(before)

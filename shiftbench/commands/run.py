@@ -13,6 +13,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--severities", help="comma-separated severities, e.g. 1,3")
     p.add_argument("--batch-size", type=int, help="images per batch (results do not depend on it)")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), help="where to run (auto: cuda if available)")
+    p.add_argument("--overlap", choices=("auto", "true", "false"),
+                   help="estimators and metrics on a worker thread alongside the forwards (auto: on the CPU)")
     p.add_argument("--force", action="store_true", help="discard a different suite's run in --out")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
@@ -36,6 +38,8 @@ def apply_overrides(raw: dict, args: argparse.Namespace) -> dict:
         run["batch_size"] = args.batch_size
     if args.device is not None:
         run["device"] = args.device
+    if args.overlap is not None:
+        run["overlap"] = {"true": True, "false": False}.get(args.overlap, args.overlap)
     if args.corruptions is not None:
         names = [n.strip() for n in args.corruptions.split(",") if n.strip()]
         corr["names"] = names[0] if names in (["all"], ["none"]) else names
