@@ -336,7 +336,7 @@ def sweep_conditions(zoo, suite, plan: dict[str, tuple[str, ...]], conditions: l
     condition's last batch overlaps the next condition's first forwards, so a condition is yielded after
     them. ``save_map(cond)`` gives the writer of that condition's gallery maps (clean conditions only)."""
     worker = worker or MetricWorker(0)
-    pending: _ConditionRun | None = None
+    pending: _ConditionRun | None = None  # the condition whose last batch is on the worker
     for cond in conditions:
         gallery = set(suite.metrics.gallery) if cond.is_clean and save_map is not None else set()
         run = _ConditionRun(cond, Accumulators(suite, plan, device), gallery,
@@ -347,25 +347,27 @@ def sweep_conditions(zoo, suite, plan: dict[str, tuple[str, ...]], conditions: l
             except ConditionFailed as exc:
                 worker.wait()
                 run.reason = run.reason or str(exc)
-            if pending is not None:
-                worker.wait()
-                yield pending.result()
-                pending = None
+            yield from _finished(pending, worker)
+            pending = None
             worker.wait()  # run.reason is now up to date
             if run.reason:
                 break
             worker.submit(lambda run=run, batch=batch, preds=preds: run.update(batch, preds))
             on_batch()
-        if pending is not None:  # a condition without batches on this rank
-            worker.wait()
-            yield pending.result()
+        yield from _finished(pending, worker)  # still pending if this condition had no batch on this rank
         pending = run
         if not worker.threaded:
-            yield pending.result()
+            yield from _finished(pending, worker)
             pending = None
-    if pending is not None:
+    yield from _finished(pending, worker)
+
+
+def _finished(run: _ConditionRun | None, worker: MetricWorker
+              ) -> Iterator[tuple[Condition, Accumulators | None, str | None]]:
+    """``run``'s result once the worker has no job in flight (nothing for None)."""
+    if run is not None:
         worker.wait()
-        yield pending.result()
+        yield run.result()
 
 
 def run_condition(zoo, suite, plan: dict[str, tuple[str, ...]], cond: Condition, data: SplitData,
