@@ -30,7 +30,7 @@ torch.cuda.get_device_name() if torch.cuda.is_available() else "(no CUDA device)
 status=0
 SHIFTBENCH_TEST_DEVICE=$device timeout 180 $py -m pytest -q -p no:cacheprovider tests/test_device.py tests/test_metrics.py -k "device or gpu" \
     2>&1 | tee "$out/pytest.txt" || status=1
-timeout 240 $py benchmarks/speed.py --device "$device" --batch 8 ${SPEED_ARGS:-} 2>&1 | tee "$out/speed_cuda.md" || status=1
+timeout 210 $py benchmarks/speed.py --device "$device" --batch 8 ${SPEED_ARGS:-} 2>&1 | tee "$out/speed_cuda.md" || status=1
 timeout 120 $py -m shiftbench run suites/demo.yaml --device "$device" --out "$run_dir" --force --quiet --limit 16 \
     --corruptions fog,glass_blur,jpeg_compression,spatter --severities 1,5 2>&1 | tee "$out/run_cuda.txt" \
     || status=1
