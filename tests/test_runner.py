@@ -165,6 +165,24 @@ def test_metric_worker_overlap_gives_the_sequential_results(suite, tmp_path):
         assert all(np.array_equal(a[k], b[k]) for k in a.files), npz.name
 
 
+def test_without_the_worker_a_batch_is_freed_before_the_next_forward(suite, tmp_path, monkeypatch):
+    """Peak memory (on a GPU) is one batch's model outputs: nothing holds them through the next forward."""
+    import weakref
+
+    import shiftbench.runner.sweep as sweep
+
+    real, alive = sweep.forward_batch, []
+
+    def watched(*args, **kwargs):
+        assert not [r for r in alive if r() is not None], "the previous batch's outputs are still alive"
+        x, preds = real(*args, **kwargs)
+        alive[:] = [weakref.ref(p.probs) for p in preds.values()]
+        return x, preds
+
+    monkeypatch.setattr(sweep, "forward_batch", watched)
+    assert run(suite, tmp_path / "seq", "--overlap", "false") == 0
+
+
 @pytest.mark.parametrize("overlap, device, threads, expected", [
     ("auto", "cpu", 2, (1, 1)), ("auto", "cpu", 4, (2, 2)), ("auto", "cpu", 3, (2, 1)), ("auto", "cpu", 1, (1, 0)),
     ("auto", "cuda", 4, (4, 0)), (False, "cpu", 2, (2, 0)), (True, "cpu", 1, (1, 1)), (True, "cuda", 2, (1, 1))])

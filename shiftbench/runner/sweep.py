@@ -353,6 +353,7 @@ def sweep_conditions(zoo, suite, plan: dict[str, tuple[str, ...]], conditions: l
             if run.reason:
                 break
             worker.submit(lambda run=run, batch=batch, preds=preds: run.update(batch, preds))
+            del preds  # only the job holds this batch's outputs now: not kept alive through the next forward
             on_batch()
         yield from _finished(pending, worker)  # still pending if this condition had no batch on this rank
         pending = run
