@@ -15,7 +15,7 @@ from shiftbench.models import (DeepLabV3Plus, KeyedDropout, MixtureOfExperts, Mo
 from shiftbench.models.backbones import backbone_spec, dilate_last_stage, feature_grid
 from shiftbench.models.checkpoints import check_classes
 from shiftbench.models.gates import grid_from_state
-from shiftbench.models.moe import combine_logits, combine_probs
+from shiftbench.models.moe import combine_logits, combine_probs, logsumexp0
 from shiftbench.models.training import confusion_matrix, loss_window, miou
 from shiftbench.seeding import key
 
@@ -220,6 +220,17 @@ def test_combine_probs_is_eq1(classwise, with_conv):
         p = torch.softmax(conv(torch.log(p)), dim=1)
     with torch.no_grad():
         torch.testing.assert_close(combine_probs(z, w, conv).exp(), p, atol=1e-5, rtol=1e-4)
+        # the experts' log-softmaxes passed in (shared by the MoEs of a zoo): bitwise the same
+        assert torch.equal(combine_probs(z, w, conv, torch.log_softmax(z, dim=2)), combine_probs(z, w, conv))
+
+
+@pytest.mark.parametrize("experts", [2, 3, 10])
+def test_logsumexp0_is_torch_logsumexp_bitwise(experts):
+    torch.manual_seed(experts)
+    x = torch.log_softmax(torch.randn(experts, 2, K, 33, 47) * 8, dim=2) + torch.rand(experts, 2, 1, 1, 1).log()
+    x[0, 0, 0, 0, :3] = torch.tensor(torch.finfo(torch.float32).tiny).log()  # a weight clamped at the tiniest float
+    assert torch.equal(logsumexp0(x), torch.logsumexp(x, dim=0))
+    assert logsumexp0(torch.tensor([[float("inf")], [0.0]])).isfinite().logical_not().all()  # never finite
 
 
 @pytest.mark.parametrize("with_conv", [False, True])

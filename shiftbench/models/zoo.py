@@ -38,6 +38,7 @@ class _Shared:
     logits: dict[str, Tensor]
     probs: dict[str, Tensor]
     stacks: dict[tuple[str, ...], tuple[Tensor, Tensor]] = field(default_factory=dict)
+    log_stacks: dict[tuple[str, ...], Tensor] = field(default_factory=dict)
 
     def stack(self, names: tuple[str, ...]) -> tuple[Tensor, Tensor]:
         """(logits, probs) ``[E,B,K,H,W]`` of ``names``; built once per batch and reused."""
@@ -45,6 +46,12 @@ class _Shared:
             self.stacks[names] = (torch.stack([self.logits[n] for n in names]),
                                   torch.stack([self.probs[n] for n in names]))
         return self.stacks[names]
+
+    def log_probs(self, names: tuple[str, ...]) -> Tensor:
+        """log_softmax of the logits stack of ``names`` over the classes, once per batch for every MoE."""
+        if names not in self.log_stacks:
+            self.log_stacks[names] = torch.log_softmax(self.stack(names)[0], dim=2)
+        return self.log_stacks[names]
 
 
 def _predict_expert(zoo: "ModelZoo", name: str, x: Tensor, seeds: list[int], shared: _Shared) -> Prediction:
@@ -59,7 +66,9 @@ def _predict_ensemble(zoo: "ModelZoo", name: str, x: Tensor, seeds: list[int], s
 def _predict_moe(zoo: "ModelZoo", name: str, x: Tensor, seeds: list[int], shared: _Shared) -> Prediction:
     names = zoo.members[name]
     logits, probs = shared.stack(names)
-    log_p, weights = zoo.heads[name]([shared.features[n].float() for n in names], logits)
+    head = zoo.heads[name]
+    log_probs = shared.log_probs(names) if head.combine == "probs" else None
+    log_p, weights = head([shared.features[n].float() for n in names], logits, log_probs)
     return Prediction(probs=log_p.exp(), members=probs, gate=weights)
 
 
