@@ -13,8 +13,8 @@ from shiftbench.models.zoo import ModelZoo  # noqa: E402
 from shiftbench.runner.conditions import Condition  # noqa: E402
 from shiftbench.runner.data import open_split  # noqa: E402
 from shiftbench.runner.dist import World  # noqa: E402
-from shiftbench.runner.sweep import (MetricWorker, Timer, run_condition, sweep_conditions,  # noqa: E402
-                                     thread_split)
+from shiftbench.runner.sweep import (Accumulators, MetricWorker, Timer, model_seeds, predict,  # noqa: E402
+                                     run_condition, sweep_conditions, thread_split)
 from shiftbench.suite import load_suite  # noqa: E402
 
 
@@ -59,3 +59,46 @@ def test_bench_sweep_with_and_without_the_metric_worker(benchmark, tmp_path, ove
 
     assert benchmark.pedantic(sweep_both, rounds=3, iterations=1) == [None, None]
     benchmark.extra_info.update(threads=[forward, metrics])
+
+
+@pytest.fixture(scope="module")
+def demo_batch():
+    """The committed demo zoo and one batch of 16 demo images (128x256)."""
+    suite = load_suite(Path(__file__).resolve().parents[2] / "suites" / "demo.yaml")
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    zoo = ModelZoo.from_suite(suite, device)
+    batch = next(iter(open_split(suite, "id", World()).batches(16)))
+    return suite, zoo, batch, device
+
+
+@pytest.mark.bench
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("part", ["forward", "estimators_metrics"])
+def test_bench_demo_batch(benchmark, demo_batch, part, threads):
+    """The two halves of a demo batch that `run.overlap` puts on two threads: every model's forward
+    (exact: one image at a time), or the estimators + accumulators of its 24 model x estimator pairs."""
+    suite, zoo, batch, device = demo_batch
+    x = batch.images.to(device).float().div_(255)
+    seeds = model_seeds(0, batch.ids)
+    plan = {m.name: m.estimators for m in suite.models}
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        if part == "forward":
+            benchmark.pedantic(_synced(lambda: predict(zoo, x, seeds)), rounds=3, iterations=1, warmup_rounds=1)
+        else:
+            preds, labels = predict(zoo, x, seeds), batch.labels.to(device)
+            benchmark.pedantic(_synced(lambda: Accumulators(suite, plan, device).update(preds, labels)),
+                               rounds=3, iterations=1, warmup_rounds=1)
+    finally:
+        torch.set_num_threads(before)
+
+
+def _synced(fn):
+    """fn, then a CUDA synchronisation where a GPU runs it (so that its work is timed)."""
+    def run():
+        out = fn()
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        return out
+    return run
