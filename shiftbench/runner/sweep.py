@@ -251,7 +251,8 @@ class MetricWorker:
 
     def __init__(self, threads: int = 0):
         self.threads = threads
-        self._pool = ThreadPoolExecutor(1, "shiftbench-metrics", torch.set_num_threads, (threads,)) if threads else None
+        self._pool = (ThreadPoolExecutor(1, "shiftbench-metrics", initializer=torch.set_num_threads, initargs=(threads,))
+                      if threads else None)
         self._job: Future | None = None
 
     @property
