@@ -84,13 +84,13 @@ def discover(root: Path, exclude: Path | None = None, what: str = "input") -> tu
         raise ShiftbenchError(f"{what} {str(root)!r} does not exist; give an image file or a folder of PNG/JPEG images")
     files = [root] if root.is_file() else sorted(p for p in root.rglob("*") if p.is_file())
     exclude = exclude.resolve() if exclude is not None else None
-    sources, skipped, reasons = [], [], []
+    sources, skipped, reason = [], [], ""
     for path in files:
         if exclude is not None and exclude in path.resolve().parents:
             continue  # our own outputs when OUT lies inside IN
         rel = path.name if root.is_file() else path.relative_to(root).as_posix()
         if path.suffix.lower() not in IMAGE_SUFFIXES:
-            reasons.append("not a .png/.jpg/.jpeg file")
+            reason = "not a .png/.jpg/.jpeg file"
         else:
             try:
                 with Image.open(path) as im:  # reads the header only
@@ -98,10 +98,10 @@ def discover(root: Path, exclude: Path | None = None, what: str = "input") -> tu
                 sources.append(Source(path, rel, (height, width)))
                 continue
             except (UnidentifiedImageError, OSError) as exc:
-                reasons.append(f"unreadable: {type(exc).__name__}")
-        skipped.append(f"{rel} ({reasons[-1]})")
-    if root.is_file() and not sources:
-        raise not_an_image(what, root, reasons[0])
+                reason = f"unreadable: {type(exc).__name__}"
+        skipped.append(f"{rel} ({reason})")
+    if root.is_file() and not sources:  # the one file given was skipped, for ``reason``
+        raise not_an_image(what, root, reason)
     return sources, skipped
 
 

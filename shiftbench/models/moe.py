@@ -58,7 +58,8 @@ def logsumexp0(x: Tensor) -> Tensor:
     return (x - m).exp_().sum(0).log_().add_(m)
 
 
-COMBINE: dict[str, Callable[[Tensor, Tensor, nn.Module | None], Tensor]] = {
+#: rule(logits [E,B,K,H,W], weights, final_conv, log_probs or None) -> log P [B,K,H,W]
+COMBINE: dict[str, Callable[[Tensor, Tensor, nn.Module | None, Tensor | None], Tensor]] = {
     "probs": combine_probs, "logits": combine_logits,
 }
 

@@ -250,7 +250,6 @@ class MetricWorker:
     :meth:`submit` or :meth:`wait`."""
 
     def __init__(self, threads: int = 0):
-        self.threads = threads
         self._pool = (ThreadPoolExecutor(1, "shiftbench-metrics", initializer=torch.set_num_threads, initargs=(threads,))
                       if threads else None)
         self._job: Future | None = None
