@@ -10,6 +10,7 @@ cannot be created, read or written), becomes one line on stderr and exit code 2.
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
 import sys
 
@@ -63,6 +64,11 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     return tuple(errors)
 
 
+_FULL = "free some space and run the same command again (what finished is kept)"
+#: what to do about an OSError, by errno, where the default advice about paths would mislead
+_OS_HINTS = {errno.ENOSPC: _FULL, errno.EDQUOT: _FULL}
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
@@ -72,8 +78,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except OSError as exc:  # the file system said no: a path that cannot be created, read or written
         where = f" {exc.filename!r}" if exc.filename else ""
-        print(f"shiftbench: error: cannot use{where}: {exc.strerror or one_line(exc)}; check the paths given "
-              "(input folders must be readable, output folders creatable and writable)", file=sys.stderr)
+        hint = _OS_HINTS.get(exc.errno, "check the paths given (input folders must be readable, "
+                                        "output folders creatable and writable)")
+        print(f"shiftbench: error: cannot use{where}: {exc.strerror or one_line(exc)}; {hint}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("shiftbench: interrupted", file=sys.stderr)

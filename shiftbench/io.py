@@ -7,6 +7,7 @@ either the old file, the complete new one, or nothing: never a half-written file
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import os
 import tempfile
@@ -43,12 +44,16 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
             os.fsync(fh.fileno())
         os.chmod(tmp_path, 0o666 & ~_UMASK)  # mkstemp makes 0600; give the mode a plain open() would
         os.replace(tmp_path, path)
+    except OSError as exc:
+        if exc.filename is None:  # a full disk (ENOSPC) names no file: name the one being written
+            raise OSError(exc.errno, exc.strerror or str(exc), str(path)) from exc
+        raise
     finally:
         if tmp_path.exists():
             tmp_path.unlink()
 
 
-def write_bytes(path: str | os.PathLike, data: bytes) -> None:
+def write_bytes(path: str | os.PathLike, data: bytes | memoryview) -> None:
     with atomic_path(path) as tmp:
         tmp.write_bytes(data)
 
@@ -63,6 +68,11 @@ def write_json(path: str | os.PathLike, obj: Any) -> None:
 
 
 def torch_save(obj: Any, path: str | os.PathLike) -> None:
-    """``torch.save`` through a temporary file (checkpoints, accumulator states)."""
-    with atomic_path(path) as tmp:
-        torch.save(obj, tmp)
+    """``torch.save`` through a temporary file (checkpoints, accumulator states).
+
+    Serialised in memory first: torch's own file writer reports a full disk as an opaque
+    ``RuntimeError`` ("unexpected pos"), Python's write as ``OSError(ENOSPC)`` naming the file.
+    """
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    write_bytes(path, buffer.getbuffer())

@@ -34,6 +34,44 @@ def test_atomic_write_gives_the_mode_of_a_plain_open(tmp_path):
     assert (tmp_path / "atomic.txt").stat().st_mode == plain.stat().st_mode
 
 
+_SIZE_LIMITED = """
+import resource, signal, sys, torch
+from shiftbench import io
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit then fails with EFBIG, as a full disk would
+resource.setrlimit(resource.RLIMIT_FSIZE, (4096, 4096))
+try:
+    io.torch_save({"counts": torch.zeros(10_000, dtype=torch.int64)}, sys.argv[1])
+except BaseException as exc:
+    print(type(exc).__name__, getattr(exc, "errno", None), getattr(exc, "filename", None))
+"""
+
+
+def test_a_failed_write_is_an_oserror_naming_the_file_and_leaves_nothing(tmp_path):
+    """torch.save's own writer reports a failed write (full disk, file-size limit) as an opaque RuntimeError
+    ("unexpected pos"); torch_save must raise the OSError, named after the target, like every other write."""
+    import errno
+
+    target = tmp_path / "states" / "0.pt"
+    out = subprocess.run([sys.executable, "-c", _SIZE_LIMITED, str(target)], capture_output=True, text=True,
+                         check=True).stdout.split()
+    assert out == ["OSError", str(errno.EFBIG), str(target)]
+    assert list(target.parent.iterdir()) == []
+
+
+def test_an_oserror_without_a_file_name_gets_the_target_s(tmp_path, monkeypatch):
+    import errno
+    import pathlib
+
+    def full(self, data):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(pathlib.Path, "write_bytes", full)
+    with pytest.raises(OSError) as info:
+        io.write_bytes(tmp_path / "x.bin", b"data")
+    assert (info.value.errno, info.value.filename) == (errno.ENOSPC, str(tmp_path / "x.bin"))
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_keys_are_stable_and_distinct():
     assert key(0, "a") == key(0, "a")
     assert key(0, "a") != key(1, "a") != key(0, "b")

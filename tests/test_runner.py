@@ -95,9 +95,10 @@ def test_multiclass_scores_are_the_models_and_match_a_direct_computation(suite, 
     assert rows.nll_multiclass.to_numpy() == pytest.approx(nll / n, rel=1e-5)
 
 
-def test_rerun_skips_finished_conditions(suite, base):
+def test_rerun_skips_finished_conditions(suite, base, capsys):
     before = (base / "results.csv").read_bytes()
     assert run(suite, base) == 0
+    assert "nothing left to run (4 condition(s) already done)" in capsys.readouterr().out
     summary = json.loads((base / "summary.json").read_text())
     assert summary["conditions"]["run"] == 0 and summary["conditions"]["already_done"] == 4
     assert (base / "results.csv").read_bytes() == before
@@ -330,6 +331,29 @@ def test_an_output_folder_that_cannot_be_made_is_one_line_exit_2(suite, tmp_path
     assert run(suite, tmp_path / "a_file" / "run", "--corruptions", "none") == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "a_file/run" in err and "Not a directory" in err
+
+
+def test_a_full_disk_is_one_line_exit_2_and_the_rerun_finishes(suite, base, tmp_path, capsys, monkeypatch):
+    import errno
+    import pathlib
+
+    real = pathlib.Path.write_bytes
+
+    def full_for_states(self, data):
+        if self.name.endswith(".tmp.pt"):
+            raise OSError(errno.ENOSPC, "No space left on device")  # as the kernel reports it: no file name
+        return real(self, data)
+
+    out = tmp_path / "full"
+    monkeypatch.setattr(pathlib.Path, "write_bytes", full_for_states)
+    assert run(suite, out) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1, err
+    assert str(out / "states" / "id" / "clean" / "0.pt") in err and "free some space" in err
+    assert not list(out.rglob("*.tmp*")) and not (out / "states" / "id" / "clean" / "0.pt").exists()
+    monkeypatch.undo()
+    assert run(suite, out) == 0
+    assert (out / "results.csv").read_bytes() == (base / "results.csv").read_bytes()
 
 
 def test_nan_model_output_fails_only_that_condition(suite, tmp_path, monkeypatch):

@@ -222,10 +222,14 @@ def _class_names(suite) -> list[str]:
 
 
 def _print_end(summary: dict[str, Any]) -> None:
-    t = summary["time_s"]
+    t, done = summary["time_s"], summary["conditions"]["already_done"]
+    if summary["conditions"]["run"] == 0:  # a finished run run again: the tables are rewritten from its states
+        print(f"shiftbench: nothing left to run ({done} condition(s) already done); tables rewritten from the "
+              f"saved states in {summary['wall_time_s']:.1f} s")
+        return
     along = " alongside them on a worker thread" if summary["threads"]["metrics"] else ""
-    print(f"shiftbench: {summary['conditions']['run']} condition(s) run, {summary['conditions']['already_done']} "
-          f"already done, {len(summary['failed'])} failed; wall {summary['wall_time_s']:.1f} s "
+    print(f"shiftbench: {summary['conditions']['run']} condition(s) run, {done} already done, "
+          f"{len(summary['failed'])} failed; wall {summary['wall_time_s']:.1f} s "
           f"(data {t['data']:.1f}, corruption {t['corruption']:.1f}, forward {t['forward']:.1f}, "
           f"estimators+metrics {t['estimators_metrics']:.1f}{along}, io {t['io']:.1f}); "
           f"{100 * summary['outside_forward_share']:.0f}% outside model forwards")
