@@ -144,7 +144,8 @@ class RunSpec:
     seed: int = 0
     out: Path = Path("runs/suite")
     limit: int | None = None
-    workers: int = 0
+    workers: int | str = "auto"
+    cache: float | str = "auto"
     exact: bool = True
     overlap: bool | str = "auto"
 
@@ -502,6 +503,18 @@ def _auto_or_bool(value: Any) -> str | None:
     return None if value == "auto" or isinstance(value, bool) else "is not one of auto, true, false"
 
 
+def _auto_or(check: Callable[[Any], str | None], allowed: str) -> Callable[[Any], str | None]:
+    """``auto``, or a number that passes ``check``."""
+    def auto_or(value: Any) -> str | None:
+        if isinstance(value, str):
+            return None if value == "auto" else f"is not auto or {allowed}"
+        return check(value)
+    return auto_or
+
+
+MAX_WORKERS = 64
+
+
 def _run(sec: _Section, base: Path, name: str) -> RunSpec:
     spec = RunSpec(
         device=sec.get("device", str, "auto", choices=DEVICES),
@@ -510,7 +523,9 @@ def _run(sec: _Section, base: Path, name: str) -> RunSpec:
         seed=sec.get("seed", int, 0),
         out=_path(sec, "out", Path.cwd()) or Path("runs") / name,
         limit=sec.get("limit", int, None, check=_positive),
-        workers=sec.get("workers", int, 0, check=_non_negative),
+        workers=sec.get("workers", (int, str), "auto",
+                        check=_auto_or(lambda v: _between(v, 0, MAX_WORKERS), f"an integer 0..{MAX_WORKERS}")),
+        cache=sec.get("cache", (float, str), "auto", check=_auto_or(_non_negative, "a size in GiB >= 0")),
         exact=sec.get("exact", bool, True),
         overlap=sec.get("overlap", (bool, str), "auto", check=_auto_or_bool),
     )

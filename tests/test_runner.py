@@ -382,7 +382,7 @@ def test_unreadable_image_is_skipped_and_named(tmp_path, monkeypatch, mode):
     from runner_fixture import write_checkpoints
 
     if mode != "cached":
-        monkeypatch.setattr("shiftbench.runner.data.CACHE_BYTES", 0)
+        monkeypatch.setattr("shiftbench.runner.data.CACHE_BYTES", 0)  # open_split's default, used below
 
     tree = tmp_path / "a2d2"
     assert main(["data", "synth", str(tree), "--format", "a2d2", "--count", "2", "--size", "48x64",
@@ -394,6 +394,7 @@ def test_unreadable_image_is_skipped_and_named(tmp_path, monkeypatch, mode):
                        "size": [48, 64], "eval": {"id": ["highway_test", "highway_val", "highway_train"]}}
     data["metrics"]["gallery"] = []
     data["run"]["workers"] = 1 if mode == "streamed by a worker" else 0
+    data["run"]["cache"] = 0 if mode != "cached" else "auto"
     write_checkpoints(tmp_path)
     path = tmp_path / "a2d2.yaml"
     path.write_text(yaml.safe_dump(data))
@@ -401,6 +402,8 @@ def test_unreadable_image_is_skipped_and_named(tmp_path, monkeypatch, mode):
     assert run(path, out, "--corruptions", "fog", "--severities", "1") == 0  # two conditions stream the split
     summary = json.loads((out / "summary.json").read_text())
     assert len(summary["skipped_files"]) == 1
+    assert summary["data"]["cached"] == {"id": mode == "cached"}
+    assert summary["data"]["workers"] == data["run"]["workers"]
     assert victim.name in summary["skipped_files"][0]["file"] + summary["skipped_files"][0]["reason"]
     results = pd.read_csv(out / "results.csv")
     assert set(results.corruption) == {"clean", "fog"} and results.n_images.eq(5).all()
@@ -414,6 +417,86 @@ def test_unreadable_image_is_skipped_and_named(tmp_path, monkeypatch, mode):
         for _ in range(2):
             assert sum(len(b.ids) for b in split.batches(2, data["run"]["workers"])) == 5
         assert len(split.skipped) == 1
+
+
+@pytest.mark.parametrize("cache, workers", [(0, 0), (0, 1), ("auto", 1)],
+                         ids=["streamed", "streamed by a worker", "cached by a worker"])
+def test_cached_or_streamed_by_any_workers_gives_the_same_results(suite, base, tmp_path, cache, workers):
+    path = _with_run(suite, tmp_path, cache=cache, workers=workers)
+    out = tmp_path / "r"
+    assert run(path, out) == 0
+    assert (out / "results.csv").read_bytes() == (base / "results.csv").read_bytes()
+    data = json.loads((out / "summary.json").read_text())["data"]
+    # ood is swept once (clean), so it is streamed even where it would fit: decoded once either way
+    assert data["workers"] == workers and data["cached"] == {"id": cache == "auto", "ood": False}
+    assert json.loads((base / "summary.json").read_text())["data"]["workers"] == 0  # auto on the CPU
+
+
+def test_the_cache_keeps_labels_in_one_byte_and_yields_int64(suite):
+    from shiftbench.runner.data import open_split
+    from shiftbench.runner.dist import World
+    from shiftbench.suite import load_suite
+
+    s = load_suite(suite)
+    cached, streamed = open_split(s, "id", World()), open_split(s, "id", World(), cache_bytes=0)
+    assert cached.cache.images.dtype == torch.uint8 and cached.cache.labels.dtype == torch.uint8
+    assert streamed.cache is None
+    for a, b in zip(cached.batches(3), streamed.batches(3), strict=True):
+        assert a.labels.dtype == b.labels.dtype == torch.int64
+        assert torch.equal(a.images, b.images) and torch.equal(a.labels, b.labels) and a.ids == b.ids
+
+
+def test_a_label_id_past_255_switches_the_cache_to_int64(monkeypatch):
+    from shiftbench.runner.data import SplitData
+
+    labels = [torch.full((4, 5), v) for v in (3, 255, 300, 7)]
+    items = [(torch.zeros(3, 4, 5, dtype=torch.uint8), lab, f"s{k}") for k, lab in enumerate(labels)]
+    split = SplitData("g", [items], [(0, k) for k in range(4)])
+    monkeypatch.setattr(SplitData, "load", lambda self, k: items[k])
+    split.fill_cache()
+    assert split.cache.labels.dtype == torch.int64 and torch.equal(split.cache.labels, torch.stack(labels))
+
+
+def test_the_groups_swept_most_are_cached_first_within_the_budget(suite):
+    from shiftbench.runner.data import open_split, open_splits
+    from shiftbench.runner.dist import World
+    from shiftbench.runner.conditions import enumerate_conditions
+    from shiftbench.suite import load_suite
+
+    s = load_suite(suite)
+    one = open_split(s, "id", World(), cache_bytes=0)
+    need = len(one) * (one.load(0)[0].numel() + one.load(0)[1].numel())  # uint8 image + uint8 label per sample
+    todo = enumerate_conditions(["id", "ood"], ["id", "ood"], ["fog"], [1, 2], True)  # 3 sweeps each
+    todo = [c for c in todo if not (c.split == "ood" and c.severity == 2)]  # ood: 2 sweeps
+    cached = lambda budget: {g: sp.cache is not None for g, sp in open_splits(s, todo, World(), budget, 0).items()}
+    assert cached(need) == {"id": True, "ood": False}  # room for one group: the one swept most
+    assert cached(need - 1) == {"id": False, "ood": True}  # ood has 2 of the 4 id images, so it still fits
+    assert cached(10 * need) == {"id": True, "ood": True}
+    assert cached(0) == {"id": False, "ood": False}
+
+
+def test_cache_budget_and_workers_resolve_auto(monkeypatch):
+    from shiftbench.runner import data
+    from shiftbench.runner.dist import World
+
+    monkeypatch.setattr(data, "_available_memory", lambda: 64 << 30)
+    assert data.cache_budget("auto", World()) == 32 << 30
+    assert data.cache_budget("auto", World(0, 8, 0, 4)) == 8 << 30  # four ranks on the node share the half
+    assert data.cache_budget(1.5, World()) == 3 << 29
+    monkeypatch.setattr(data, "_available_memory", lambda: None)
+    assert data.cache_budget("auto", World()) == data.CACHE_BYTES
+    monkeypatch.setattr(data.os, "sched_getaffinity", lambda pid: set(range(16)), raising=False)
+    monkeypatch.setattr(data, "_shared_memory_free", lambda: 64 << 30)
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    assert data.loader_workers("auto", cuda, World()) == data.MAX_AUTO_WORKERS
+    assert data.loader_workers("auto", cuda, World(0, 4, 0, 4)) == 3  # 16 CPUs / 4 ranks, one for the rank
+    assert data.loader_workers("auto", cpu, World()) == 0
+    assert data.loader_workers(5, cpu, World()) == 5
+    monkeypatch.setattr(data, "_shared_memory_free", lambda: 64 << 20)  # a container's default /dev/shm
+    assert data.loader_workers("auto", cuda, World()) == 0
+    monkeypatch.setattr(data, "_shared_memory_free", lambda: 2 << 30)
+    assert data.loader_workers("auto", cuda, World()) == 4
+    assert data.loader_workers(5, cuda, World()) == 5  # a number is taken as given
 
 
 def test_missing_data_stops_at_once_with_what_to_set(tmp_path, capsys, monkeypatch):

@@ -24,7 +24,7 @@ from shiftbench import io
 from shiftbench.errors import ShiftbenchError
 from shiftbench.runner import dist
 from shiftbench.runner.conditions import Condition, enumerate_conditions
-from shiftbench.runner.data import open_split
+from shiftbench.runner.data import cache_budget, loader_workers, open_splits
 from shiftbench.runner.store import RunStore, inputs_digest
 from shiftbench.runner.sweep import MetricWorker, Timer, sweep_conditions, thread_split
 
@@ -101,8 +101,12 @@ def run_suite(suite, force: bool = False, progress: bool = True) -> dict[str, An
                                           list(suite.corruptions.severities), suite.corruptions.clean)
         todo = [c for c in conditions if not store.is_done(c)]
         todo = dist.broadcast_object(todo, world)
+        data = {"workers": loader_workers(suite.run.workers, device, world),
+                "cache_budget_bytes": cache_budget(suite.run.cache, world)}
         with timer("data"):
-            splits = {g: open_split(suite, g, world) for g in groups if any(c.split == g for c in todo)}
+            splits = open_splits(suite, todo, world, data["cache_budget_bytes"], data["workers"])
+        data["cached"] = {g: split.cache is not None for g, split in splits.items()}
+        log.info("data: %s", data)
         failed: list[dict[str, str]] = []
         total = sum(splits[c.split].n_batches(suite.run.batch_size) for c in todo)
         bar = tqdm(total=total, desc=f"{suite.name}", unit="batch", disable=not (progress and world.is_main),
@@ -133,6 +137,7 @@ def run_suite(suite, force: bool = False, progress: bool = True) -> dict[str, An
             summary = _summary(suite, digest, device, world, timer, started, conditions, todo, failed, skipped,
                                threads)
             summary["gallery_missing"] = _gallery_missing(suite, store, groups)
+            summary["data"] = data
             io.write_json(store.root / "summary.json", summary)
             _print_end(summary)
         summary = dist.broadcast_object(summary, world)

@@ -2,14 +2,17 @@
 
 A split group (``dataset.eval.id = [highway_test, urban_test]``) is the concatenation of its
 splits. ``--limit N`` keeps N images per group, taken evenly from its splits. A group that
-fits in ``cache_bytes`` is decoded once and kept in memory as uint8 for every condition
-(the demo and most single-GPU sweeps); larger ones are streamed by a DataLoader each
-condition. Images that cannot be read are skipped, counted and named.
+fits in the cache budget (``run.cache``; ``auto``: half the available memory) is decoded once
+and kept in memory, images and labels as uint8, for every condition; a larger one is decoded
+again for every condition. Both go through a DataLoader with ``run.workers`` processes.
+Images that cannot be read are skipped, counted and named.
 """
 
 from __future__ import annotations
 
+import collections
 import math
+import os
 from dataclasses import dataclass, field
 from typing import Iterator
 
@@ -48,19 +51,22 @@ class SplitData:
     index: list[tuple[int, int]]
     skipped: list[dict[str, str]] = field(default_factory=list)
     cache: Batch | None = None
+    workers: int = 0  # DataLoader processes that decode the group's images
 
     def __len__(self) -> int:
         return len(self.index)
 
     def load(self, k: int) -> tuple[Tensor, Tensor, str] | dict[str, str]:
-        """Image k as (uint8 image, label, sample id), or, if it cannot be read, the record of the skip
-        ({file, reason}); pure, so that DataLoader workers can call it (what they skip comes back in the batch)."""
+        """Image k as (uint8 image, label (uint8 where the ids fit), sample id), or, if it cannot be read, the
+        record of the skip ({file, reason}); pure, so that DataLoader workers can call it (what they skip comes
+        back in the batch; a 1208x1920 sample crosses from a worker in 9 MB of shared memory, not 25)."""
         d, i = self.index[k]
         try:
             image, label, sid = self.datasets[d][i]
         except ShiftbenchError as exc:  # unreadable image: skip it, name it
             return {"file": f"{self.name}:{d}:{i}", "reason": str(exc)}
-        return (image.mul(255).round_().to(torch.uint8) if image.is_floating_point() else image), label, sid
+        image = image.mul(255).round_().to(torch.uint8) if image.is_floating_point() else image
+        return image, label.to(_label_dtype(label)), sid
 
     def _keep(self, items: list) -> list:
         """The readable items; the skipped ones are recorded (once per file, however many conditions stream it)."""
@@ -69,27 +75,57 @@ class SplitData:
                 self.skipped.append(item)
         return [x for x in items if not isinstance(x, dict)]
 
-    def fill_cache(self) -> None:
-        items = self._keep([self.load(k) for k in range(len(self))])
-        self.cache = _collate(items, self.name) if items else Batch(torch.zeros(0, 3, 1, 1, dtype=torch.uint8),
-                                                                     torch.zeros(0, 1, 1, dtype=torch.int64), [])
-
-    def batches(self, batch_size: int, workers: int = 0) -> Iterator[Batch]:
-        if self.cache is not None:
-            for s in range(0, len(self.cache.ids), batch_size):
-                yield Batch(self.cache.images[s:s + batch_size], self.cache.labels[s:s + batch_size],
-                            self.cache.ids[s:s + batch_size])
-            return
+    def _readable(self, batch_size: int, workers: int) -> Iterator[list]:
+        """The readable items, in index order, ``batch_size`` indices at a time (decoded by ``workers`` processes)."""
         loader = DataLoader(_Indexed(self), batch_size=batch_size, num_workers=workers, collate_fn=list,
                             pin_memory=False)
         for items in loader:
-            items = self._keep(items)
+            yield self._keep(items)
+
+    def fill_cache(self, workers: int = 0) -> None:
+        """Decode the group once into one uint8 image tensor and one label tensor (uint8 while the ids fit)."""
+        images = labels = None
+        ids: list[str] = []
+        for items in self._readable(8, workers):
+            for image, label, sid in items:
+                if images is None:  # sized by the first readable image; filled in place, no second copy
+                    images = torch.empty((len(self), *image.shape), dtype=torch.uint8)
+                    labels = torch.empty((len(self), *label.shape), dtype=_label_dtype(label))
+                if image.shape != images.shape[1:] or label.shape != labels.shape[1:]:
+                    raise _size_error(self.name, [tuple(images.shape[-2:]), tuple(image.shape[-2:])])
+                if labels.dtype == torch.uint8 and _label_dtype(label) != torch.uint8:
+                    labels = labels.long()
+                images[len(ids)], labels[len(ids)] = image, label
+                ids.append(sid)
+        if images is None:
+            images, labels = torch.zeros(0, 3, 1, 1, dtype=torch.uint8), torch.zeros(0, 1, 1, dtype=torch.uint8)
+        self.cache = Batch(images[:len(ids)], labels[:len(ids)], ids)
+
+    def batches(self, batch_size: int, workers: int | None = None) -> Iterator[Batch]:
+        """The group's batches: uint8 images, int64 labels. Streamed groups are decoded again by ``workers``
+        DataLoader processes (default: the group's ``workers``)."""
+        if self.cache is not None:
+            for s in range(0, len(self.cache.ids), batch_size):
+                yield Batch(self.cache.images[s:s + batch_size], self.cache.labels[s:s + batch_size].long(),
+                            self.cache.ids[s:s + batch_size])
+            return
+        for items in self._readable(batch_size, self.workers if workers is None else workers):
             if items:
                 yield _collate(items, self.name)
 
     def n_batches(self, batch_size: int) -> int:
         n = len(self.cache.ids) if self.cache is not None else len(self)
         return math.ceil(n / batch_size)
+
+
+def _label_dtype(label: Tensor) -> torch.dtype:
+    """uint8 for ids in 0..255 (255 = ignore), else int64: the cache keeps labels in 1 byte, not 8."""
+    return torch.uint8 if label.numel() == 0 or (int(label.min()) >= 0 and int(label.max()) <= 255) else torch.int64
+
+
+def _size_error(name: str, sizes: list[tuple[int, ...]]) -> ShiftbenchError:
+    return ShiftbenchError(f"split {name!r}: images differ in size ({', '.join(map(str, sorted(set(sizes))[:3]))}); "
+                           "set dataset.size to resize them to one size")
 
 
 class _Indexed(Dataset):
@@ -106,31 +142,95 @@ class _Indexed(Dataset):
 def _collate(items: list, name: str) -> Batch:
     sizes = {tuple(img.shape[-2:]) for img, _, _ in items}
     if len(sizes) > 1:
-        raise ShiftbenchError(f"split {name!r}: images differ in size ({', '.join(map(str, sorted(sizes)[:3]))}); "
-                              "set dataset.size to resize them to one size")
+        raise _size_error(name, list(sizes))
     return Batch(torch.stack([i for i, _, _ in items]), torch.stack([lab.long() for _, lab, _ in items]),
                  [s for _, _, s in items])
 
 
-def open_split(suite, group: str, world: World, cache_bytes: int | None = None) -> SplitData:
-    """The images of split group ``group`` that this rank evaluates (rank r: r, r+W, ...); kept in memory
-    if they fit in ``cache_bytes`` (default ``CACHE_BYTES``), else streamed each condition."""
+def open_split(suite, group: str, world: World, cache_bytes: int | None = None, workers: int = 0) -> SplitData:
+    """The images of split group ``group`` that this rank evaluates (rank r: r, r+W, ...); decoded once (by
+    ``workers`` DataLoader processes) and kept in memory if they fit in ``cache_bytes`` (default
+    ``CACHE_BYTES``), else streamed, by the same workers, for every condition."""
     from shiftbench.data import open_split as open_dataset
 
     datasets = [open_dataset(suite, s) for s in suite.dataset.eval[group]]
     index = limited_indices([len(d) for d in datasets], suite.run.limit)
-    data = SplitData(group, datasets, index[world.rank::world.size])
-    if len(data) and _estimate_bytes(data) <= (CACHE_BYTES if cache_bytes is None else cache_bytes):
-        data.fill_cache()
+    data = SplitData(group, datasets, index[world.rank::world.size], workers=workers)
+    limit = CACHE_BYTES if cache_bytes is None else cache_bytes
+    if len(data) and limit > 0 and _estimate_bytes(data) <= limit:
+        data.fill_cache(workers)
     return data
 
 
+def open_splits(suite, todo: list, world: World, budget: int, workers: int) -> dict[str, SplitData]:
+    """The split groups the conditions ``todo`` sweep, opened in suite order. The groups swept more than once
+    are cached, most conditions first, while they fit in what is left of ``budget`` bytes; a group swept once
+    is streamed (decoded once either way)."""
+    sweeps = collections.Counter(c.split for c in todo)
+    splits = {g: open_split(suite, g, world, cache_bytes=0, workers=workers) for g in suite.dataset.eval if sweeps[g]}
+    for g in sorted(splits, key=lambda g: -sweeps[g]):
+        need = _estimate_bytes(splits[g])
+        if sweeps[g] > 1 and len(splits[g]) and need <= budget:
+            splits[g].fill_cache(workers)
+            budget -= need
+    return splits
+
+
 def _estimate_bytes(data: SplitData) -> int:
-    """Bytes of the uint8 images and int64 labels of the whole group, from its first readable image."""
+    """Bytes of the cached images and labels of the whole group, from its first readable image."""
     for d, i in data.index[:8]:
         try:
             image, label, _ = data.datasets[d][i]
         except ShiftbenchError:
             continue
-        return len(data) * (image.numel() + label.numel() * 8)
+        return len(data) * (image.numel() + label.numel() * _label_dtype(label).itemsize)
     return 0
+
+
+def cache_budget(setting: float | str, world: World) -> int:
+    """Bytes of decoded images this rank may keep: ``run.cache`` GiB, or for ``auto`` half of the memory
+    available now (``MemAvailable``), shared by the node's ranks; ``CACHE_BYTES`` where that is unknown."""
+    if setting != "auto":
+        return int(float(setting) * 2**30)
+    available = _available_memory()
+    return CACHE_BYTES if available is None else available // (2 * max(world.local_size, 1))
+
+
+def _available_memory() -> int | None:
+    try:
+        with open("/proc/meminfo") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+MAX_AUTO_WORKERS = 8
+
+
+def loader_workers(setting: int | str, device: torch.device, world: World) -> int:
+    """DataLoader processes that decode images: ``run.workers``, or for ``auto`` on CUDA one per CPU of this
+    rank but one (at most ``MAX_AUTO_WORKERS``, and ``SHM_PER_WORKER`` of free /dev/shm each), so decoding
+    runs while the GPU computes; on the CPU 0, as the forwards already use the cores."""
+    if setting != "auto":
+        return int(setting)
+    if device.type != "cuda":
+        return 0
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    shm = _shared_memory_free()  # workers hand their tensors over in /dev/shm: a container's 64 MB takes none
+    by_shm = MAX_AUTO_WORKERS if shm is None else shm // (SHM_PER_WORKER * max(world.local_size, 1))
+    return max(0, min(MAX_AUTO_WORKERS, cpus // max(world.local_size, 1) - 1, by_shm))
+
+
+#: /dev/shm a DataLoader worker may fill: two batches of 8 samples of 1208x1920 in flight are 150 MB
+SHM_PER_WORKER = 512 << 20
+
+
+def _shared_memory_free() -> int | None:
+    try:
+        st = os.statvfs("/dev/shm")
+    except OSError:
+        return None
+    return st.f_bavail * st.f_frsize

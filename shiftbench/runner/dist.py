@@ -22,6 +22,7 @@ class World:
     rank: int = 0
     size: int = 1
     local_rank: int = 0
+    local_size: int = 1  # processes on this node (torchrun's LOCAL_WORLD_SIZE): they share its CPUs and memory
 
     @property
     def is_main(self) -> bool:
@@ -48,7 +49,7 @@ def init(device: torch.device) -> World:
         if device.type == "cuda":
             torch.cuda.set_device(local)
         tdist.init_process_group(backend=backend)
-    return World(rank, size, local)
+    return World(rank, size, local, int(os.environ.get("LOCAL_WORLD_SIZE", size)))
 
 
 def barrier(world: World) -> None:

@@ -341,7 +341,7 @@ def sweep_conditions(zoo, suite, plan: dict[str, tuple[str, ...]], conditions: l
         gallery = set(suite.metrics.gallery) if cond.is_clean and save_map is not None else set()
         run = _ConditionRun(cond, Accumulators(suite, plan, device), gallery,
                             save_map(cond) if gallery else None, timer)
-        for batch in splits[cond.split].batches(suite.run.batch_size, suite.run.workers):
+        for batch in splits[cond.split].batches(suite.run.batch_size):
             try:
                 _, preds = forward_batch(zoo, cond, batch, suite.run.seed, device, timer, suite.run.exact)
             except ConditionFailed as exc:
