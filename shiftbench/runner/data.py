@@ -38,7 +38,7 @@ def limited_indices(lengths: list[int], limit: int | None) -> list[tuple[int, in
 @dataclass
 class Batch:
     images: Tensor  # uint8 [B,3,H,W]
-    labels: Tensor  # int64 [B,H,W]
+    labels: Tensor  # int64 [B,H,W] (uint8 or int64 in a SplitData cache)
     ids: list[str]
 
 
