@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import math
 import os
 import re
 from dataclasses import asdict, dataclass, field
@@ -512,6 +513,10 @@ def _auto_or(check: Callable[[Any], str | None], allowed: str) -> Callable[[Any]
     return auto_or
 
 
+def _size_gib(value: float) -> str | None:
+    return None if math.isfinite(value) and value >= 0 else "must be a finite size in GiB >= 0"
+
+
 MAX_WORKERS = 64
 
 
@@ -525,7 +530,7 @@ def _run(sec: _Section, base: Path, name: str) -> RunSpec:
         limit=sec.get("limit", int, None, check=_positive),
         workers=sec.get("workers", (int, str), "auto",
                         check=_auto_or(lambda v: _between(v, 0, MAX_WORKERS), f"an integer 0..{MAX_WORKERS}")),
-        cache=sec.get("cache", (float, str), "auto", check=_auto_or(_non_negative, "a size in GiB >= 0")),
+        cache=sec.get("cache", (float, str), "auto", check=_auto_or(_size_gib, "a size in GiB >= 0")),
         exact=sec.get("exact", bool, True),
         overlap=sec.get("overlap", (bool, str), "auto", check=_auto_or_bool),
     )

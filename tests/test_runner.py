@@ -319,6 +319,9 @@ def test_gallery_ids_not_in_the_data_are_named(tmp_path, capsys):
     (["--severities", "0"], "corruptions.severities[0]: 0 is not one of 1, 2, 3, 4, 5"),
     (["--severities", "x"], "--severities: 'x' is not a comma-separated list"),
     (["--limit", "0"], "run.limit: 0 must be > 0"),
+    (["--workers", "x"], "run.workers: 'x' is not auto or an integer 0..64"),
+    (["--cache", "[1"], "run.cache: '[1' is not auto or a size in GiB >= 0"),
+    (["--cache", "-1"], "run.cache: -1.0 must be a finite size in GiB >= 0"),
 ])
 def test_bad_overrides_are_one_line_exit_2(suite, tmp_path, capsys, args, expected):
     assert run(suite, tmp_path / "r", *args) == 2
@@ -422,9 +425,9 @@ def test_unreadable_image_is_skipped_and_named(tmp_path, monkeypatch, mode):
 @pytest.mark.parametrize("cache, workers", [(0, 0), (0, 1), ("auto", 1)],
                          ids=["streamed", "streamed by a worker", "cached by a worker"])
 def test_cached_or_streamed_by_any_workers_gives_the_same_results(suite, base, tmp_path, cache, workers):
-    path = _with_run(suite, tmp_path, cache=cache, workers=workers)
+    path = _with_run(suite, tmp_path, cache=cache)
     out = tmp_path / "r"
-    assert run(path, out) == 0
+    assert run(path, out, "--workers", str(workers)) == 0  # one of the two through the command line
     assert (out / "results.csv").read_bytes() == (base / "results.csv").read_bytes()
     data = json.loads((out / "summary.json").read_text())["data"]
     # ood is swept once (clean), so it is streamed even where it would fit: decoded once either way

@@ -15,6 +15,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), help="where to run (auto: cuda if available)")
     p.add_argument("--overlap", choices=("auto", "true", "false"),
                    help="estimators and metrics on a worker thread alongside the forwards (auto: on the CPU)")
+    p.add_argument("--workers", help="DataLoader processes decoding images: a number or auto (auto: on CUDA)")
+    p.add_argument("--cache", help="GiB of decoded images to keep in memory: a number or auto (half the free memory)")
     p.add_argument("--force", action="store_true", help="discard a different suite's run in --out")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
@@ -40,6 +42,10 @@ def apply_overrides(raw: dict, args: argparse.Namespace) -> dict:
         run["device"] = args.device
     if args.overlap is not None:
         run["overlap"] = {"true": True, "false": False}.get(args.overlap, args.overlap)
+    for key in ("workers", "cache"):  # "auto" or a number; the suite check says what else is allowed
+        value = getattr(args, key)
+        if value is not None:
+            run[key] = _number(value)
     if args.corruptions is not None:
         names = [n.strip() for n in args.corruptions.split(",") if n.strip()]
         corr["names"] = names[0] if names in (["all"], ["none"]) else names
@@ -49,6 +55,16 @@ def apply_overrides(raw: dict, args: argparse.Namespace) -> dict:
         except ValueError:
             raise ShiftbenchError(f"--severities: {args.severities!r} is not a comma-separated list of 1..5") from None
     return raw
+
+
+def _number(text: str) -> int | float | str:
+    """``text`` as an int or a float where it reads as one, else as given (for the suite check to refuse)."""
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text
 
 
 def main(args: argparse.Namespace) -> int:
