@@ -168,9 +168,9 @@ def open_splits(suite, todo: list, world: World, budget: int, workers: int) -> d
     is streamed (decoded once either way)."""
     sweeps = collections.Counter(c.split for c in todo)
     splits = {g: open_split(suite, g, world, cache_bytes=0, workers=workers) for g in suite.dataset.eval if sweeps[g]}
-    for g in sorted(splits, key=lambda g: -sweeps[g]):
+    for g in sorted((g for g in splits if sweeps[g] > 1 and len(splits[g])), key=lambda g: -sweeps[g]):
         need = _estimate_bytes(splits[g])
-        if sweeps[g] > 1 and len(splits[g]) and need <= budget:
+        if need <= budget:
             splits[g].fill_cache(workers)
             budget -= need
     return splits
