@@ -4,6 +4,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -202,6 +203,21 @@ def test_thread_split(overlap, device, threads, expected):
         assert thread_split(overlap, torch.device(device)) == expected
     finally:
         torch.set_num_threads(before)
+
+
+def test_reading_each_batch_is_charged_to_data():
+    from shiftbench.runner.sweep import Timer, _timed
+
+    timer, charged = Timer(torch.device("cpu")), []
+
+    def batches():
+        for k in range(3):
+            charged.append(timer.seconds["data"])
+            time.sleep(0.01)  # a batch that takes a while to read
+            yield k
+
+    assert list(_timed(batches(), timer, "data")) == [0, 1, 2]
+    assert charged[0] == 0 and charged[1] > charged[0] and charged[2] > charged[1] and timer.seconds["data"] >= 0.03
 
 
 def test_metric_worker_runs_jobs_in_order_on_its_threads_and_reraises():

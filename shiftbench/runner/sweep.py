@@ -15,7 +15,7 @@ import time
 from collections import defaultdict
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterable, Iterator, TypeVar
 
 import numpy as np
 import torch
@@ -341,7 +341,7 @@ def sweep_conditions(zoo, suite, plan: dict[str, tuple[str, ...]], conditions: l
         gallery = set(suite.metrics.gallery) if cond.is_clean and save_map is not None else set()
         run = _ConditionRun(cond, Accumulators(suite, plan, device), gallery,
                             save_map(cond) if gallery else None, timer)
-        for batch in splits[cond.split].batches(suite.run.batch_size):
+        for batch in _timed(splits[cond.split].batches(suite.run.batch_size), timer, "data"):
             try:
                 _, preds = forward_batch(zoo, cond, batch, suite.run.seed, device, timer, suite.run.exact)
             except ConditionFailed as exc:
@@ -361,6 +361,24 @@ def sweep_conditions(zoo, suite, plan: dict[str, tuple[str, ...]], conditions: l
             yield from _finished(pending, worker)
             pending = None
     yield from _finished(pending, worker)
+
+
+T = TypeVar("T")
+
+
+def _timed(items: Iterable[T], timer: Timer, stage: str) -> Iterator[T]:
+    """``items``, with the time spent producing each one (reading, decoding, waiting for a DataLoader worker)
+    charged to ``stage``."""
+    it = iter(items)
+    while True:
+        with timer(stage):
+            item = next(it, _END)
+        if item is _END:
+            return
+        yield item
+
+
+_END = object()
 
 
 def _finished(run: _ConditionRun | None, worker: MetricWorker
