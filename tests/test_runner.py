@@ -451,6 +451,36 @@ def test_cached_or_streamed_by_any_workers_gives_the_same_results(suite, base, t
     assert json.loads((base / "summary.json").read_text())["data"]["workers"] == 0  # auto on the CPU
 
 
+def test_streamed_workers_are_forked_with_no_job_on_the_metric_thread(suite, tmp_path, monkeypatch):
+    """A fork copies only the forking thread: the DataLoader of a streamed group starts its processes while
+    the metric thread runs no torch ops (whose locks a child could otherwise inherit held)."""
+    from shiftbench.runner import data, sweep
+
+    workers, busy_at_fork = [], []
+    real_init, real_update, real_readable = (sweep.MetricWorker.__init__, sweep._ConditionRun.update,
+                                             data.SplitData._readable)
+
+    def init(self, threads=0):
+        real_init(self, threads)
+        workers.append(self)
+
+    def slow_update(self, batch, preds):
+        time.sleep(0.2)  # a job still running when the next condition starts
+        real_update(self, batch, preds)
+
+    def readable(self, batch_size, n):
+        if n:
+            busy_at_fork.append(not all(w.idle for w in workers))
+        return real_readable(self, batch_size, n)
+
+    monkeypatch.setattr(sweep.MetricWorker, "__init__", init)
+    monkeypatch.setattr(sweep._ConditionRun, "update", slow_update)
+    monkeypatch.setattr(data.SplitData, "_readable", readable)
+    path = _with_run(suite, tmp_path, cache=0, workers=1, overlap=True)
+    assert run(path, tmp_path / "r") == 0
+    assert workers[0].threaded and len(busy_at_fork) == 4 and not any(busy_at_fork)
+
+
 def test_the_cache_keeps_labels_in_one_byte_and_yields_int64(suite):
     from shiftbench.runner.data import open_split
     from shiftbench.runner.dist import World

@@ -113,6 +113,11 @@ class SplitData:
             if items:
                 yield _collate(items, self.name)
 
+    @property
+    def forks_workers(self) -> bool:
+        """Whether each sweep of the group starts DataLoader processes (streamed, with workers)."""
+        return self.cache is None and self.workers > 0
+
     def n_batches(self, batch_size: int) -> int:
         n = len(self.cache.ids) if self.cache is not None else len(self)
         return math.ceil(n / batch_size)
