@@ -90,10 +90,10 @@ class SplitData:
             for image, label, sid in items:
                 if images is None:  # sized by the first readable image; filled in place, no second copy
                     images = torch.empty((len(self), *image.shape), dtype=torch.uint8)
-                    labels = torch.empty((len(self), *label.shape), dtype=_label_dtype(label))
+                    labels = torch.empty((len(self), *label.shape), dtype=label.dtype)  # load() chose it
                 if image.shape != images.shape[1:] or label.shape != labels.shape[1:]:
                     raise _size_error(self.name, [tuple(images.shape[-2:]), tuple(image.shape[-2:])])
-                if labels.dtype == torch.uint8 and _label_dtype(label) != torch.uint8:
+                if labels.dtype == torch.uint8 and label.dtype != torch.uint8:
                     labels = labels.long()
                 images[len(ids)], labels[len(ids)] = image, label
                 ids.append(sid)
@@ -112,6 +112,11 @@ class SplitData:
         for items in self._readable(batch_size, self.workers if workers is None else workers):
             if items:
                 yield _collate(items, self.name)
+
+    @property
+    def cache_bytes(self) -> int:
+        """Bytes the cached images and labels hold (0 when streamed)."""
+        return 0 if self.cache is None else self.cache.images.nbytes + self.cache.labels.nbytes
 
     @property
     def forks_workers(self) -> bool:
@@ -168,17 +173,16 @@ def open_split(suite, group: str, world: World, cache_bytes: int | None = None, 
 
 
 def open_splits(suite, todo: list, world: World, budget: int, workers: int) -> dict[str, SplitData]:
-    """The split groups the conditions ``todo`` sweep, opened in suite order. The groups swept more than once
+    """The split groups the conditions ``todo`` sweep, in suite order. The groups swept more than once
     are cached, most conditions first, while they fit in what is left of ``budget`` bytes; a group swept once
     is streamed (decoded once either way)."""
     sweeps = collections.Counter(c.split for c in todo)
-    splits = {g: open_split(suite, g, world, cache_bytes=0, workers=workers) for g in suite.dataset.eval if sweeps[g]}
-    for g in sorted((g for g in splits if sweeps[g] > 1 and len(splits[g])), key=lambda g: -sweeps[g]):
-        need = _estimate_bytes(splits[g])
-        if need <= budget:
-            splits[g].fill_cache(workers)
-            budget -= need
-    return splits
+    groups = [g for g in suite.dataset.eval if sweeps[g]]
+    opened: dict[str, SplitData] = {}
+    for g in sorted(groups, key=lambda g: -sweeps[g]):
+        opened[g] = open_split(suite, g, world, cache_bytes=budget if sweeps[g] > 1 else 0, workers=workers)
+        budget -= opened[g].cache_bytes
+    return {g: opened[g] for g in groups}
 
 
 def _estimate_bytes(data: SplitData) -> int:
