@@ -32,6 +32,7 @@ CONFIDENCE = ("uncertainty", "probability")
 AVERAGE = ("pixels", "images")
 #: upper bounds that keep the states and curves.parquet small (a grid step of 1e-4; ECE is usually on 10-20 bins)
 MAX_THRESHOLDS, MAX_BINS = 10001, 1000
+MAX_WORKERS = 64  # DataLoader processes per rank
 SYNTHETIC_SPLITS = {"highway": ("train", "val", "test"), "urban": ("train", "val", "test"), "ambiguous": ("test",)}
 
 #: estimators evaluated when a model does not list its own
@@ -515,9 +516,6 @@ def _auto_or(check: Callable[[Any], str | None], allowed: str) -> Callable[[Any]
 
 def _size_gib(value: float) -> str | None:
     return None if math.isfinite(value) and value >= 0 else "must be a finite size in GiB >= 0"
-
-
-MAX_WORKERS = 64
 
 
 def _run(sec: _Section, base: Path, name: str) -> RunSpec:

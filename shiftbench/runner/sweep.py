@@ -346,9 +346,10 @@ def sweep_conditions(zoo, suite, plan: dict[str, tuple[str, ...]], conditions: l
         gallery = set(suite.metrics.gallery) if cond.is_clean and save_map is not None else set()
         run = _ConditionRun(cond, Accumulators(suite, plan, device), gallery,
                             save_map(cond) if gallery else None, timer)
-        if splits[cond.split].forks_workers:  # fork DataLoader processes with no job running on the worker thread
+        split = splits[cond.split]
+        if split.forks_workers:  # fork DataLoader processes with no job running on the worker thread
             worker.wait()
-        for batch in _timed(splits[cond.split].batches(suite.run.batch_size), timer, "data"):
+        for batch in _timed(split.batches(suite.run.batch_size), timer, "data"):
             try:
                 _, preds = forward_batch(zoo, cond, batch, suite.run.seed, device, timer, suite.run.exact)
             except ConditionFailed as exc:
