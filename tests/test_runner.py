@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -602,6 +603,44 @@ def test_torchrun_two_gloo_processes_equal_single_process(suite, tmp_path, overl
     a, b = pd.read_csv(base / "results.csv"), pd.read_csv(out / "results.csv")
     counts = ["n_images", "n_pixels", "miou", "pixel_accuracy"]
     assert a[counts].equals(b[counts])
+
+
+def test_a_bad_input_only_rank_0_sees_ends_every_rank_in_one_line(suite, tmp_path):
+    # rank 0 alone opens the run folder; here it holds another suite's run, so rank 0 refuses while rank 1
+    # waits in a barrier, whose backend then fails: that must be one line too, not gloo's traceback
+    other = yaml.safe_load(suite.read_text())
+    other["models"][0]["passes"] = 3
+    path = suite.parent / "other_ranks.yaml"
+    path.write_text(yaml.safe_dump(other))
+    out = tmp_path / "run"
+    assert run(suite, out, "--corruptions", "none") == 0
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(_free_port()),
+           "-m", "shiftbench", "run", str(path), "--out", str(out), "--quiet", "--corruptions", "none"]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode != 0
+    err = done.stderr
+    ours = [line for line in err.splitlines() if line.startswith("shiftbench: error:")]
+    assert any("different suite" in line and "--force" in line for line in ours), err[-3000:]
+    # rank 1 either said why it stopped in one line or was stopped by torchrun before it noticed
+    assert len(ours) <= 2 and all("different suite" in line or "rank 1 of 2 stopped while waiting for rank 0"
+                                  in line for line in ours), ours
+    assert not re.search(r"^\[rank\d\]: Traceback", err, re.M) and "RuntimeError" not in err, err[-3000:]
+
+
+def test_a_failed_collective_is_one_line_naming_the_rank():
+    from shiftbench.runner import dist
+
+    world = dist.World(rank=1, size=2)
+    with pytest.raises(dist.PeerLost, match=r"^rank 1 of 2 stopped while summing: another rank left the run "
+                                            r"\(its own message says why; backend: Connection closed by peer "
+                                            r"\[127.0.0.1\]:1234\)$"):
+        with dist.collective(world, "summing"):
+            raise RuntimeError("[/x/gloo/transport/tcp/pair.cc:561] Connection closed by peer [127.0.0.1]:1234. "
+                               "This is typically caused by a remote worker crashing.")
+    with pytest.raises(RuntimeError, match="not a collective"):  # one process: no peers to lose
+        with dist.collective(dist.World(), "summing"):
+            raise RuntimeError("not a collective")
 
 
 def test_out_of_memory_halves_the_batch(suite, base, tmp_path, monkeypatch):

@@ -89,7 +89,7 @@ def run_suite(suite, force: bool = False, progress: bool = True) -> dict[str, An
     if world.is_main:
         store.open(suite.name, digest, force=force, inputs=inputs_digest(suite, device.type))
         io.write_text(store.root / "suite.yaml", yaml.safe_dump(suite.raw, sort_keys=False))
-    dist.barrier(world)
+    dist.barrier(world, "waiting for rank 0 to open the run folder")
     handler = _setup_log(store.root / "run.log", world.is_main)
     timer = Timer(device)
     try:
@@ -100,7 +100,7 @@ def run_suite(suite, force: bool = False, progress: bool = True) -> dict[str, An
         conditions = enumerate_conditions(groups, list(suite.corruptions.splits), list(suite.corruptions.names),
                                           list(suite.corruptions.severities), suite.corruptions.clean)
         todo = [c for c in conditions if not store.is_done(c)]
-        todo = dist.broadcast_object(todo, world)
+        todo = dist.broadcast_object(todo, world, "receiving the conditions left to run")
         data = {"workers": loader_workers(suite.run.workers, device, world),
                 "cache_budget_bytes": cache_budget(suite.run.cache, world)}
         with timer("data"):
@@ -126,9 +126,9 @@ def run_suite(suite, force: bool = False, progress: bool = True) -> dict[str, An
         finally:
             torch.set_num_threads(before)
         bar.close()
-        skipped = [s for part in dist.gather_objects([s for d in splits.values() for s in d.skipped], world)
-                   for s in part]
-        failed = [f for part in dist.gather_objects(failed, world) for f in part]
+        skipped = [s for d in splits.values() for s in d.skipped]
+        skipped = [s for part in dist.gather_objects(skipped, world, "gathering the skipped images") for s in part]
+        failed = [f for part in dist.gather_objects(failed, world, "gathering the failed conditions") for f in part]
         failed = list({f["condition"]: f for f in failed}.values())
         summary: dict[str, Any] = {}
         if world.is_main:
@@ -140,7 +140,7 @@ def run_suite(suite, force: bool = False, progress: bool = True) -> dict[str, An
             summary["data"] = data
             io.write_json(store.root / "summary.json", summary)
             _print_end(summary)
-        summary = dist.broadcast_object(summary, world)
+        summary = dist.broadcast_object(summary, world, "waiting for rank 0 to write the results")
         return summary
     finally:
         if handler is not None:
@@ -174,13 +174,15 @@ def _map_writer(store: RunStore, cond: Condition):
 def _finish(cond: Condition, accs, reason: str | None, timer: Timer, store: RunStore, world) -> str | None:
     """Reduce one swept condition over ranks and write its states; the failure reason, if any."""
     # every rank must agree before any collective: one failing rank fails the condition
-    reasons = [r for r in dist.gather_objects(reason, world) if r]
+    reasons = [r for r in dist.gather_objects(reason, world, f"ending condition {cond.key}") if r]
     if reasons:
         return reasons[0]
     with timer("io"):
         if world.distributed:
-            accs.all_reduce()
-        n_images = sum(dist.gather_objects(accs.n_images, world))  # a collective: every rank calls it
+            with dist.collective(world, f"summing the states of condition {cond.key}"):
+                accs.all_reduce()
+        # a collective: every rank calls it
+        n_images = sum(dist.gather_objects(accs.n_images, world, f"counting the images of condition {cond.key}"))
         if world.is_main:
             store.save_state(cond, {"condition": cond.key, "states": accs.state_dict(), "n_images": int(n_images)})
     return None

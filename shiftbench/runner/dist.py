@@ -4,17 +4,25 @@ Ranks shard the images of every condition (rank r takes images r, r+W, r+2W, ...
 at the end of a condition the accumulator states are summed with ``all_reduce``
 (NCCL on CUDA, gloo on CPU) and rank 0 writes them. Without torchrun's environment
 everything runs in one process.
+
+When one rank stops (a bad input only rank 0 sees, a full disk where rank 0 writes), the others
+learn it from their next collective, which fails: :func:`collective` turns that into one line
+(:class:`PeerLost`) instead of the backend's traceback. torchrun then stops the rest and prints its
+own report of the exit codes.
 """
 
 from __future__ import annotations
 
 import os
+import re
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as tdist
 
-from shiftbench.errors import ShiftbenchError
+from shiftbench.errors import ShiftbenchError, one_line
 
 
 @dataclass(frozen=True)
@@ -52,26 +60,52 @@ def init(device: torch.device) -> World:
     return World(rank, size, local, int(os.environ.get("LOCAL_WORLD_SIZE", size)))
 
 
-def barrier(world: World) -> None:
-    if world.distributed:
-        tdist.barrier()
+class PeerLost(ShiftbenchError):
+    """A collective failed on this rank because another rank left the run (or stopped answering)."""
 
 
-def broadcast_object(obj, world: World):
+@contextmanager
+def collective(world: World, what: str) -> Iterator[None]:
+    """Run torch.distributed collectives; a backend failure (a peer closed its connection, a timeout)
+    becomes :class:`PeerLost`, one line naming this rank, ``what`` it was doing and the backend's reason."""
+    try:
+        yield
+    except RuntimeError as exc:  # gloo and NCCL report a lost peer as RuntimeError (DistBackendError)
+        if not world.distributed:
+            raise
+        reason = re.sub(r"^\[[^\]]*\]\s*", "", one_line(exc))  # drop the backend's source-file prefix
+        reason = reason.split(". ")[0].rstrip(".")
+        raise PeerLost(f"rank {world.rank} of {world.size} stopped while {what}: another rank left the run "
+                       f"(its own message says why; backend: {reason})") from None
+
+
+def barrier(world: World, what: str = "waiting for the other ranks") -> None:
+    if not world.distributed:
+        return
+    with collective(world, what):
+        if tdist.get_backend() == "nccl":  # name the GPU: NCCL would otherwise guess (and warn)
+            tdist.barrier(device_ids=[world.local_rank])
+        else:
+            tdist.barrier()
+
+
+def broadcast_object(obj, world: World, what: str = "receiving rank 0's plan"):
     """Rank 0's ``obj`` on every rank."""
     if not world.distributed:
         return obj
     box = [obj]
-    tdist.broadcast_object_list(box, src=0)
+    with collective(world, what):
+        tdist.broadcast_object_list(box, src=0)
     return box[0]
 
 
-def gather_objects(obj, world: World) -> list:
+def gather_objects(obj, world: World, what: str = "gathering the ranks' reports") -> list:
     """Every rank's ``obj``, in rank order, on every rank."""
     if not world.distributed:
         return [obj]
     out = [None] * world.size
-    tdist.all_gather_object(out, obj)
+    with collective(world, what):
+        tdist.all_gather_object(out, obj)
     return out
 
 
