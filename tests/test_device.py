@@ -64,7 +64,9 @@ def test_metrics_on_the_device_equal_the_cpu():
         dev.update(*(a.to(DEVICE) for a in args))
         for name, value in cpu.state_dict().items():
             got = dev.state_dict()[name]
-            if value.is_floating_point():
+            if name == "bin_confidence":  # exact sums of the same float32 confidences: atomics cannot reorder them
+                assert torch.equal(got, value), type(cpu).__name__
+            elif value.is_floating_point():
                 torch.testing.assert_close(got, value, rtol=1e-6, atol=1e-9)
             else:
                 assert torch.equal(got, value), (type(cpu).__name__, name)

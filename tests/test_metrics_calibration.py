@@ -202,6 +202,32 @@ def test_chunked_update_equals_one_chunk(monkeypatch):
         assert chunked[key] == pytest.approx(whole[key], rel=1e-12, abs=1e-15)
 
 
+def test_an_images_bin_sums_are_exact_so_cudas_atomics_cannot_reorder_them():
+    # On CUDA the weighted bincount behind an image's reliability-bin sums adds by float atomics in no fixed
+    # order. The sums are exact all the same: the accumulator's confidences are float32 (update() makes them
+    # so), a top-label probability >= 1/K >= 2^-6 (K <= 64) is a multiple of 2^-29 and 1 - u of a float32
+    # u in [0, 1] one of 2^-24, so up to 2^24 pixels of them in one cell (a 1208x1920 frame has 2^21.1) add
+    # in float64 without rounding, whatever the order. Here 2^22 in one cell, in three orders.
+    g = torch.Generator().manual_seed(11)
+    n = 2**22
+    top = (torch.rand(n, generator=g) * (1 - 1 / 38) + 1 / 38).float()  # K = 38, A2D2's classes
+    u = torch.rand(n, generator=g)
+    u[: n // 4] = 1 - torch.rand(n // 4, generator=g) * 1e-6  # confidences 1 - u near 0
+    cell = torch.zeros(n, dtype=torch.int32)
+    order = torch.randperm(n, generator=g)
+    for conf, quantum in ((top, 2.0 ** -29), (1.0 - u, 2.0 ** -24)):
+        conf = conf.double()
+        ticks = conf / quantum
+        assert torch.equal(ticks, ticks.round()), quantum
+        exact = float(ticks.long().sum()) * quantum  # an int64 sum, exactly representable: < 2^53 ticks
+        for weights in (conf, conf.flip(0), conf[order]):
+            assert float(torch.bincount(cell, weights, minlength=1)[0]) == exact
+    # what the float32 premise buys: float64 confidences of the same range do round, order by order
+    arbitrary = torch.rand(n, generator=g, dtype=torch.float64)
+    sums = {float(torch.bincount(cell, w, minlength=1)[0]) for w in (arbitrary, arbitrary.flip(0), arbitrary[order])}
+    assert len(sums) > 1
+
+
 def test_given_pred_is_used_as_the_prediction():
     probs, target = _random(seed=8)
     m = CalibrationMetrics(5)
