@@ -275,13 +275,19 @@ def test_sigkill_at_any_moment_resumes_to_identical_results(suite, base, tmp_pat
     assert not [p for p in out.rglob("*") if ".tmp" in p.name]
 
 
-def test_a_different_suite_is_refused_unless_forced(suite, base, tmp_path, capsys):
+def _other_suite_beside_a_run(suite: Path, out: Path) -> Path:
+    """A run of ``suite`` (clean only) in ``out``, and a different suite (one more MC-dropout pass) to refuse."""
     other = yaml.safe_load(suite.read_text())
     other["models"][0]["passes"] = 3
-    path = suite.parent / "other.yaml"
+    path = suite.parent / f"other_{out.parent.name}.yaml"
     path.write_text(yaml.safe_dump(other))
-    out = tmp_path / "run"
     assert run(suite, out, "--corruptions", "none") == 0
+    return path
+
+
+def test_a_different_suite_is_refused_unless_forced(suite, base, tmp_path, capsys):
+    out = tmp_path / "run"
+    path = _other_suite_beside_a_run(suite, out)
     capsys.readouterr()
     assert run(path, out, "--corruptions", "none") == 2
     err = capsys.readouterr().err.strip()
@@ -608,12 +614,8 @@ def test_torchrun_two_gloo_processes_equal_single_process(suite, tmp_path, overl
 def test_a_bad_input_only_rank_0_sees_ends_every_rank_in_one_line(suite, tmp_path):
     # rank 0 alone opens the run folder; here it holds another suite's run, so rank 0 refuses while rank 1
     # waits in a barrier, whose backend then fails: that must be one line too, not gloo's traceback
-    other = yaml.safe_load(suite.read_text())
-    other["models"][0]["passes"] = 3
-    path = suite.parent / "other_ranks.yaml"
-    path.write_text(yaml.safe_dump(other))
     out = tmp_path / "run"
-    assert run(suite, out, "--corruptions", "none") == 0
+    path = _other_suite_beside_a_run(suite, out)
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(_free_port()),
            "-m", "shiftbench", "run", str(path), "--out", str(out), "--quiet", "--corruptions", "none"]
