@@ -89,7 +89,7 @@ def run_suite(suite, force: bool = False, progress: bool = True) -> dict[str, An
     if world.is_main:
         store.open(suite.name, digest, force=force, inputs=inputs_digest(suite, device.type))
         io.write_text(store.root / "suite.yaml", yaml.safe_dump(suite.raw, sort_keys=False))
-    dist.barrier(world, "waiting for rank 0 to open the run folder")
+    dist.barrier(world, "opening the run folder")
     handler = _setup_log(store.root / "run.log", world.is_main)
     timer = Timer(device)
     try:
@@ -100,7 +100,7 @@ def run_suite(suite, force: bool = False, progress: bool = True) -> dict[str, An
         conditions = enumerate_conditions(groups, list(suite.corruptions.splits), list(suite.corruptions.names),
                                           list(suite.corruptions.severities), suite.corruptions.clean)
         todo = [c for c in conditions if not store.is_done(c)]
-        todo = dist.broadcast_object(todo, world, "receiving the conditions left to run")
+        todo = dist.broadcast_object(todo, world, "sharing the conditions left to run")
         data = {"workers": loader_workers(suite.run.workers, device, world),
                 "cache_budget_bytes": cache_budget(suite.run.cache, world)}
         with timer("data"):
@@ -140,7 +140,7 @@ def run_suite(suite, force: bool = False, progress: bool = True) -> dict[str, An
             summary["data"] = data
             io.write_json(store.root / "summary.json", summary)
             _print_end(summary)
-        summary = dist.broadcast_object(summary, world, "waiting for rank 0 to write the results")
+        summary = dist.broadcast_object(summary, world, "sharing the summary of the run")
         return summary
     finally:
         if handler is not None:

@@ -89,7 +89,7 @@ def barrier(world: World, what: str = "waiting for the other ranks") -> None:
             tdist.barrier()
 
 
-def broadcast_object(obj, world: World, what: str = "receiving rank 0's plan"):
+def broadcast_object(obj, world: World, what: str = "sharing rank 0's plan"):
     """Rank 0's ``obj`` on every rank."""
     if not world.distributed:
         return obj
