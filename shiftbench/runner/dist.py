@@ -79,7 +79,7 @@ def collective(world: World, what: str) -> Iterator[None]:
                        f"(its own message says why; backend: {reason})") from None
 
 
-def barrier(world: World, what: str = "waiting for the other ranks") -> None:
+def barrier(world: World, what: str) -> None:
     if not world.distributed:
         return
     with collective(world, what):
@@ -89,8 +89,8 @@ def barrier(world: World, what: str = "waiting for the other ranks") -> None:
             tdist.barrier()
 
 
-def broadcast_object(obj, world: World, what: str = "sharing rank 0's plan"):
-    """Rank 0's ``obj`` on every rank."""
+def broadcast_object(obj, world: World, what: str):
+    """Rank 0's ``obj`` on every rank (``what``: what the ranks are doing, for :func:`collective`'s line)."""
     if not world.distributed:
         return obj
     box = [obj]
@@ -99,8 +99,8 @@ def broadcast_object(obj, world: World, what: str = "sharing rank 0's plan"):
     return box[0]
 
 
-def gather_objects(obj, world: World, what: str = "gathering the ranks' reports") -> list:
-    """Every rank's ``obj``, in rank order, on every rank."""
+def gather_objects(obj, world: World, what: str) -> list:
+    """Every rank's ``obj``, in rank order, on every rank (``what`` as for :func:`broadcast_object`)."""
     if not world.distributed:
         return [obj]
     out = [None] * world.size
