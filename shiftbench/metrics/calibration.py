@@ -13,8 +13,9 @@ Two confidence sources (fixed per accumulator):
 The multiclass scores are also returned as ``brier_multiclass`` / ``nll_multiclass``; with a given
 confidence they do not depend on it, so ``multiclass=False`` skips them (NaN) where another
 accumulator of the same model already has them (the runner keeps them on one estimator per model).
-Bins: n equal-width bins [e_i, e_i+1) with e = float32 ``linspace(0, 1, n+1)`` (i/n rounded to
-float32: torchmetrics' edges, compared in float32 as torchmetrics does), the last bin closed at 1
+Bins: n equal-width bins [e_i, e_i+1) with e = float32 ``linspace(0, 1, n+1)`` (torchmetrics' edges,
+compared in float32 as torchmetrics does; within 1 ulp of i/n but not always i/n rounded: for 15 bins
+e_3, e_6, e_7 are 1 ulp above and e_8, e_9, e_10 1 ulp below), the last bin closed at 1
 (torchmetrics puts a confidence of exactly 1 into an extra bin of its own).
 ECE = sum_b (n_b/N) |acc_b - conf_b|, MCE = max over non-empty bins.
 ``average="pixels"`` pools all valid pixels; ``average="images"`` is the mean of per-image
