@@ -83,8 +83,9 @@ def _entropy(p: Tensor, dim: int) -> Tensor:
     return _ordered_sum(p.clamp(min=torch.finfo(p.dtype).tiny).log_().mul_(p).unbind(dim)).neg_()
 
 
-def _mixture_entropy(parts: Sequence[Tensor]) -> Tensor:
-    """H((1/n) sum_i parts_i) per pixel for n distributions [B,K,H,W] -> [B,H,W] (n = 1: H(parts_0)).
+def _mixture_entropy(parts: Sequence[Tensor], weights: Tensor | None = None) -> Tensor:
+    """H((1/n) sum_i parts_i) per pixel for n distributions [B,K,H,W] -> [B,H,W] (n = 1: H(parts_0));
+    with ``weights`` [n,B] (one weight per part and sample, e.g. a simple gate): H(sum_i w_i parts_i).
 
     One class plane of one row chunk at a time (:func:`shiftbench.chunks.row_chunks`): the mixture and
     its log are small temporaries instead of [B,K,H,W] tensors (2-3x faster on the CPU), and every
@@ -96,9 +97,17 @@ def _mixture_entropy(parts: Sequence[Tensor]) -> Tensor:
     dtype = _dtype(first)
     tiny = torch.finfo(dtype).tiny
     out = torch.zeros(b, h, w, dtype=dtype, device=first.device)
+    if weights is not None:
+        weights = weights.to(dtype)[:, :, None, None]  # [n,B,1,1]
     for rows in row_chunks((b, h, w), first.device):
         acc = out[:, rows]
         for c in range(k):
+            if weights is not None:
+                q = torch.mul(first[:, c, rows], weights[0])  # a new tensor: the parts are never written
+                for part, wi in zip(parts[1:], weights[1:]):
+                    q.addcmul_(part[:, c, rows], wi)
+                acc.addcmul_(q, q.clamp(min=tiny).log_())
+                continue
             q = first[:, c, rows].to(dtype)
             if n > 1:
                 q = torch.add(q, parts[1][:, c, rows])  # a new tensor: the parts are never written
@@ -177,6 +186,13 @@ class Terms:
         return _mixture_entropy(list(self.members))
 
     @cached_property
+    def weighted_entropy(self) -> Tensor:
+        """H(sum_i w_i P_i), w the simple gate: the gate-weighted mixture of the experts (equal to the MoE
+        output only for an MoE that mixes probabilities without a final conv, the paper's Eq. 1)."""
+        w = _simple_gate(self.gate, self.members, "the weighted mixture")  # [E,B]
+        return _mixture_entropy(list(self.members), w)
+
+    @cached_property
     def stacked_entropy(self) -> Tensor:
         """H(P̄'), P̄' = (sum_i P_i + P) / (M+1): the output appended as member M+1."""
         return _mixture_entropy([*self.members, self.probs])
@@ -234,13 +250,13 @@ def _mi_stacked(t: Terms) -> Tensor:
 
 def _pe_weighted(t: Terms) -> Tensor:
     _simple_gate(t.gate, t.members, "predictive_entropy_weighted")
-    return _se(t)  # the gate-weighted mixture is the MoE output itself
+    return _unit(t.weighted_entropy / t.log_k)
 
 
 def _mi_weighted(t: Terms) -> Tensor:
     w = _simple_gate(t.gate, t.members, "mutual_information_weighted")  # [E,B]
-    weighted_entropy = _ordered_sum(w[:, :, None, None] * t.member_entropies)
-    return _unit((t.entropy - weighted_entropy) / t.log_k)
+    member_mean = _ordered_sum(w[:, :, None, None] * t.member_entropies)
+    return _unit((t.weighted_entropy - member_mean) / t.log_k)
 
 
 def _ev(t: Terms) -> Tensor:
@@ -304,15 +320,19 @@ def mutual_information_stacked(probs: Tensor, members: Tensor) -> Tensor:
 
 
 def predictive_entropy_weighted(probs: Tensor, members: Tensor, gate: Tensor | None) -> Tensor:
-    """PE of the gate-weighted mixture, i.e. of the MoE output itself: H(P) / log K (simple gates only)."""
+    """PE of the gate-weighted mixture of the experts: H(sum_i w_i P_i) / log K, w [B,E] the simple gate.
+
+    That mixture is the MoE output P itself for an MoE that mixes probabilities without a final conv
+    (the paper's Eq. 1); for one that mixes logits or ends in a conv it is not, and the paper's
+    definition ("only expert outputs are taken, multiplied by the gate weights") is what counts.
+    """
     return _pe_weighted(Terms(probs, members, gate))
 
 
 def mutual_information_weighted(probs: Tensor, members: Tensor, gate: Tensor | None) -> Tensor:
-    """MI = max(0, H(P) - sum_i w_i H(P_i)) / log K, w [B,E] the simple gate, P the MoE output.
+    """MI of the gate-weighted mixture: (H(sum_i w_i P_i) - sum_i w_i H(P_i)) / log K, w [B,E] the simple gate.
 
-    With P = sum_i w_i P_i (probabilities combined) this is >= 0 by concavity; an MoE that
-    combines logits or ends in a conv can give H(P) < sum_i w_i H(P_i): clamped at 0.
+    >= 0 by concavity of H (float rounding clamped into [0,1]), whatever the MoE does after its gate.
     """
     return _mi_weighted(Terms(probs, members, gate))
 

@@ -156,10 +156,25 @@ def test_expert_variance_bounds():
     assert torch.equal(expert_variance(two.mean(0), two), torch.full((B, H, W), 0.25))
 
 
-def test_weighted_mi_of_a_logit_combining_moe_is_clamped_at_zero():
-    mem = torch.full((2, 1, 4, 1, 1), 0.25)  # two maximally uncertain experts
-    sure = torch.tensor([1.0, 0, 0, 0]).view(1, 4, 1, 1)  # but the MoE output is certain (logits combined)
-    assert mutual_information_weighted(sure, mem, torch.tensor([[0.5, 0.5]])).item() == 0.0
+def test_weighted_variants_mix_the_experts_not_the_output_of_a_logit_or_conv_moe():
+    # The paper: "only expert outputs are taken, multiplied by the gate weights". An MoE that mixes
+    # logits or ends in a conv outputs something else; its output must not enter PE/MI (weighted).
+    mem, gate = _probs(M, B, K, H, W, dtype=torch.float64), _gate(B, M, dtype=torch.float64)
+    out = _probs(B, K, H, W, seed=9, dtype=torch.float64)  # unrelated to the mixture
+    m, g = mem.numpy(), gate.numpy()
+    mix = lambda i, y, x: sum(g[i, j] * m[j, i, :, y, x] for j in range(M))
+    pe = _brute(lambda i, y, x: entropy(mix(i, y, x)) / math.log(K))
+    mi = _brute(lambda i, y, x: (entropy(mix(i, y, x))
+                                 - sum(g[i, j] * entropy(m[j, i, :, y, x]) for j in range(M))) / math.log(K))
+    _close(predictive_entropy_weighted(out, mem, gate), pe, 1e-12)
+    _close(mutual_information_weighted(out, mem, gate), mi, 1e-12)
+    assert mi.min() >= 0 and np.abs(pe - softmax_entropy(out).numpy()).max() > 0.05
+    # two maximally uncertain experts and a sure output: the mixture is uniform, the experts agree
+    flat = torch.full((2, 1, 4, 1, 1), 0.25)
+    sure = torch.tensor([1.0, 0, 0, 0]).view(1, 4, 1, 1)
+    half = torch.tensor([[0.5, 0.5]])
+    assert predictive_entropy_weighted(sure, flat, half).item() == pytest.approx(1.0, abs=1e-6)
+    assert mutual_information_weighted(sure, flat, half).item() == pytest.approx(0.0, abs=1e-6)
 
 
 def test_gate_entropy_extremes():
@@ -281,15 +296,16 @@ def test_predictions_sharing_members_compute_their_entropies_once(monkeypatch):
     alone = {n: {e: ESTIMATORS[e](p) for e in plan[n]} for n, p in preds().items()}
     calls = []
     entropy_fn = unc._mixture_entropy  # every per-pixel entropy of [B,K,H,W] distributions goes through it
-    monkeypatch.setattr(unc, "_mixture_entropy", lambda parts: calls.append(len(parts)) or entropy_fn(parts))
+    monkeypatch.setattr(unc, "_mixture_entropy",
+                        lambda parts, *w: calls.append(len(parts)) or entropy_fn(parts, *w))
     shared = preds()
     share_members(shared.values())
     together = {n: {e: ESTIMATORS[e](p) for e in plan[n]} for n, p in shared.items()}
     for n in plan:
         for e in plan[n]:
             assert torch.equal(together[n][e], alone[n][e]), (n, e)
-    # M member entropies once, H(mean), H(moe output), H(stacked mean)
-    assert sorted(calls) == [1] * (M + 1) + [M, M + 1]
+    # M member entropies once, H(moe output), H(mean), H(gate-weighted mixture), H(stacked mean)
+    assert sorted(calls) == [1] * (M + 1) + [M, M, M + 1]
 
 
 def test_entropy_fast_path_handles_zeros_and_nan():
