@@ -1,6 +1,7 @@
 """Models: architecture, authors' state-dict layout, gates, combination rules, MC dropout, safety."""
 
 import math
+import zipfile
 
 import numpy as np
 import pytest
@@ -132,6 +133,23 @@ def test_authors_checkpoint_file_with_numpy_scalar_loads_safely(tmp_path):
     model = DeepLabV3Plus("resnet18", K)
     load_strict(model, loaded, str(path))
     assert torch.equal(model.backbone.layer4[1].conv2.weight, state["backbone.layer4.1.conv2.weight"])
+
+
+def test_checkpoint_pickled_under_numpy_1_loads_under_numpy_2(tmp_path):
+    # numpy 1 names the scalar constructor numpy.core.multiarray.scalar, numpy 2 numpy._core...; the
+    # authors' files (numpy 1.17) hold their best mIoU as such a scalar. Rewrite a file as numpy 1 writes it.
+    state = {"classifier.weight": torch.arange(6.0)}
+    new, old = tmp_path / "np2.pth", tmp_path / "np1.pth"
+    torch.save({"state_dict": state, "best_pred": np.float64(0.71)}, new)
+    with zipfile.ZipFile(new) as src, zipfile.ZipFile(old, "w", zipfile.ZIP_STORED) as dst:
+        for info in src.infolist():
+            data = src.read(info)
+            if info.filename.endswith("data.pkl"):
+                here = np.float64.__reduce__(np.float64(0))[0].__module__.encode()  # where numpy pickles it from
+                data = data.replace(here + b"\nscalar", b"numpy.core.multiarray\nscalar")
+                assert b"numpy.core.multiarray\nscalar" in data
+            dst.writestr(info, data)
+    assert torch.equal(read_checkpoint(old)["state_dict"]["classifier.weight"], state["classifier.weight"])
 
 
 @pytest.mark.parametrize("gate", ["simple", "classwise"])

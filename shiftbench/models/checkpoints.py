@@ -29,6 +29,8 @@ _NP_CORE = np._core if hasattr(np, "_core") else np.core  # numpy 2 / numpy 1
 _NUMPY_SAFE = [np.dtype, _NP_CORE.multiarray.scalar] + [
     type(np.dtype(t)) for t in ("bool", "int8", "int16", "int32", "int64", "uint8", "uint16", "uint32", "uint64",
                                 "float16", "float32", "float64")]
+if hasattr(np, "_core"):  # numpy 2 reading a file pickled under numpy 1 (the authors pin numpy 1.17)
+    _NUMPY_SAFE.append((np._core.multiarray.scalar, "numpy.core.multiarray.scalar"))
 
 
 def read_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
