@@ -7,7 +7,7 @@ import torch
 import yaml
 
 from shiftbench.errors import ShiftbenchError
-from shiftbench.models import DeepLabV3Plus, ModelZoo, MoEHead, save_checkpoint
+from shiftbench.models import DeepLabV3Plus, MixtureOfExperts, ModelZoo, MoEHead, save_checkpoint
 from shiftbench.suite import load_suite
 
 K = 11
@@ -158,6 +158,56 @@ def test_authors_moe_file_supplies_its_experts(tmp_path):
                                                "urban": {"backbone": "tiny"}})
     with pytest.raises(ShiftbenchError, match=r"carries weights for expert 'highway' that differ from .*other.pt"):
         ModelZoo.from_suite(s)
+
+
+def _gate_trained_as_the_authors_do(expert: DeepLabV3Plus, seed: int) -> DeepLabV3Plus:
+    """A copy of a frozen expert after the authors' gate training: their loop calls train() on the whole
+    MoE, so forwards without gradients still move the experts' BatchNorm statistics."""
+    import copy
+
+    moved = copy.deepcopy(expert).train()
+    with torch.no_grad():
+        moved(torch.rand(2, 3, 32, 64, generator=torch.Generator().manual_seed(seed)))
+    return moved.eval()
+
+
+def test_moe_files_with_their_own_batchnorm_statistics_run_their_own_expert_copies(tmp_path):
+    torch.manual_seed(2)
+    bank = {n: _trained_like(DeepLabV3Plus("tiny", K)) for n in ("highway", "urban")}
+    for n, e in bank.items():
+        save_checkpoint(tmp_path / f"expert_{n}.pt", e.state_dict(), {"kind": "expert"})
+    moved = {n: _gate_trained_as_the_authors_do(e, seed) for seed, (n, e) in enumerate(bank.items())}
+    head = MoEHead("simple", 2, 64, K, (4, 4))
+    models, references = [], {}
+    for name, experts in (("moe_a", moved), ("moe_b", bank), ("moe_c", moved)):  # moe_c: the same copies as moe_a
+        reference = MixtureOfExperts([experts["highway"], experts["urban"]], "simple", K, (4, 4), combine="logits")
+        reference.gate.load_state_dict(head.gate.state_dict())
+        torch.save({"epoch": 3, "state_dict": reference.state_dict()}, tmp_path / f"{name}.pth.tar")
+        models.append({"name": name, "kind": "moe", "experts": ["highway", "urban"], "gate": "simple",
+                       "combine": "logits", "checkpoint": f"{name}.pth.tar"})
+        references[name] = reference
+    models.append({"name": "ensemble", "kind": "ensemble", "experts": ["highway", "urban"]})
+    zoo = ModelZoo.from_suite(write_suite(tmp_path, models))
+    assert zoo.members["moe_a"] == zoo.members["moe_c"] == ("highway@moe_a", "urban@moe_a")
+    assert zoo.members["moe_b"] == zoo.members["ensemble"] == ("highway", "urban")
+    assert sorted(zoo.experts) == ["highway", "highway@moe_a", "urban", "urban@moe_a"]
+    assert len(zoo.notes) == 2 and "moe_a.pth.tar carries expert 'highway' with its own BatchNorm" in zoo.notes[0]
+    x = torch.rand(2, 3, 32, 64)
+    out = zoo(x, [0, 1])
+    for name, reference in references.items():  # each MoE as its file was trained
+        log_p, weights, _ = reference(x)
+        torch.testing.assert_close(out[name].probs, log_p.exp(), atol=1e-6, rtol=0)
+        torch.testing.assert_close(out[name].gate, weights, atol=1e-6, rtol=0)
+    assert not torch.allclose(out["moe_a"].probs, out["moe_b"].probs, atol=1e-4)
+    ensemble = torch.stack([torch.softmax(bank[n](x), 1) for n in ("highway", "urban")]).mean(0)
+    torch.testing.assert_close(out["ensemble"].probs, ensemble, atol=1e-6, rtol=0)  # the expert checkpoints'
+    # weights (not statistics) that differ are still refused
+    conv = next(k for k in moved["highway"].state_dict() if k.endswith("weight") and "bn" not in k)
+    state = {k: v.clone() for k, v in references["moe_a"].state_dict().items()}
+    state[f"expert1.{conv}"] += 1
+    torch.save({"state_dict": state}, tmp_path / "moe_a.pth.tar")
+    with pytest.raises(ShiftbenchError, match=rf"carries weights for expert 'highway' that differ .*\(e\.g\. {conv}\)"):
+        ModelZoo.from_suite(write_suite(tmp_path, models))
 
 
 def _error(suite_obj) -> str:

@@ -101,6 +101,12 @@ class ModelZoo(nn.Module):
     heads:   MoE name -> MoEHead (gate + final conv + combine rule).
     singles: MC-dropout and custom models, name -> module.
     kinds / members / passes: each model's kind, its experts, its MC passes.
+    notes:   what building the zoo chose that a user should know (logged by the runner).
+
+    An MoE file that carries its experts (the authors' ``expert{i}.*``) with the same weights as the
+    bank's expert but other BatchNorm statistics (the authors' gate training leaves the experts in
+    train mode, which updates them) gets its own copy of that expert, ``name@moe``: it is evaluated
+    as it was trained, at the cost of one more expert forward. MoE files carrying the same copy share it.
     """
 
     def __init__(self, classes: int, amp: bool = False):
@@ -112,6 +118,7 @@ class ModelZoo(nn.Module):
         self.kinds: dict[str, str] = {}
         self.members: dict[str, tuple[str, ...]] = {}
         self.passes: dict[str, int] = {}
+        self.notes: list[str] = []
 
     def autocast(self, x: Tensor) -> torch.autocast:
         dtype = torch.float16 if x.device.type == "cuda" else torch.bfloat16
@@ -163,6 +170,8 @@ class ModelZoo(nn.Module):
         for m in specs:
             zoo.kinds[m.name], zoo.members[m.name] = m.kind, tuple(m.experts)
             BUILDERS[m.kind](zoo, m, moe_files.get(m.name))
+            if m.kind == "moe":
+                zoo.members[m.name] = _own_copies(zoo, m, moe_files[m.name]["state_dict"], suite.dataset.classes)
         return zoo.to(device).eval().requires_grad_(False)
 
 
@@ -188,9 +197,44 @@ def _embedded_experts(specs: Sequence[Any], files: dict[str, dict[str, Any]]
     return out
 
 
+def _is_statistic(module: nn.Module, key: str) -> bool:
+    """Whether state key ``key`` of ``module`` is a BatchNorm statistic (running mean/var, batch count)."""
+    owner, _, leaf = key.rpartition(".")
+    return leaf in ("running_mean", "running_var", "num_batches_tracked") and \
+        isinstance(module.get_submodule(owner), nn.modules.batchnorm._BatchNorm)
+
+
+def _own_copies(zoo: "ModelZoo", spec: Any, state: dict[str, Tensor], classes: int) -> tuple[str, ...]:
+    """The bank names an MoE's experts run as: the shared expert, or its own copy where the MoE file
+    carries the expert with other BatchNorm statistics (see :class:`ModelZoo`)."""
+    names = []
+    for i, e in enumerate(spec.experts, 1):
+        prefix = f"expert{i}."
+        sub = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+        own = zoo.experts[e].state_dict()
+        if not sub or all(torch.equal(sub[k], own[k]) for k in own):
+            names.append(e)
+            continue
+        same = [n for n in zoo.experts if n.startswith(f"{e}@")
+                and all(torch.equal(sub[k], v) for k, v in zoo.experts[n].state_dict().items())]
+        if same:
+            names.append(same[0])
+            continue
+        copy = DeepLabV3Plus(zoo.experts[e].backbone_name, classes)
+        load_strict(copy, sub, f"{spec.checkpoint} ({prefix}*)")
+        name = f"{e}@{spec.name}"
+        zoo.experts[name] = copy
+        names.append(name)
+        zoo.notes.append(f"model {spec.name}: {spec.checkpoint} carries expert {e!r} with its own BatchNorm "
+                         f"statistics (a gate trained with the experts in train mode); it runs that copy as "
+                         f"{name!r}, one more expert forward per image")
+    return tuple(names)
+
+
 def load_expert(spec: Any, classes: int, embedded: list[tuple[str, dict[str, Tensor]]]) -> DeepLabV3Plus:
     """An expert from its checkpoint, or from the weights an MoE file carries; weights carried
-    by MoE files must equal the expert's own (the experts are frozen and shared)."""
+    by MoE files must equal the expert's own (the experts are frozen and shared), but for BatchNorm
+    statistics, with which an MoE gets its own copy (:func:`_own_copies`)."""
     model = DeepLabV3Plus(spec.backbone, classes)
     if spec.checkpoint is not None:
         source, state = str(spec.checkpoint), read_checkpoint(spec.checkpoint)["state_dict"]
@@ -203,9 +247,15 @@ def load_expert(spec: Any, classes: int, embedded: list[tuple[str, dict[str, Ten
     load_strict(model, state, source)
     own = model.state_dict()
     for other, sub in embedded:
-        if other != source and (sub.keys() != own.keys() or any(not torch.equal(sub[k], own[k]) for k in own)):
-            raise ShiftbenchError(f"{other} carries weights for expert {spec.name!r} that differ from {source}; "
-                                  "the experts are shared and frozen, so both must be the same weights")
+        if other == source:
+            continue
+        if sub.keys() != own.keys():
+            load_strict(DeepLabV3Plus(spec.backbone, classes), sub, other)  # lists the keys that differ
+        differ = [k for k in own if not torch.equal(sub[k], own[k]) and not _is_statistic(model, k)]
+        if differ:
+            raise ShiftbenchError(f"{other} carries weights for expert {spec.name!r} that differ from {source} "
+                                  f"(e.g. {differ[0]}); the experts are frozen, so both must be the same weights "
+                                  "(BatchNorm statistics may differ)")
     return model
 
 

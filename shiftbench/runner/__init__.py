@@ -95,6 +95,8 @@ def run_suite(suite, force: bool = False, progress: bool = True) -> dict[str, An
     try:
         log.info("suite %s (%s) on %s, world size %d", suite.name, digest[:12], device, world.size)
         zoo = ModelZoo.from_suite(suite, device)
+        for note in zoo.notes:
+            log.info(note)
         plan = estimator_plan(suite)
         groups = list(suite.dataset.eval)
         conditions = enumerate_conditions(groups, list(suite.corruptions.splits), list(suite.corruptions.names),
