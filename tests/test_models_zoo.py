@@ -186,10 +186,13 @@ def test_moe_files_with_their_own_batchnorm_statistics_run_their_own_expert_copi
         models.append({"name": name, "kind": "moe", "experts": ["highway", "urban"], "gate": "simple",
                        "combine": "logits", "checkpoint": f"{name}.pth.tar"})
         references[name] = reference
+    counted = {k: v + 7 if k.endswith("num_batches_tracked") else v for k, v in references["moe_b"].state_dict().items()}
+    torch.save({"state_dict": counted}, tmp_path / "moe_d.pth.tar")  # only the batch counts differ: no copy
+    models.append(dict(models[1], name="moe_d", checkpoint="moe_d.pth.tar"))
     models.append({"name": "ensemble", "kind": "ensemble", "experts": ["highway", "urban"]})
     zoo = ModelZoo.from_suite(write_suite(tmp_path, models))
     assert zoo.members["moe_a"] == zoo.members["moe_c"] == ("highway@moe_a", "urban@moe_a")
-    assert zoo.members["moe_b"] == zoo.members["ensemble"] == ("highway", "urban")
+    assert zoo.members["moe_b"] == zoo.members["moe_d"] == zoo.members["ensemble"] == ("highway", "urban")
     assert sorted(zoo.experts) == ["highway", "highway@moe_a", "urban", "urban@moe_a"]
     assert len(zoo.notes) == 2 and "moe_a.pth.tar carries expert 'highway' with its own BatchNorm" in zoo.notes[0]
     x = torch.rand(2, 3, 32, 64)

@@ -28,6 +28,8 @@ from shiftbench.uncertainty import Prediction
 
 
 _EXPERT_KEY = re.compile(r"expert\d+\.")
+_STATISTICS = ("running_mean", "running_var", "num_batches_tracked")  # BatchNorm state that is not a weight
+_EVAL_STATISTICS = ("running_mean", "running_var")  # what of it an evaluating BatchNorm reads
 
 
 @dataclass
@@ -188,20 +190,29 @@ def _embedded_experts(specs: Sequence[Any], files: dict[str, dict[str, Any]]
     for m in specs:
         if m.kind != "moe":
             continue
-        state = files[m.name]["state_dict"]
         for i, e in enumerate(m.experts, 1):
-            prefix = f"expert{i}."
-            sub = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
-            if sub:
-                out.setdefault(e, []).append((f"{m.checkpoint} ({prefix}*)", sub))
+            if sub := _carried(files[m.name]["state_dict"], i):
+                out.setdefault(e, []).append((f"{m.checkpoint} (expert{i}.*)", sub))
     return out
 
 
-def _is_statistic(module: nn.Module, key: str) -> bool:
-    """Whether state key ``key`` of ``module`` is a BatchNorm statistic (running mean/var, batch count)."""
+def _carried(state: dict[str, Tensor], i: int) -> dict[str, Tensor]:
+    """The weights of expert ``i`` (1-based) an MoE state carries as ``expert{i}.*``, prefix removed."""
+    prefix = f"expert{i}."
+    return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+
+
+def _is_statistic(module: nn.Module, key: str, leaves: tuple[str, ...] = _STATISTICS) -> bool:
+    """Whether state key ``key`` of ``module`` is a BatchNorm statistic (one of ``leaves``)."""
     owner, _, leaf = key.rpartition(".")
-    return leaf in ("running_mean", "running_var", "num_batches_tracked") and \
-        isinstance(module.get_submodule(owner), nn.modules.batchnorm._BatchNorm)
+    return leaf in leaves and isinstance(module.get_submodule(owner), nn.modules.batchnorm._BatchNorm)
+
+
+def _same_outputs(model: nn.Module, sub: dict[str, Tensor]) -> bool:
+    """Whether ``sub``, whose parameters :func:`load_expert` found equal to ``model``'s, also holds the
+    same running mean and variance, the only statistics an evaluating BatchNorm reads."""
+    own = model.state_dict()
+    return all(torch.equal(sub[k], own[k]) for k in own if _is_statistic(model, k, _EVAL_STATISTICS))
 
 
 def _own_copies(zoo: "ModelZoo", spec: Any, state: dict[str, Tensor], classes: int) -> tuple[str, ...]:
@@ -209,19 +220,14 @@ def _own_copies(zoo: "ModelZoo", spec: Any, state: dict[str, Tensor], classes: i
     carries the expert with other BatchNorm statistics (see :class:`ModelZoo`)."""
     names = []
     for i, e in enumerate(spec.experts, 1):
-        prefix = f"expert{i}."
-        sub = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
-        own = zoo.experts[e].state_dict()
-        if not sub or all(torch.equal(sub[k], own[k]) for k in own):
-            names.append(e)
-            continue
-        same = [n for n in zoo.experts if n.startswith(f"{e}@")
-                and all(torch.equal(sub[k], v) for k, v in zoo.experts[n].state_dict().items())]
-        if same:
-            names.append(same[0])
+        sub = _carried(state, i)
+        same = e if not sub else next((n for n in zoo.experts if (n == e or n.startswith(f"{e}@"))
+                                       and _same_outputs(zoo.experts[n], sub)), None)
+        if same is not None:
+            names.append(same)
             continue
         copy = DeepLabV3Plus(zoo.experts[e].backbone_name, classes)
-        load_strict(copy, sub, f"{spec.checkpoint} ({prefix}*)")
+        load_strict(copy, sub, f"{spec.checkpoint} (expert{i}.*)")
         name = f"{e}@{spec.name}"
         zoo.experts[name] = copy
         names.append(name)
