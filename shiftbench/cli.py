@@ -66,7 +66,10 @@ def _user_errors() -> tuple[type[BaseException], ...]:
 
 _FULL = "free some space and run the same command again (what finished is kept)"
 #: what to do about an OSError, by errno, where the default advice about paths would mislead
-_OS_HINTS = {errno.ENOSPC: _FULL, errno.EDQUOT: _FULL}
+_OS_HINTS = {errno.ENOSPC: _FULL, errno.EDQUOT: _FULL,
+             errno.EEXIST: "a file stands where a folder is needed; give another path or move the file",
+             errno.ENOTDIR: "a file stands where a folder is needed; give another path or move the file",
+             errno.EISDIR: "a folder stands where a file is needed; give a file name"}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -8,11 +8,22 @@ the usual way.
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 
 class ShiftbenchError(ValueError):
     """A bad input: the message names the thing, what was given and what is allowed."""
 
     exit_code = 2
+
+
+def file_problem(path: str | os.PathLike) -> str | None:
+    """Why ``path`` cannot be read as a file ("not found", "is a folder, not a file"), or None if it can."""
+    path = Path(path)
+    if path.is_dir():
+        return "is a folder, not a file"
+    return None if path.is_file() else "not found"
 
 
 def one_line(message: str) -> str:

@@ -7,6 +7,7 @@ either the old file, the complete new one, or nothing: never a half-written file
 from __future__ import annotations
 
 import contextlib
+import errno
 import io
 import json
 import os
@@ -34,6 +35,8 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     extension (PIL, matplotlib, pandas) still work. On an exception it is removed.
     """
     path = Path(path)
+    if path.is_dir():  # else the rename fails naming the temporary
+        raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), str(path))
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=f".tmp{path.suffix}", dir=path.parent)
     os.close(fd)

@@ -236,7 +236,16 @@ def test_missing_paths_and_bad_tolerances(run_dir, tmp_path, baseline, capsys):
     assert check(tmp_path / "absent", baseline) == 2
     _one_line_error(capsys, "does not exist")
     assert check(run_dir, tmp_path / "absent.json") == 2
-    _one_line_error(capsys, "does not exist", "--write-baseline")
+    _one_line_error(capsys, "absent.json' not found", "--write-baseline")
+    assert check(run_dir, tmp_path) == 2
+    _one_line_error(capsys, "is a folder, not a file", "--write-baseline")
+    assert check(baseline, baseline) == 2
+    _one_line_error(capsys, "is a file, not a folder", "--out folder of `shiftbench run`")
+    assert cli(["check", str(run_dir), "--write-baseline", str(tmp_path)]) == 2
+    _one_line_error(capsys, f"cannot use '{tmp_path}': Is a directory; a folder stands where a file is needed")
+    assert cli(["check", str(run_dir), "--write-baseline", str(baseline / "b.json")]) == 2
+    _one_line_error(capsys, f"cannot use '{baseline}'", "a file stands where a folder is needed")
+    assert not [p for p in tmp_path.rglob("*") if ".tmp" in p.name]
     for bad, fragment in (("ece", "expected METRIC=VALUE"), ("foo=1", "METRIC one of ece"),
                           ("ece=-0.1", "finite number >= 0"), ("ece=nan", "finite number >= 0")):
         assert check(run_dir, baseline, "--tolerance", bad) == 2

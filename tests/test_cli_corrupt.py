@@ -175,6 +175,15 @@ def test_missing_or_non_image_input(tmp_path, tree, capsys):
     assert code == 2 and "does not exist" in err and len(err.strip().splitlines()) == 1
     code, _, err = _run(capsys, "corrupt", str(tree / "notes.txt"), str(tmp_path / "out"))
     assert code == 2 and "is not a readable PNG/JPEG image" in err and len(err.strip().splitlines()) == 1
+    (tmp_path / "texts").mkdir()
+    (tmp_path / "texts" / "a.txt").write_text("x")
+    code, _, err = _run(capsys, "corrupt", str(tmp_path / "texts"), str(tmp_path / "out"))
+    assert code == 2 and len(err.strip().splitlines()) == 1
+    assert "holds no readable PNG/JPEG image (1 other file(s), e.g. a.txt (not a .png/.jpg/.jpeg file))" in err
+    (tmp_path / "empty").mkdir()
+    code, _, err = _run(capsys, "corrupt", str(tmp_path / "empty"), str(tmp_path / "out"))
+    assert code == 2 and "holds no readable PNG/JPEG image; give an image file" in err
+    assert not (tmp_path / "out").exists()
 
 
 def test_images_smaller_than_32_pixels_are_refused(tmp_path, capsys):

@@ -1,6 +1,8 @@
 """Models: architecture, authors' state-dict layout, gates, combination rules, MC dropout, safety."""
 
 import math
+import pickle
+import warnings
 import zipfile
 
 import numpy as np
@@ -348,14 +350,21 @@ def test_checkpoint_needing_pickled_code_is_refused(tmp_path):
 
 @pytest.mark.parametrize("content, expected", [
     (b"not a torch file", "is not a readable torch file"),
+    (b"hello\n", r"is not a readable torch file \(KeyError\)"),  # torch's safe unpickler: KeyError: 101
+    (pickle.dumps({"x": 1}, protocol=4), r"is not a readable torch file \(Unsupported operand 149\)"),
     (None, "not found"),
+    ("folder", "is a folder, not a file"),
 ])
 def test_unreadable_checkpoints(tmp_path, content, expected):
     path = tmp_path / "x.pt"
-    if content is not None:
+    if content == "folder":
+        path.mkdir()
+    elif content is not None:
         path.write_bytes(content)
-    with pytest.raises(ShiftbenchError, match=expected):
-        read_checkpoint(path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # torch's "Detected pickle protocol 4" warning is not passed on
+        with pytest.raises(ShiftbenchError, match=expected):
+            read_checkpoint(path)
 
 
 def test_key_and_shape_mismatches_are_listed_in_one_error():

@@ -338,6 +338,13 @@ def test_missing_or_broken_run_dir(tmp_path, capsys):
     pd.read_csv(run / "results.csv").drop(columns=["ece"]).to_csv(run / "results.csv", index=False)
     assert cli(["report", str(run)]) == 2
     assert "missing column(s) ece" in capsys.readouterr().err
+    data = (run / "results.csv").read_bytes()
+    (run / "results.csv").write_bytes(data[:len(data) * 2 // 3].rstrip(b"\n") + b"0")  # cut mid-line
+    assert cli(["report", str(run)]) == 2
+    err = capsys.readouterr().err
+    assert "results.csv: ends in the middle of a line (cut short?)" in err and len(err.strip().splitlines()) == 1
+    assert cli(["report", str(tmp_path / "empty" / "..") + "/cols/results.csv"]) == 2
+    assert "is a file, not a folder" in capsys.readouterr().err
 
 
 def test_model_names_stay_strings(tmp_path):

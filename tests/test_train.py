@@ -162,6 +162,12 @@ def test_train_command_errors_are_one_line(tmp_path, fake_data, capsys):
         assert "--device cuda: no CUDA device is available; use --device cpu" in capsys.readouterr().err
     assert main(["train", str(path), "--threads", "0"]) == 2
     assert "--threads: 0 is not a positive integer" in capsys.readouterr().err
+    big_batch = yaml.safe_load(yaml.safe_dump(SUITE))
+    big_batch["train"]["batch_size"] = 64
+    path.write_text(yaml.safe_dump(big_batch, sort_keys=False))
+    assert main(["train", str(path), "--only", "highway", "--quiet"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "highway: " in err and "make no full batch of 64; give train.batch_size <=" in err
     no_train = {k: v for k, v in SUITE.items() if k != "train"}
     path.write_text(yaml.safe_dump(no_train, sort_keys=False))
     assert main(["train", str(path)]) == 2

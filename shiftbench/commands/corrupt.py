@@ -102,6 +102,10 @@ def discover(root: Path, exclude: Path | None = None, what: str = "input") -> tu
         skipped.append(f"{rel} ({reason})")
     if root.is_file() and not sources:  # the one file given was skipped, for ``reason``
         raise not_an_image(what, root, reason)
+    if not sources:
+        raise ShiftbenchError(f"{what} {str(root)!r} holds no readable PNG/JPEG image"
+                              f"{f' ({len(skipped)} other file(s), e.g. {skipped[0]})' if skipped else ''}; "
+                              "give an image file or a folder of PNG/JPEG images")
     return sources, skipped
 
 

@@ -22,7 +22,7 @@ import numpy as np
 
 from shiftbench.data import a2d2, cityscapes
 from shiftbench.data._io import write_png
-from shiftbench.data.synthetic import DEFAULT_SIZE, DOMAINS, SPLITS, check_split, render
+from shiftbench.data.synthetic import DEFAULT_SIZE, DOMAINS, SPLITS, check_scene_size, check_split, render
 from shiftbench.errors import ShiftbenchError
 from shiftbench.io import write_json, write_text
 
@@ -107,6 +107,7 @@ def export(fmt: str, out: str | os.PathLike, domains: tuple[str, ...] = DOMAINS,
         check_split(d, SPLITS.get(d, ("test",))[0])
     if not isinstance(count, int) or count < 1:
         raise ShiftbenchError(f"count {count!r} is not a positive integer")
+    size = check_scene_size(size)  # every check before the writer creates anything
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise ShiftbenchError(f"{out}: exists and is not a folder")

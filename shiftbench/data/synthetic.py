@@ -131,7 +131,8 @@ def check_split(domain: str, split: str) -> None:
                               f"allowed: {', '.join(SPLITS[domain])}")
 
 
-def _check_size(size) -> tuple[int, int]:
+def check_scene_size(size) -> tuple[int, int]:
+    """``size`` as (H, W), both integers >= MIN_SIZE; else a one-line error."""
     try:
         H, W = (int(s) for s in size)
         ok = H == size[0] and W == size[1] and min(H, W) >= MIN_SIZE
@@ -156,7 +157,7 @@ def render(domain: str, index: int, seed: int = 0, size: tuple[int, int] = DEFAU
            split: str = "train") -> tuple[np.ndarray, np.ndarray]:
     """:func:`generate` with the image channel-first: (uint8 [3,H,W], uint8 [H,W])."""
     check_split(domain, split)
-    H, W = _check_size(size)
+    H, W = check_scene_size(size)
     if int(index) < 0:
         raise ShiftbenchError(f"synthetic index {index} is negative")
     rng = np.random.default_rng(key("synthetic", seed, domain, split, int(index)))
@@ -176,7 +177,7 @@ class SyntheticStreetScenes(Dataset):
         if not isinstance(count, (int, np.integer)) or count < 1:
             raise ShiftbenchError(f"synthetic count {count!r} is not a positive integer")
         self.domain, self.split, self.count, self.seed = domain, split, int(count), int(seed)
-        self.size = _check_size(size)
+        self.size = check_scene_size(size)
 
     def __len__(self) -> int:
         return self.count

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import pickle
 import re
+import warnings
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -20,7 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from shiftbench import io
-from shiftbench.errors import ShiftbenchError
+from shiftbench.errors import ShiftbenchError, file_problem
 
 STATE_KEYS = ("state_dict", "model_state")
 SHOW = 5  # how many offending keys an error lists
@@ -36,10 +37,11 @@ if hasattr(np, "_core"):  # numpy 2 reading a file pickled under numpy 1 (the au
 def read_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
     """``{"state_dict": {name: tensor}, "meta": {...}}`` from a checkpoint file, loaded safely."""
     path = Path(path)
-    if not path.is_file():
-        raise ShiftbenchError(f"checkpoint {path} not found")
+    if why := file_problem(path):
+        raise ShiftbenchError(f"checkpoint {path} {why}")
     try:
-        with torch.serialization.safe_globals(_NUMPY_SAFE):
+        with torch.serialization.safe_globals(_NUMPY_SAFE), warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # e.g. "Detected pickle protocol 4": refused below anyway
             obj = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as exc:
         text = str(exc)
@@ -51,9 +53,11 @@ def read_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
         raise ShiftbenchError(f"checkpoint {path} refused: it holds a pickled {found.group(1) or found.group(2)}, and "
                               "loading that needs arbitrary pickled code, which could run anything; re-save it as "
                               "plain tensors, e.g. torch.save({'state_dict': model.state_dict()}, path)") from None
-    except (RuntimeError, OSError, EOFError, ValueError) as exc:
-        first = str(exc).strip().split(". ")[0].splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ShiftbenchError(f"checkpoint {path} is not a readable torch file ({first})") from None
+    except Exception as exc:  # torch.load on arbitrary bytes raises anything: KeyError, IndexError, struct.error, ...
+        text = str(exc).strip()
+        said = isinstance(exc, (RuntimeError, OSError, EOFError, ValueError)) and text  # messages worth quoting
+        detail = text.split(". ")[0].splitlines()[0] if said else type(exc).__name__
+        raise ShiftbenchError(f"checkpoint {path} is not a readable torch file ({detail})") from None
     return _normalise(obj, path)
 
 

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
+from shiftbench.errors import ShiftbenchError
 from shiftbench.models.deeplab import DeepLabV3Plus
 from shiftbench.models.moe import MoEHead
 from shiftbench.seeding import key
@@ -122,6 +123,15 @@ def _progress(total: int, desc: str, quiet: bool):
 # ---------------------------------------------------------------------------- segmenters
 
 
+def _steps(loader: DataLoader, stage: Stage, name: str) -> int:
+    """Optimiser steps of a training stage (full batches only); a split too small for one batch is refused."""
+    if len(loader) == 0:
+        n = len(loader.dataset)  # type: ignore[arg-type]
+        raise ShiftbenchError(f"{name}: {n} training image(s) make no full batch of {stage.batch_size}; "
+                              f"give train.batch_size <= {n} or more training images")
+    return stage.epochs * len(loader)
+
+
 def init_seed(seed: int, name: str) -> None:
     """Seed the global RNG before building model ``name`` (its initial weights)."""
     torch.manual_seed(key(seed, "init", name))
@@ -134,9 +144,7 @@ def train_segmenter(model: DeepLabV3Plus, train: Dataset, val: Dataset | None, s
     opt = torch.optim.SGD(model.parameters(), lr=stage.lr, momentum=MOMENTUM, nesterov=True,
                           weight_decay=stage.weight_decay)
     loader = _loader(train, stage.batch_size, key(stage.seed, "order", name), shuffle=True)
-    steps = stage.epochs * len(loader)
-    if steps == 0:
-        raise ValueError(f"{name}: {len(train)} training images make no batch of {stage.batch_size}")
+    steps = _steps(loader, stage, name)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: (1 - i / steps) ** POLY_POWER)
     flips = torch.Generator().manual_seed(key(stage.seed, "flip", name))
     torch.manual_seed(key(stage.seed, "dropout", name))
@@ -214,7 +222,7 @@ def train_gates(experts: dict[str, DeepLabV3Plus], jobs: Sequence[GateJob], trai
         j.head.to(device).train()
         opts[j.name] = torch.optim.Adam(j.head.parameters(), lr=stage.lr, weight_decay=stage.weight_decay)
     loader = _loader(train, stage.batch_size, key(stage.seed, "order", "gates"), shuffle=True)
-    steps = stage.epochs * len(loader)
+    steps = _steps(loader, stage, "gates")
     scheds = {n: torch.optim.lr_scheduler.LambdaLR(o, lambda i: 0.5 * (1 + math.cos(math.pi * i / steps)))
               for n, o in opts.items()}
     flips = torch.Generator().manual_seed(key(stage.seed, "flip", "gates"))

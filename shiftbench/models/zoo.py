@@ -178,9 +178,13 @@ class ModelZoo(nn.Module):
 
 
 def _read(path: Any, where: str) -> dict[str, Any]:
+    """The checkpoint at ``path``; errors name the suite field ``where`` it came from."""
     if path is None:
         raise ShiftbenchError(f"{where}: missing; this model needs a checkpoint (train it with `shiftbench train`)")
-    return read_checkpoint(path)
+    try:
+        return read_checkpoint(path)
+    except ShiftbenchError as exc:
+        raise ShiftbenchError(f"{where}: {exc}") from None
 
 
 def _embedded_experts(specs: Sequence[Any], files: dict[str, dict[str, Any]]
@@ -243,7 +247,7 @@ def load_expert(spec: Any, classes: int, embedded: list[tuple[str, dict[str, Ten
     statistics, with which an MoE gets its own copy (:func:`_own_copies`)."""
     model = DeepLabV3Plus(spec.backbone, classes)
     if spec.checkpoint is not None:
-        source, state = str(spec.checkpoint), read_checkpoint(spec.checkpoint)["state_dict"]
+        source, state = str(spec.checkpoint), _read(spec.checkpoint, f"experts.{spec.name}.checkpoint")["state_dict"]
     elif embedded:
         source, state = embedded[0]
     else:
@@ -308,7 +312,7 @@ def _build_custom(zoo: ModelZoo, spec: Any, file: dict[str, Any] | None) -> None
     if not isinstance(model, nn.Module):
         raise ShiftbenchError(f"factory {spec.factory!r} returned {type(model).__name__}, not a torch.nn.Module")
     if spec.checkpoint is not None:
-        load_strict(model, read_checkpoint(spec.checkpoint)["state_dict"], str(spec.checkpoint))
+        load_strict(model, _read(spec.checkpoint, f"models.{spec.name}.checkpoint")["state_dict"], str(spec.checkpoint))
     zoo.singles[spec.name] = model
 
 

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from shiftbench import io
-from shiftbench.errors import ShiftbenchError
+from shiftbench.errors import ShiftbenchError, file_problem
 from shiftbench.report.aggregate import severity_means
 from shiftbench.report.load import Run
 from shiftbench.report.schema import METRICS
@@ -120,8 +120,8 @@ def write_baseline(run: Run, path: str | Path) -> dict[str, Any]:
 def read_baseline(path: str | Path) -> dict[str, Any]:
     """Load and validate a baseline file (one-line errors for a missing, unreadable or foreign file)."""
     path = Path(path)
-    if not path.is_file():
-        raise ShiftbenchError(f"baseline {str(path)!r} does not exist; write one with --write-baseline")
+    if why := file_problem(path):
+        raise ShiftbenchError(f"baseline {str(path)!r} {why}; give a baseline file written by --write-baseline")
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:

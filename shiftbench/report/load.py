@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -76,8 +77,8 @@ def load_run(path: str | Path, curves: bool = True, maps: bool = True) -> Run:
     """Load results (CSV, else Parquet), summary.json, manifest.json and, optionally, curves and maps."""
     root = Path(path)
     if not root.is_dir():
-        raise ShiftbenchError(f"run directory {str(root)!r} does not exist; give the --out folder of "
-                              "`shiftbench run`")
+        what = "is a file, not a folder" if root.exists() else "does not exist"
+        raise ShiftbenchError(f"run directory {str(root)!r} {what}; give the --out folder of `shiftbench run`")
     results = _read_results(root)
     summary = _read_json(root / "summary.json", required=False)
     manifest = _read_json(root / "manifest.json", required=False)
@@ -116,11 +117,23 @@ def _read_results(root: Path) -> pd.DataFrame:
 
 
 def _read_csv(path: Path) -> pd.DataFrame:
-    """Names stay strings (a model may be called ``NA``); numbers read ``nan``/empty as NaN."""
+    """Names stay strings (a model may be called ``NA``); numbers read ``nan``/empty as NaN. A file that ends
+    mid-line was cut short (the runner writes whole files, ending in a newline) and is refused."""
+    if _ends_mid_line(path):
+        raise ShiftbenchError(f"{path}: ends in the middle of a line (cut short?); run `shiftbench run` on the "
+                              "same suite and --out again to rewrite the tables from its saved states")
     header = pd.read_csv(path, nrows=0).columns
     numeric = [c for c in header if c not in TEXT_COLUMNS]
     return pd.read_csv(path, keep_default_na=False, dtype={c: str for c in TEXT_COLUMNS if c in header},
                        na_values={c: ["", "nan", "NaN", "NA", "null"] for c in numeric})
+
+
+def _ends_mid_line(path: Path) -> bool:
+    with open(path, "rb") as fh:
+        if fh.seek(0, os.SEEK_END) == 0:
+            return False
+        fh.seek(-1, os.SEEK_END)
+        return fh.read(1) != b"\n"
 
 
 def _read_curves(path: Path) -> pd.DataFrame:
