@@ -19,7 +19,7 @@ from typing import Any, Callable
 
 import yaml
 
-from shiftbench.errors import ShiftbenchError
+from shiftbench.errors import ShiftbenchError, file_problem
 
 DATASETS = ("synthetic", "a2d2", "cityscapes")
 CLASSES = {"synthetic": (11,), "a2d2": (38, 11), "cityscapes": (19,)}
@@ -561,13 +561,30 @@ def parse_suite(data: Any, base: Path, path: Path | None = None) -> Suite:
     return Suite(name, path, dataset, experts, models, train, corr, metrics, run, raw=copy.deepcopy(data))
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """YAML's safe loader, but a key given twice in one mapping is an error (YAML keeps the last one silently)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        seen: set = set()
+        for key_node, _ in node.value:  # the mapping's own keys; those merged in by << may be overridden
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue
+            key = self.construct_object(key_node, deep=deep)
+            if isinstance(key, (str, int, float, bool)):  # the base class refuses unhashable keys
+                if key in seen:
+                    raise yaml.constructor.ConstructorError(None, None, f"key {key!r} is given twice",
+                                                            key_node.start_mark)
+                seen.add(key)
+        return super().construct_mapping(node, deep)
+
+
 def load_suite(path: str | os.PathLike) -> Suite:
     """Read and validate a suite file; raises :class:`SuiteError` with one line on any problem."""
     path = Path(path)
-    if not path.is_file():
-        raise SuiteError(f"{path}: suite file not found")
+    if why := file_problem(path):
+        raise SuiteError(f"{path}: suite file {why}")
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        data = yaml.load(path.read_text(encoding="utf-8"), Loader=_UniqueKeyLoader)  # safe: a SafeLoader
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""

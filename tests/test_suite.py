@@ -108,3 +108,16 @@ def test_unreadable_yaml_is_one_line(tmp_path):
         load_suite(p)
     with pytest.raises(SuiteError, match="suite file not found"):
         load_suite(tmp_path / "missing.yaml")
+    with pytest.raises(SuiteError, match="suite file is a folder, not a file"):
+        load_suite(tmp_path)
+
+
+def test_a_key_given_twice_is_refused_but_merge_keys_may_be_overridden(tmp_path):
+    p = tmp_path / "twice.yaml"
+    p.write_text("name: a\nrun:\n  seed: 0\n  seed: 1\n")
+    with pytest.raises(SuiteError, match=r"twice.yaml: not valid YAML at line 4, column 3: key 'seed' is given twice"):
+        load_suite(p)
+    p.write_text("name: a\nx-common: &common {seed: 3, batch_size: 2}\nrun:\n  <<: *common\n  seed: 4\n")
+    with pytest.raises(SuiteError) as exc:  # loads; then the suite check names the first unknown key
+        load_suite(p)
+    assert "given twice" not in str(exc.value)
