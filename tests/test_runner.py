@@ -300,6 +300,40 @@ def test_a_different_suite_is_refused_unless_forced(suite, base, tmp_path, capsy
     assert log.count("suite tiny") == 1, log
 
 
+def test_a_run_that_finished_nothing_does_not_block_its_folder(tmp_path, capsys):
+    path = make_suite(tmp_path / "suite", **SMALL)
+    bad = yaml.safe_load(path.read_text())
+    bad["models"][0]["checkpoint"] = "nope.pt"
+    bad_path = path.with_name("bad.yaml")
+    bad_path.write_text(yaml.safe_dump(bad))
+    out = tmp_path / "run"
+    assert run(bad_path, out, "--corruptions", "none") == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "models.baseline.checkpoint: checkpoint" in err and "nope.pt not found" in err
+    assert (out / "manifest.json").exists()  # the failed run's manifest and log, but no finished condition
+    assert run(path, out, "--corruptions", "none") == 0  # the mended suite (another digest) takes the folder
+    assert (out / "results.csv").exists()
+
+
+def test_a_damaged_run_folder_is_named_in_one_line(tmp_path, capsys):
+    path = make_suite(tmp_path / "suite", **SMALL)
+    out = tmp_path / "run"
+    assert run(path, out, "--corruptions", "none") == 0
+    state = next((out / "states").rglob("*.pt"))
+    torch.save({"x": torch.zeros(1)}, state)  # a torch file, but not a condition's states
+    capsys.readouterr()
+    assert run(path, out, "--corruptions", "none") == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and f"{state}: does not hold this suite's metric states" in err
+    state.unlink()
+    for text in ("[1]", "{not json", "\xff\xfe"):
+        (out / "manifest.json").write_bytes(text.encode("latin-1"))
+        assert run(path, out, "--corruptions", "none") == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and "manifest.json: unreadable (" in err and "--force" in err, err
+    assert run(path, out, "--corruptions", "none", "--force") == 0
+
+
 def test_a_checkpoint_retrained_in_place_or_amp_toggled_is_not_resumed(tmp_path, capsys):
     """Same suite file, other model bytes (or precision, or device type): finished conditions must not mix in."""
     from shiftbench.runner.store import inputs_digest
@@ -341,6 +375,9 @@ def test_gallery_ids_not_in_the_data_are_named(tmp_path, capsys):
     (["--corruptions", "fog,smog"], "corruptions.names[1]: 'smog' is not one of"),
     (["--severities", "0"], "corruptions.severities[0]: 0 is not one of 1, 2, 3, 4, 5"),
     (["--severities", "x"], "--severities: 'x' is not a comma-separated list"),
+    (["--severities", ","], "--severities: ',' is not a comma-separated list"),
+    (["--corruptions", ""], "--corruptions: '' names none; give comma-separated corruption names, 'all' or 'none'"),
+    (["--corruptions", "none", "--severities", "3"], "--severities: has no effect with no corruptions"),
     (["--limit", "0"], "run.limit: 0 must be > 0"),
     (["--workers", "x"], "run.workers: 'x' is not auto or an integer 0..64"),
     (["--cache", "[1"], "run.cache: '[1' is not auto or a size in GiB >= 0"),

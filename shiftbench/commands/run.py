@@ -48,12 +48,20 @@ def apply_overrides(raw: dict, args: argparse.Namespace) -> dict:
             run[key] = _number(value)
     if args.corruptions is not None:
         names = [n.strip() for n in args.corruptions.split(",") if n.strip()]
+        if not names:
+            raise ShiftbenchError(f"--corruptions: {args.corruptions!r} names none; give comma-separated corruption "
+                                  "names, 'all' or 'none'")
         corr["names"] = names[0] if names in (["all"], ["none"]) else names
     if args.severities is not None:
         try:
             corr["severities"] = [int(s) for s in args.severities.split(",") if s.strip()]
         except ValueError:
-            raise ShiftbenchError(f"--severities: {args.severities!r} is not a comma-separated list of 1..5") from None
+            corr["severities"] = []
+        if not corr["severities"]:
+            raise ShiftbenchError(f"--severities: {args.severities!r} is not a comma-separated list of 1..5")
+        if corr.get("names") == "none":
+            raise ShiftbenchError("--severities: has no effect with no corruptions (--corruptions none or the suite's "
+                                  "corruptions.names: none); give corruption names, or leave --severities out")
     return raw
 
 

@@ -11,6 +11,7 @@ import torch
 from torch import Tensor
 
 from shiftbench import io
+from shiftbench.errors import ShiftbenchError
 from shiftbench.runner.conditions import Condition
 from shiftbench.runner.store import RunStore
 
@@ -104,7 +105,14 @@ def write_results(suite, store: RunStore, conditions: list[Condition]) -> pd.Dat
     rows, curves = [], _Curves()
     for cond in conditions:
         if store.is_done(cond):
-            rows += condition_tables(suite, cond, store.load_state(cond), curves)
+            payload = store.load_state(cond)
+            try:
+                rows += condition_tables(suite, cond, payload, curves)
+            except ShiftbenchError:
+                raise
+            except (LookupError, TypeError, ValueError, RuntimeError, AttributeError) as exc:
+                raise ShiftbenchError(f"{store.state_path(cond)}: does not hold this suite's metric states "
+                                      f"({type(exc).__name__}); delete it to recompute that condition") from None
     results = pd.DataFrame(rows, columns=RESULT_COLUMNS)
     curve_df = curves.frame()
     with io.atomic_path(store.root / "results.csv") as tmp:

@@ -45,6 +45,15 @@ def inputs_digest(suite, device_type: str = "cpu") -> str:
     return h.hexdigest()
 
 
+def _read_manifest(path: Path) -> dict[str, Any] | str:
+    """The manifest's JSON object, or why it cannot be read."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        return type(exc).__name__
+    return data if isinstance(data, dict) else "not a JSON object"
+
+
 class RunStore:
     def __init__(self, root: str | Path):
         self.root = Path(root)
@@ -55,23 +64,24 @@ class RunStore:
         """Create the run directory, or check that it belongs to the same suite (``digest``) run with the
         same checkpoints and precision (``inputs``, see :func:`inputs_digest`)."""
         manifest = self.root / MANIFEST
-        if manifest.exists():
-            try:
-                old = json.loads(manifest.read_text())
-            except (OSError, ValueError):
-                old = {}
-            if old.get("digest") != digest:
-                if not force:
-                    raise ShiftbenchError(
-                        f"{self.root}: holds a run of a different suite ({old.get('suite', 'unknown')!r}, "
-                        f"digest {str(old.get('digest'))[:12]}); use another --out, or --force to discard it")
-                self.discard()
+        if manifest.exists() and not self.holds_results():
+            self.discard()  # a run that stopped before finishing anything (a bad checkpoint, say): nothing to keep
+        elif manifest.exists():
+            old = _read_manifest(manifest)
+            if isinstance(old, str):
+                problem = f"{manifest}: unreadable ({old}); use another --out, or --force to discard the run it holds"
+            elif old.get("digest") != digest:
+                problem = (f"{self.root}: holds a run of a different suite ({old.get('suite', 'unknown')!r}, "
+                           f"digest {str(old.get('digest'))[:12]}); use another --out, or --force to discard it")
             elif inputs is not None and old.get("inputs", inputs) != inputs:
-                if not force:
-                    raise ShiftbenchError(
-                        f"{self.root}: was run with other checkpoint files, run.amp or device type than now "
-                        "(a model retrained in place?); its finished conditions would mix with new ones: use "
-                        "another --out, or --force to discard it")
+                problem = (f"{self.root}: was run with other checkpoint files, run.amp or device type than now "
+                           "(a model retrained in place?); its finished conditions would mix with new ones: use "
+                           "another --out, or --force to discard it")
+            else:
+                problem = None
+            if problem and not force:
+                raise ShiftbenchError(problem)
+            if problem:
                 self.discard()
         elif self.root.exists() and any(self.root.iterdir()) and not force:
             raise ShiftbenchError(f"{self.root}: exists and is not a shiftbench run directory; "
@@ -79,6 +89,10 @@ class RunStore:
         self.root.mkdir(parents=True, exist_ok=True)
         self.clean_temporaries()
         io.write_json(manifest, {"suite": suite_name, "digest": digest, **({"inputs": inputs} if inputs else {})})
+
+    def holds_results(self) -> bool:
+        """Whether the folder holds a finished condition or a results table (else there is nothing to keep)."""
+        return any((self.root / "states").rglob("*.pt")) or any((self.root / name).exists() for name in OUTPUTS)
 
     def discard(self) -> None:
         """Remove the run this folder holds (another suite's, or one made with other inputs): its states,
