@@ -34,9 +34,19 @@ if hasattr(np, "_core"):  # numpy 2 reading a file pickled under numpy 1 (the au
     _NUMPY_SAFE.append((np._core.multiarray.scalar, "numpy.core.multiarray.scalar"))
 
 
-def read_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    """``{"state_dict": {name: tensor}, "meta": {...}}`` from a checkpoint file, loaded safely."""
-    path = Path(path)
+def read_checkpoint(path: str | Path, map_location: str | torch.device = "cpu", where: str | None = None
+                    ) -> dict[str, Any]:
+    """``{"state_dict": {name: tensor}, "meta": {...}}`` from a checkpoint file, loaded safely; errors start
+    with ``where`` (the suite field that named the file) when given."""
+    try:
+        return _load(Path(path), map_location)
+    except ShiftbenchError as exc:
+        if where is None:
+            raise
+        raise ShiftbenchError(f"{where}: {exc}") from None
+
+
+def _load(path: Path, map_location: str | torch.device) -> dict[str, Any]:
     if why := file_problem(path):
         raise ShiftbenchError(f"checkpoint {path} {why}")
     try:

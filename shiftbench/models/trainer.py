@@ -105,9 +105,10 @@ def _meta(suite: Any, data: Splits, kind: str, name: str, stage: Stage, splits: 
 
 
 def _segmenter(data: Splits, name: str, model: DeepLabV3Plus, pretrained: Path | None, splits: Sequence[str],
-               val: Sequence[str], stage: Stage, device: torch.device, quiet: bool) -> dict:
+               val: Sequence[str], stage: Stage, device: torch.device, quiet: bool, where: str) -> dict:
     if pretrained is not None:
-        load_imagenet(model.backbone, read_checkpoint(pretrained)["state_dict"], model.backbone_name, str(pretrained))
+        state = read_checkpoint(pretrained, where=f"{where}.pretrained")["state_dict"]
+        load_imagenet(model.backbone, state, model.backbone_name, str(pretrained))
     return train_segmenter(model, data(splits), data(val), stage, name, device, quiet)
 
 
@@ -145,7 +146,7 @@ def train_suite(suite: Any, only: Sequence[str] | None = None, out: Path | None 
         init_seed(suite.train.seed, e.name)
         model = DeepLabV3Plus(e.backbone, classes)
         stage = _stage(suite, "experts")
-        stats = _segmenter(data, e.name, model, e.pretrained, e.train, e.val, stage, device, quiet)
+        stats = _segmenter(data, e.name, model, e.pretrained, e.train, e.val, stage, device, quiet, f"experts.{e.name}")
         results[e.name] = _meta(suite, data, "expert", e.name, stage, e.train, stats, backbone=e.backbone)
         save_checkpoint(path, model.state_dict(), results[e.name])
         trained[e.name] = model
@@ -157,7 +158,8 @@ def train_suite(suite: Any, only: Sequence[str] | None = None, out: Path | None 
         init_seed(suite.train.seed, m.name)
         model = DeepLabV3Plus(m.backbone, classes, dropout=m.dropout, mc_dropout=True)
         stage = _stage(suite, "baseline")
-        stats = _segmenter(data, m.name, model, m.pretrained, suite.train.splits, suite.train.val, stage, device, quiet)
+        stats = _segmenter(data, m.name, model, m.pretrained, suite.train.splits, suite.train.val, stage, device, quiet,
+                           f"models.{m.name}")
         results[m.name] = _meta(suite, data, "mc_dropout", m.name, stage, suite.train.splits, stats,
                                 backbone=m.backbone, dropout=m.dropout, passes=m.passes)
         save_checkpoint(path, model.state_dict(), results[m.name])

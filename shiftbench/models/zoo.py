@@ -181,10 +181,7 @@ def _read(path: Any, where: str) -> dict[str, Any]:
     """The checkpoint at ``path``; errors name the suite field ``where`` it came from."""
     if path is None:
         raise ShiftbenchError(f"{where}: missing; this model needs a checkpoint (train it with `shiftbench train`)")
-    try:
-        return read_checkpoint(path)
-    except ShiftbenchError as exc:
-        raise ShiftbenchError(f"{where}: {exc}") from None
+    return read_checkpoint(path, where=where)
 
 
 def _embedded_experts(specs: Sequence[Any], files: dict[str, dict[str, Any]]
