@@ -291,17 +291,27 @@ def test_mixing_confidence_modes_is_refused():
     probs, target = _random()
     m = CalibrationMetrics(5)
     m.update(probs, target)
-    m.update(probs, target, torch.rand(target.shape))
-    with pytest.raises(ShiftbenchError, match="both with and without a confidence"):
-        m.compute()
+    before = m.state_dict()
+    with pytest.raises(ShiftbenchError, match="updated without a confidence before; use one accumulator per"):
+        m.update(probs, target, torch.rand(target.shape))  # refused at once, the state unchanged
+    assert all(torch.equal(before[k], v) for k, v in m.state_dict().items())
+    given = CalibrationMetrics(5)
+    given.update(probs, target, torch.rand(target.shape))
+    with pytest.raises(ShiftbenchError, match="both with and without a confidence"):  # merged: found at compute
+        m.merge(given).compute()
 
 
 @pytest.mark.parametrize("change, match", [
     (dict(target=torch.full((2, 7, 9), 7)), r"target holds values in \[7, 7\]; expected class ids in \[0, 4\]"),
     (dict(conf=torch.full((2, 7, 9), 1.5)), r"confidence holds values in \[1.5, 1.5\]"),
-    (dict(conf=torch.full((2, 7, 9), float("nan"))), "confidence holds values in"),
+    (dict(conf=torch.full((2, 7, 9), float("nan"))), "confidence holds NaN; expected values in"),
     (dict(probs=torch.rand(2, 4, 7, 9)), r"probs must be a float tensor \[B,K,H,W\] = \[2, 5, 7, 9\]"),
-    (dict(probs=torch.randn(2, 5, 7, 9) * 5), "probs holds values"),
+    (dict(probs=torch.randn(2, 5, 7, 9) * 5), "probs summed over the classes holds values"),  # logits
+    (dict(probs=torch.full((2, 5, 7, 9), 0.4)), r"probs summed over the classes holds values in \[2, 2\]; expected 1"),
+    (dict(probs="half"), r"probs summed over the classes holds values in \[0.5, 0.5\]"),
+    (dict(probs="softmax over the batch"), "probs summed over the classes holds values"),
+    (dict(probs="negative"), r"probs \(the smallest per pixel\) holds values in \[-0.29"),
+    (dict(pred=torch.full((2, 7, 9), 5)), r"pred holds values in \[5, 5\]; expected class ids in \[0, 4\]"),
     (dict(conf=torch.rand(2, 7, 8)), r"confidence must be a float tensor \[2, 7, 9\]"),
     (dict(target=torch.zeros(2, 7, 9)), "target must be an integer tensor"),
 ])
@@ -309,9 +319,13 @@ def test_bad_inputs_are_refused_and_leave_the_state_unchanged(change, match):
     probs, target = _random()
     m = CalibrationMetrics(5)
     before = m.state_dict()
-    args = {"probs": probs, "target": target, "conf": None, **change}
+    args = {"probs": probs, "target": target, "conf": None, "pred": None, **change}
+    made = {"half": probs * 0.5, "softmax over the batch": (probs * 9).softmax(0),
+            "negative": probs + torch.tensor([-0.3, 0.3, 0, 0, 0]).view(1, 5, 1, 1)}
+    if isinstance(args["probs"], str):
+        args["probs"] = made[args["probs"]]
     with pytest.raises(ShiftbenchError, match=match) as exc:
-        m.update(args["probs"], args["target"], args["conf"])
+        m.update(args["probs"], args["target"], args["conf"], pred=args["pred"])
     assert "\n" not in str(exc.value)
     assert all(torch.equal(before[k], v) for k, v in m.state_dict().items())
 
@@ -324,3 +338,24 @@ def test_bad_inputs_are_refused_and_leave_the_state_unchanged(change, match):
 def test_bad_settings(kw, match):
     with pytest.raises(ShiftbenchError, match=match):
         CalibrationMetrics(**{"num_classes": 5, **kw})
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64])
+def test_probabilities_of_every_float_dtype_pass_the_sum_check(dtype):
+    g = torch.Generator().manual_seed(3)
+    logits = torch.randn(2, 38, 9, 11, generator=g) * 4
+    target = torch.randint(0, 38, (2, 9, 11), generator=g)
+    m = CalibrationMetrics(38)
+    m.update(logits.to(dtype).softmax(1), target)  # the K = 38 roundings of a half-precision softmax included
+    assert m.compute()["n_pixels"] == 2 * 9 * 11
+
+
+def test_labels_of_any_integer_dtype_give_the_int64_result():
+    probs, target = _random(k=20)
+    target[target == IGNORE] = 19
+    ref = CalibrationMetrics(20)
+    ref.update(probs, target)
+    for dtype in (torch.uint8, torch.int16, torch.int32):
+        m = CalibrationMetrics(20)
+        m.update(probs, target.to(dtype))
+        assert m.compute()["ece"] == ref.compute()["ece"] and m.compute()["nll"] == ref.compute()["nll"]

@@ -177,7 +177,10 @@ def test_merge_and_state_dict_round_trip(tmp_path):
 
 @pytest.mark.parametrize("kw, match", [
     (dict(patch_size=0), "patch_size must be a positive integer"),
-    (dict(accuracy_threshold=1.0), r"accuracy_threshold must be in \[0, 1\)"),
+    (dict(accuracy_threshold=1.0), r"accuracy_threshold must be a number in \[0, 1\)"),
+    (dict(accuracy_threshold=None), r"accuracy_threshold must be a number in \[0, 1\); got None"),
+    (dict(patch_size=True), "patch_size must be a positive integer; got True"),
+    (dict(ignore_index="255"), r"ignore_index must be an integer \(the label of ignored pixels, e.g. 255\); got '255'"),
     (dict(thresholds=1), "thresholds must be an integer >= 2"),
 ])
 def test_bad_settings(kw, match):

@@ -142,3 +142,51 @@ def test_an_outcome_of_other_labels_is_refused():
         CalibrationMetrics(K).update(probs, target, 1 - u, outcome=Outcome(None, target, IGNORE))
     same = Outcome(pred, target.clone(), IGNORE)  # equal labels in another tensor are fine
     CalibrationMetrics(K).update(probs, target, 1 - u, outcome=same)
+
+
+def test_an_outcome_of_another_pred_is_refused():
+    probs, target, u, pred = _inputs(5)
+    other = (pred + 1) % K
+    with pytest.raises(ShiftbenchError, match="ConditionalMetrics: outcome was computed for another pred"):
+        ConditionalMetrics().update(other, target, u, outcome=Outcome(pred, target, IGNORE))
+    with pytest.raises(ShiftbenchError, match="SegmentationMetrics: outcome was computed for another pred"):
+        SegmentationMetrics(K).update(other, target, outcome=Outcome(pred, target, IGNORE))
+    ConditionalMetrics().update(pred.clone(), target, u, outcome=Outcome(pred, target, IGNORE))  # equal: fine
+
+
+def test_negative_class_ids_are_refused_by_the_metrics_that_do_not_know_k():
+    probs, target, u, pred = _inputs(6)
+    bad = target.masked_fill(target == 0, -5)
+    for update in (lambda: ConditionalMetrics().update(pred, bad, u), lambda: UncertaintyHistogram().update(u, bad)):
+        with pytest.raises(ShiftbenchError, match=r"target holds values in \[-5, .*\]; expected class ids >= 0 or "
+                                                  r"ignore_index 255"):
+            update()
+    with pytest.raises(ShiftbenchError, match=r"pred holds values in \[-1, .*\]; expected class ids >= 0"):
+        ConditionalMetrics().update(pred - 1, target, u)
+
+
+def test_labels_of_any_integer_dtype_give_the_int64_confusion_matrix():
+    g = torch.Generator().manual_seed(7)
+    k = 19  # >= 16: target * K + pred overflows uint8
+    pred, target = torch.randint(0, k, (2, 9, 8), generator=g), torch.randint(0, k, (2, 9, 8), generator=g)
+    target[0, :3] = IGNORE
+    ref = SegmentationMetrics(k)
+    ref.update(pred, target)
+    for dtype in (torch.uint8, torch.int16, torch.int32):
+        m = SegmentationMetrics(k)
+        m.update(pred.to(dtype), target.to(dtype))
+        assert torch.equal(m.confmat, ref.confmat), dtype
+
+
+def test_the_probabilities_a_shared_outcome_saw_are_checked_once_and_others_again(monkeypatch):
+    from shiftbench.metrics import calibration
+
+    probs, target, u, pred = _inputs(8)
+    o = Outcome(pred, target, IGNORE)
+    calls, real = [], calibration._check_simplex
+    monkeypatch.setattr(calibration, "_check_simplex", lambda *a: calls.append(1) or real(*a))
+    for _ in range(3):  # three estimators of one model
+        CalibrationMetrics(K).update(probs, target, 1 - u, outcome=o)
+    assert len(calls) == 1  # one row chunk, checked for the first estimator only
+    with pytest.raises(ShiftbenchError, match="probs summed over the classes"):
+        CalibrationMetrics(K).update(probs * 0.5, target, 1 - u, outcome=o)  # other probabilities: checked

@@ -34,6 +34,9 @@ class Accumulator:
     """
 
     def __init__(self, **config: Any) -> None:
+        if "ignore_index" in config and not _is_int(config["ignore_index"]):
+            raise ShiftbenchError(f"ignore_index must be an integer (the label of ignored pixels, e.g. 255); "
+                                  f"got {config['ignore_index']!r}")
         self.config = dict(config)
         self._reduce: dict[str, str] = {}
         self._default: dict[str, Tensor] = {}
@@ -129,6 +132,17 @@ class Accumulator:
         return f"{type(self).__name__}({_fmt(self.config)})"
 
 
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def check_count(name: str, value: Any, minimum: int = 1, what: str = "") -> None:
+    """Refuse a setting that is not an integer >= ``minimum`` (bools included); ``what`` explains it."""
+    if not _is_int(value) or value < minimum:
+        allowed = "a positive integer" if minimum == 1 else f"an integer >= {minimum}"
+        raise ShiftbenchError(f"{name} must be {allowed}{f' ({what})' if what else ''}; got {value!r}")
+
+
 def _fmt(config: dict[str, Any]) -> str:
     return ", ".join(f"{k}={v!r}" for k, v in config.items())
 
@@ -192,8 +206,10 @@ class RangeCheck:
             values = torch.cat([(x if where is None else x[where]).reshape(-1).double() for x, where in parts])
             if values.numel() and not _allowed(torch.stack(torch.aminmax(values))[None], low, high):
                 self._seen.clear()
-                raise ShiftbenchError(f"{name} holds values in [{values.min().item():g}, {values.max().item():g}]; "
-                                      f"expected {what}")
+                finite = values[~values.isnan()]
+                seen = "NaN" if not finite.numel() else f"values in [{finite.min().item():g}, {finite.max().item():g}]"
+                seen += " and NaN" if finite.numel() < values.numel() and finite.numel() else ""
+                raise ShiftbenchError(f"{name} holds {seen}; expected {what}")
         self._seen.clear()
 
 

@@ -31,7 +31,7 @@ import torch
 from torch import Tensor
 
 from shiftbench.errors import ShiftbenchError
-from shiftbench.metrics.base import Accumulator, RangeCheck, check_labels, check_map, row_chunks
+from shiftbench.metrics.base import Accumulator, RangeCheck, check_count, check_labels, check_map, row_chunks
 from shiftbench.metrics.outcome import Outcome
 
 AVERAGES = ("pixels", "images")
@@ -43,6 +43,8 @@ MODES = ("probability", "given")
 EPS = 1e-12
 #: rounding allowed above 1 for a top-label probability (a gate-weighted mixture can sum to 1 + ulp)
 PROB_SLACK = 1e-4
+#: how far from 1 a pixel's probabilities may sum, beyond K ulps of their dtype (fp16 softmax: about 1e-2)
+SUM_SLACK = 1e-3
 
 
 def class_scores(probs: Tensor, y: Tensor, top: bool = False) -> tuple[Tensor, Tensor, Tensor | None]:
@@ -56,6 +58,16 @@ def class_scores(probs: Tensor, y: Tensor, top: bool = False) -> tuple[Tensor, T
         sos.addcmul_(plane, plane)
     p_y = probs.gather(1, y.unsqueeze(1)).squeeze(1).float()
     return sos, p_y, probs.amax(1).float() if top else None
+
+
+def _check_simplex(checks: RangeCheck, probs: Tensor, invalid: Tensor) -> None:
+    """Record for refusal the valid pixels of [B,K,r,W] whose probabilities are negative or do not sum to 1
+    (softmax over the wrong dim, logits, a scaled map), up to SUM_SLACK + K ulps."""
+    slack = SUM_SLACK + probs.shape[1] * torch.finfo(probs.dtype).eps
+    valid = ~invalid
+    checks.add("probs summed over the classes", probs.sum(1, dtype=torch.float32), 1 - slack, 1 + slack,
+               f"1 on valid pixels (within {slack:.2g}): probabilities over dim 1", valid)
+    checks.add("probs (the smallest per pixel)", probs.amin(1), 0.0, 1.0, "probabilities >= 0 on valid pixels", valid)
 
 
 @dataclass
@@ -103,10 +115,8 @@ class CalibrationMetrics(Accumulator):
 
     def __init__(self, num_classes: int, n_bins: int = 15, ignore_index: int = 255, average: str = "pixels",
                  multiclass: bool = True) -> None:
-        if not isinstance(num_classes, int) or num_classes < 1:
-            raise ShiftbenchError(f"num_classes must be a positive integer; got {num_classes!r}")
-        if not isinstance(n_bins, int) or n_bins < 1:
-            raise ShiftbenchError(f"n_bins must be a positive integer; got {n_bins!r}")
+        check_count("num_classes", num_classes)
+        check_count("n_bins", n_bins)
         if average not in AVERAGES:
             raise ShiftbenchError(f"average={average!r} is not one of {', '.join(AVERAGES)}")
         super().__init__(num_classes=num_classes, n_bins=n_bins, ignore_index=ignore_index, average=average,
@@ -140,14 +150,22 @@ class CalibrationMetrics(Accumulator):
             pred = probs.max(1).indices
         outcome = Outcome.resolve(outcome, pred, target, self.ignore_index, "CalibrationMetrics")
         outcome.check_target(self.num_classes)
+        outcome.check_pred(self.num_classes)
         self._follow(target)
+        given = confidence is not None
+        if bool(self.modes_used[1 - int(given)]):  # one small host sync per update
+            raise ShiftbenchError(f"CalibrationMetrics was updated {'without' if given else 'with'} a confidence "
+                                  f"before; use one accumulator per confidence source")
         b, n = target.shape[0], self.n_bins
         part = _Partial.zeros(b, n, len(SCORES), target.device)
         checks = RangeCheck()
+        simplex = probs is not outcome.checked_probs  # the estimators of one model share its probs: check them once
         for rows in row_chunks(target.shape, target.device):
             self._chunk(part, probs[:, :, rows], None if confidence is None else confidence[:, rows], outcome, rows,
-                        checks)
+                        checks, simplex)
         checks.raise_if_bad()  # before anything is committed; the states are still untouched
+        if simplex and (not given or self.multiclass):
+            outcome.checked_probs = probs
         part.n_valid += outcome.n_valid
         part.scores += part.shift[:, None] * part.n_valid
         self._commit(part, given=confidence is not None)
@@ -164,13 +182,15 @@ class CalibrationMetrics(Accumulator):
             check_labels("pred", pred, target.shape)
 
     def _chunk(self, part: _Partial, probs: Tensor, confidence: Tensor | None, outcome: Outcome, rows: slice,
-               checks: RangeCheck) -> None:
+               checks: RangeCheck, simplex: bool = True) -> None:
         """Add one row chunk ([B,K,r,W] probabilities, [B,r,W] confidence) to the per-image partial sums."""
         valid, correct, invalid = outcome.valid[:, rows], outcome.correct[:, rows], outcome.invalid[:, rows]
         given = confidence is not None
         sos = p_y = None
         if not given or self.multiclass:  # the reductions over the classes, once per chunk
             sos, p_y, top = class_scores(probs, outcome.safe_target[:, rows], top=not given)
+            if simplex:
+                _check_simplex(checks, probs, invalid)
         if given:
             conf = checks.masked("confidence", confidence.float(), 0.0, 1.0, "values in [0, 1] on valid pixels",
                                  invalid, fill=0.5)

@@ -21,13 +21,14 @@ give the certain counts at every t. ``patch_size=1`` is the pixel-wise variant.
 
 from __future__ import annotations
 
+import numbers
 from typing import Any
 
 import torch
 from torch import Tensor
 
 from shiftbench.errors import ShiftbenchError
-from shiftbench.metrics.base import Accumulator, RangeCheck, check_labels, check_map, row_chunks
+from shiftbench.metrics.base import Accumulator, RangeCheck, check_count, check_labels, check_map, row_chunks
 from shiftbench.metrics.outcome import Outcome, patch_sums
 
 CURVES = ("p_accurate_certain", "p_uncertain_inaccurate", "pavpu")
@@ -43,12 +44,11 @@ class ConditionalMetrics(Accumulator):
 
     def __init__(self, patch_size: int = 4, accuracy_threshold: float = 0.5, thresholds: int = 101,
                  ignore_index: int = 255) -> None:
-        if not isinstance(patch_size, int) or patch_size < 1:
-            raise ShiftbenchError(f"patch_size must be a positive integer; got {patch_size!r}")
-        if not 0.0 <= float(accuracy_threshold) < 1.0:
-            raise ShiftbenchError(f"accuracy_threshold must be in [0, 1); got {accuracy_threshold!r}")
-        if not isinstance(thresholds, int) or thresholds < 2:
-            raise ShiftbenchError(f"thresholds must be an integer >= 2 (points of linspace(0, 1)); got {thresholds!r}")
+        check_count("patch_size", patch_size)
+        if isinstance(accuracy_threshold, bool) or not isinstance(accuracy_threshold, numbers.Real) \
+                or not 0.0 <= accuracy_threshold < 1.0:
+            raise ShiftbenchError(f"accuracy_threshold must be a number in [0, 1); got {accuracy_threshold!r}")
+        check_count("thresholds", thresholds, 2, "points of linspace(0, 1)")
         super().__init__(patch_size=patch_size, accuracy_threshold=float(accuracy_threshold),
                          thresholds=thresholds, ignore_index=ignore_index)
         self.patch_size, self.accuracy_threshold, self.ignore_index = patch_size, float(accuracy_threshold), ignore_index
@@ -67,6 +67,8 @@ class ConditionalMetrics(Accumulator):
         check_labels("pred", pred, target.shape)
         check_map("uncertainty", uncertainty, target.shape)
         outcome = Outcome.resolve(outcome, pred, target, self.ignore_index, "ConditionalMetrics")
+        outcome.check_target()
+        outcome.check_pred()
         self._follow(target)
         p, t = self.patch_size, self.grid.numel()
         n_valid, n_correct = outcome.patches(p)

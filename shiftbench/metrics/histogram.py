@@ -7,8 +7,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from shiftbench.errors import ShiftbenchError
-from shiftbench.metrics.base import Accumulator, RangeCheck, check_labels, check_map, row_chunks
+from shiftbench.metrics.base import Accumulator, RangeCheck, check_count, check_labels, check_map, row_chunks
 from shiftbench.metrics.outcome import Outcome
 
 
@@ -17,8 +16,7 @@ class UncertaintyHistogram(Accumulator):
     last; bin = floor(n u), exact in float64), and the float64 sum for the mean, over valid pixels."""
 
     def __init__(self, bins: int = 50, ignore_index: int = 255) -> None:
-        if not isinstance(bins, int) or bins < 1:
-            raise ShiftbenchError(f"bins must be a positive integer; got {bins!r}")
+        check_count("bins", bins)
         super().__init__(bins=bins, ignore_index=ignore_index)
         self.bins, self.ignore_index = bins, ignore_index
         self.add_state("counts", torch.zeros(bins, dtype=torch.int64))
@@ -31,6 +29,7 @@ class UncertaintyHistogram(Accumulator):
         check_labels("target", target)
         check_map("uncertainty", uncertainty, target.shape)
         outcome = Outcome.resolve(outcome, None, target, self.ignore_index, "UncertaintyHistogram")
+        outcome.check_target()
         self._follow(target)
         n = self.bins
         counts = torch.zeros(n + 1, dtype=torch.int64, device=target.device)

@@ -21,6 +21,19 @@ from shiftbench.errors import ShiftbenchError
 from shiftbench.metrics.base import check_labels, check_range
 
 
+def _unchecked(checked: set[int | None], num_classes: int | None) -> bool:
+    """Whether ids still need a check against ``num_classes`` (any count checked covers None: ids >= 0)."""
+    return num_classes not in checked and not (num_classes is None and checked)
+
+
+def _top(num_classes: int | None) -> float:
+    return float("inf") if num_classes is None else num_classes - 1
+
+
+def _ids(num_classes: int | None) -> str:
+    return "class ids >= 0" if num_classes is None else f"class ids in [0, {num_classes - 1}]"
+
+
 def patch_sums(x: Tensor, patch: int) -> Tensor:
     """Sums over non-overlapping patch x patch blocks, float [B,H,W] -> [B,ceil(H/p),ceil(W/p)], in x's dtype.
 
@@ -46,7 +59,9 @@ class Outcome:
         if pred is not None:
             check_labels("pred", pred, target.shape)
         self.pred, self.target, self.ignore_index = pred, target, ignore_index
-        self._checked: set[int] = set()
+        self._checked: set[int | None] = set()  # class counts the target (the pred) was checked against
+        self._checked_pred: set[int | None] = set()
+        self.checked_probs: Tensor | None = None  # the probabilities CalibrationMetrics found valid with this outcome
         self._patches: dict[int, tuple[Tensor, Tensor]] = {}
 
     @cached_property
@@ -65,19 +80,26 @@ class Outcome:
 
     @cached_property
     def safe_target(self) -> Tensor:
-        """target with ignored pixels set to class 0 (usable as an index)."""
-        return self.target.masked_fill(self.invalid, 0)
+        """target with ignored pixels set to class 0, int64 (usable as an index, whatever the labels' dtype)."""
+        return self.target.masked_fill(self.invalid, 0).long()
 
     @cached_property
     def n_valid(self) -> Tensor:
         return self.valid.sum(2).sum(1, dtype=torch.float64).long()  # float32 rows: exact below 2^24 pixels
 
-    def check_target(self, num_classes: int) -> None:
-        """Refuse target ids outside [0, num_classes - 1] on valid pixels (once per class count)."""
-        if num_classes not in self._checked:
-            check_range("target", self.safe_target, None, 0, num_classes - 1,
-                        f"class ids in [0, {num_classes - 1}] or ignore_index {self.ignore_index}")
+    def check_target(self, num_classes: int | None = None) -> None:
+        """Refuse target ids outside [0, num_classes - 1] (None: negative ids) on valid pixels, once per class count."""
+        if _unchecked(self._checked, num_classes):
+            check_range("target", self.safe_target, None, 0, _top(num_classes),
+                        f"{_ids(num_classes)} or ignore_index {self.ignore_index}")
             self._checked.add(num_classes)
+
+    def check_pred(self, num_classes: int | None = None) -> None:
+        """Refuse predicted ids outside [0, num_classes - 1] (None: negative ids) on valid pixels, once per class
+        count."""
+        if self.pred is not None and _unchecked(self._checked_pred, num_classes):
+            check_range("pred", self.pred, self.valid.bool(), 0, _top(num_classes), _ids(num_classes))
+            self._checked_pred.add(num_classes)
 
     def patches(self, patch: int) -> tuple[Tensor, Tensor]:
         """(valid, correct) pixel counts per non-overlapping patch x patch block, float [B,ceil(H/p),ceil(W/p)]
@@ -105,6 +127,9 @@ class Outcome:
         if outcome is None:
             return cls(pred, target, ignore_index)
         outcome.matches(target, ignore_index, who)
+        if pred is not None and pred is not outcome.pred and (
+                outcome.pred is None or pred.shape != outcome.pred.shape or not torch.equal(pred, outcome.pred)):
+            raise ShiftbenchError(f"{who}: outcome was computed for another pred")
         return outcome
 
     def matches(self, target: Tensor, ignore_index: int, who: str) -> None:

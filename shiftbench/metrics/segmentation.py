@@ -7,8 +7,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from shiftbench.errors import ShiftbenchError
-from shiftbench.metrics.base import Accumulator, check_labels, check_range
+from shiftbench.metrics.base import Accumulator, check_count, check_labels
 from shiftbench.metrics.outcome import Outcome
 
 
@@ -20,8 +19,7 @@ class SegmentationMetrics(Accumulator):
     """
 
     def __init__(self, num_classes: int, ignore_index: int = 255) -> None:
-        if not isinstance(num_classes, int) or num_classes < 1:
-            raise ShiftbenchError(f"num_classes must be a positive integer; got {num_classes!r}")
+        check_count("num_classes", num_classes)
         super().__init__(num_classes=num_classes, ignore_index=ignore_index)
         self.num_classes, self.ignore_index = num_classes, ignore_index
         self.add_state("confmat", torch.zeros(num_classes, num_classes, dtype=torch.int64))
@@ -36,7 +34,7 @@ class SegmentationMetrics(Accumulator):
         self._follow(target)
         k = self.num_classes
         outcome.check_target(k)
-        check_range("pred", pred, ~outcome.invalid, 0, k - 1, f"class ids in [0, {k - 1}]")
+        outcome.check_pred(k)
         # ignored pixels go to a dropped extra bin k*k
         cell = (outcome.safe_target * k + pred).masked_fill_(outcome.invalid, k * k)
         self.confmat += torch.bincount(cell.reshape(-1), minlength=k * k + 1)[: k * k].view(k, k)
