@@ -99,7 +99,7 @@ class Rng:
 
 
 def _validate(images: Tensor, name: str, severity: int) -> None:
-    if name not in _REGISTRY:
+    if not isinstance(name, str) or name not in _REGISTRY:
         raise CorruptionError(f"unknown corruption {name!r}; valid names: {', '.join(CORRUPTIONS)}")
     if isinstance(severity, bool) or not isinstance(severity, int) or severity not in SEVERITIES:
         raise CorruptionError(f"severity {severity!r} is not allowed; use an integer in 1..5")

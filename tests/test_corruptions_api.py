@@ -114,6 +114,7 @@ def test_unknown_name_lists_the_valid_names():
     message = _error("unknown corruption 'gausian_noise'", _images(1, 32, 32), "gausian_noise", 1)
     assert all(n in message for n in CORRUPTIONS)
     assert isinstance(CorruptionError("x"), ValueError)
+    _error(r"unknown corruption \['fog'\]; valid names", _images(1, 32, 32), ["fog"], 1)  # unhashable: no TypeError
 
 
 @pytest.mark.parametrize("severity", [0, 6, -1, True, 2.0, "3", None])

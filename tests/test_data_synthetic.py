@@ -118,6 +118,11 @@ def test_registry_helpers():
     spec = SimpleNamespace(name="synthetic", count={"train": 2, "val": 1, "test": 3}, seed=0, size=SMALL)
     ds = open_split(SimpleNamespace(dataset=spec), "urban_test")
     assert isinstance(ds, SyntheticStreetScenes) and len(ds) == 3 and ds[0][2] == "urban/test/000000"
+    for split, match in (("urban_tset", "synthetic split 'tset' does not exist for domain 'urban'; allowed: train"),
+                         ("urban", "synthetic split 'urban' is not <domain>_<part>, e.g. highway_test"),
+                         (None, r"split must be a split name \(str\), e.g. highway_test; got None")):
+        with pytest.raises(ShiftbenchError, match=match):
+            open_split(SimpleNamespace(dataset=spec), split)
 
 
 # ------------------------------------------------------------------------------------ primitives

@@ -33,9 +33,13 @@ def class_names(dataset: str, classes: int) -> tuple[str, ...]:
 
 
 def _synthetic(spec: Any, split: str):
-    from shiftbench.data.synthetic import SyntheticStreetScenes
+    from shiftbench.data.synthetic import SyntheticStreetScenes, check_split
+    from shiftbench.errors import ShiftbenchError
 
     domain, _, part = split.rpartition("_")
+    if not domain:
+        raise ShiftbenchError(f"synthetic split {split!r} is not <domain>_<part>, e.g. highway_test")
+    check_split(domain, part)
     return SyntheticStreetScenes(domain, part, spec.count[part], seed=spec.seed, size=tuple(spec.size or (128, 256)))
 
 
@@ -64,6 +68,8 @@ def open_split(suite: Any, split: str):
     from shiftbench.errors import ShiftbenchError
 
     spec = getattr(suite, "dataset", suite)
+    if not isinstance(split, str):
+        raise ShiftbenchError(f"split must be a split name (str), e.g. highway_test; got {split!r}")
     if spec.name not in OPENERS:
         raise ShiftbenchError(f"dataset {spec.name!r} is not one of {', '.join(OPENERS)}")
     return OPENERS[spec.name](spec, split)
