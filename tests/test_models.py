@@ -460,3 +460,100 @@ def test_imagenet_weights_load_into_the_backbone():
     assert torch.equal(model.backbone.layer3[0].conv1.weight, imagenet["layer3.0.conv1.weight"])
     with pytest.raises(ShiftbenchError, match="the tiny backbone has no ImageNet weights; they exist for resnet18"):
         load_imagenet(DeepLabV3Plus("tiny", K).backbone, imagenet, "tiny", "x.pth")
+
+
+# --------------------------------------------------------------------------- bad inputs
+
+def _refused(match, fn, *args, **kwargs):
+    with pytest.raises(ShiftbenchError, match=match) as exc:
+        fn(*args, **kwargs)
+    assert "\n" not in str(exc.value)
+
+
+X = torch.rand(2, 3, 32, 64, generator=torch.Generator().manual_seed(0))
+
+
+@pytest.mark.parametrize("x, match", [
+    ((X * 255).to(torch.uint8), r"^x must be a floating tensor of images in \[0,1\], got torch.uint8 \(convert uint8"),
+    (X.double(), r"^x is torch.float64; the model runs in torch.float32: cast with x.to\(torch.float32\)"),
+    (X.half(), r"^x is torch.float16; the model runs in torch.float32"),
+    (X[:, :1], r"^x must have shape \[B,3,H,W\] \(RGB images in \[0,1\]\), got \[2, 1, 32, 64\]"),
+    (torch.rand(2, 4, 32, 64), r"^x must have shape \[B,3,H,W\] .*got \[2, 4, 32, 64\]"),
+    (X[0], r"^x must have shape \[B,3,H,W\] .*got \[3, 32, 64\]"),
+    (X[:0], r"^x is an empty batch \[0, 3, 32, 64\]; give at least one image"),
+    (X.numpy(), r"^x must be a torch.Tensor \[B,3,H,W\] of images in \[0,1\], got ndarray"),
+])
+@pytest.mark.parametrize("call", ["forward", "mc_logits", "moe"])
+def test_bad_images_are_refused(x, match, call):
+    model = DeepLabV3Plus("tiny", K, mc_dropout=True).eval()
+    fn = {"forward": model, "mc_logits": lambda x: model.mc_logits(x, [1, 2], 2),
+          "moe": MixtureOfExperts([model], "simple", K, (2, 4))}[call]
+    _refused(match, fn, x)
+
+
+def test_other_dtypes_run_under_autocast_or_in_a_model_of_that_dtype():
+    model = DeepLabV3Plus("tiny", K).eval()
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        assert model(X.bfloat16()).shape == (2, K, 32, 64)
+    with torch.no_grad():
+        assert model.double()(X.double()).dtype == torch.float64
+
+
+@pytest.mark.parametrize("build, match", [
+    (lambda: DeepLabV3Plus("tiny", -1), r"^classes must be an int >= 1, got -1$"),
+    (lambda: DeepLabV3Plus("tiny", 0), r"^classes must be an int >= 1, got 0$"),
+    (lambda: DeepLabV3Plus("tiny", 2.5), r"^classes must be an int >= 1, got 2.5$"),
+    (lambda: DeepLabV3Plus("tiny", True), r"^classes must be an int >= 1, got True$"),
+    (lambda: DeepLabV3Plus("tiny", K, dropout=1.0), r"^dropout must be a number in \[0, 1\), got 1.0$"),
+    (lambda: DeepLabV3Plus("tiny", K, dropout=-0.1), r"^dropout must be a number in \[0, 1\), got -0.1$"),
+    (lambda: KeyedDropout(1.5, [1], 1), r"^dropout p must be a number in \[0, 1\), got 1.5$"),
+    (lambda: KeyedDropout(0.1, [1], 0), r"^passes must be an int >= 1, got 0$"),
+    (lambda: KeyedDropout(0.1, [1.5], 1), r"^seeds must be ints .*, got a float \(1.5\)$"),
+    (lambda: build_gate("simple", 16, 2, 3, 8), r"^gate grid must be a pair of ints >= 1 \(h, w\), got 8$"),
+    (lambda: build_gate("simple", 16, 2, 3, (0, 16)), r"^gate grid must be a pair .*got \(0, 16\)$"),
+    (lambda: build_gate("simple", 16, 0, 3, (2, 4)), r"^experts must be an int >= 1, got 0$"),
+    (lambda: build_gate("simple", 0, 2, 3, (2, 4)), r"^gate channels must be an int >= 1, got 0$"),
+    (lambda: build_gate("classwise", 16, 2, 0, (2, 4)), r"^classes must be an int >= 1, got 0$"),
+    (lambda: MoEHead("simple", 2, 64, K, 8), r"^gate grid must be a pair of ints >= 1 \(h, w\), got 8$"),
+    (lambda: MoEHead("simple", 2, 0, K, (2, 4)), r"^channels must be an int >= 1, got 0$"),
+])
+def test_bad_constructor_arguments_are_refused(build, match):
+    _refused(match, build)
+
+
+@pytest.mark.parametrize("seeds, passes, match", [
+    ([1, 2], 0, r"^passes must be an int >= 1, got 0$"),
+    ([1, 2], 2.0, r"^passes must be an int >= 1, got 2.0$"),
+    ([1], 2, r"^got 1 seeds for a batch of 2 images; give one per image$"),
+    (torch.tensor([1.0, 2.0]), 2, r"^seeds must be an int64 tensor \[B\] or a list of B ints, "
+                                  r"got torch.float32 \[2\]$"),
+    (7, 2, r"^seeds must be an int64 tensor \[B\] or a list of B ints, got int$"),
+])
+def test_bad_mc_arguments_are_refused(seeds, passes, match):
+    _refused(match, DeepLabV3Plus("tiny", K, mc_dropout=True).mc_logits, X, seeds, passes)
+
+
+@pytest.mark.parametrize("feats, z, match", [
+    ([torch.randn(1, 8, 4, 6)] * 3, _expert_outputs(), r"^feature map 0 is \[1, 8, 4, 6\]; each must be \[B,C,h,w\] "
+                                                       r"with the logits' B = 2, C = 8 channels"),
+    ([torch.randn(2, 8, 4, 6)] * 2 + [torch.randn(2, 8, 4, 5)], _expert_outputs(), r"^feature map 2 is \[2, 8, 4, 5\]"),
+    ([torch.randn(2, 16, 4, 6)] * 3, _expert_outputs(), r"^feature map 0 is \[2, 16, 4, 6\]"),
+    ([torch.randn(2, 8, 4, 6)] * 2, _expert_outputs(), r"^this MoE has 3 experts, got 2 feature maps; give one per"),
+    ([torch.randn(2, 8, 4, 6)] * 3, _expert_outputs()[:, 0], r"^logits must be \[E,B,K,H,W\] with E = 3 experts and "
+                                                            r"K = 11 classes, got \[3, 11, 5, 6\]$"),
+    ([torch.randn(2, 8, 4, 6)] * 3, _expert_outputs()[:, :, :10], r"^logits must be .*got \[3, 2, 10, 5, 6\]$"),
+    ([torch.randn(2, 8, 4, 6)] * 3, _expert_outputs(E=2), r"^logits must be .*got \[2, 2, 11, 5, 6\]$"),
+])
+def test_moe_head_refuses_wrong_shapes(feats, z, match):
+    _refused(match, MoEHead("simple", 3, 8, K, (2, 3)), feats, z)
+
+
+@pytest.mark.parametrize("experts, channels, match", [
+    ([], None, r"^experts: empty; a MixtureOfExperts needs at least one expert$"),
+    (["tiny", "resnet18"], None, r"^the experts' ASPP maps differ in width \(\[64, 256\] channels\)"),
+    (["tiny", ("tiny", 5)], None, r"^the experts predict \[5, 11\] classes, the MoE classes=11"),
+    (["tiny"], 256, r"^channels=256, but the experts' ASPP maps have 64"),
+])
+def test_mixture_of_experts_refuses_experts_that_do_not_fit(experts, channels, match):
+    built = [DeepLabV3Plus(*(e if isinstance(e, tuple) else (e, K))) for e in experts]
+    _refused(match, MixtureOfExperts, built, "simple", K, (2, 4), channels=channels)

@@ -242,3 +242,24 @@ def test_custom_model_with_wrong_output_is_refused(suite, tmp_path):
     s = write_suite(tmp_path, [{"name": "bad", "kind": "custom", "factory": "zoo_bad_models:build"}])
     with pytest.raises(ShiftbenchError, match=r"model 'bad' returned \[1, 5, 32, 64\]; a custom model must map"):
         ModelZoo.from_suite(s)(torch.rand(1, 3, 32, 64), [0])
+
+
+@pytest.mark.parametrize("x, seeds, names, match", [
+    (torch.rand(2, 3, 32, 64) * 255, [1, 2], None, r"^x holds values in \[.*\]; images must lie in \[0,1\] \(convert"),
+    (torch.rand(2, 3, 32, 64) - 0.5, [1, 2], None, r"^x holds values in \[-0.*\]; images must lie in \[0,1\]"),
+    (torch.full((2, 3, 32, 64), float("nan")), [1, 2], None, r"^x holds NaN or Inf; images must lie in \[0,1\]"),
+    (torch.rand(0, 3, 32, 64), [], None, r"^x is an empty batch \[0, 3, 32, 64\]; give at least one image$"),
+    (torch.randint(0, 256, (2, 3, 32, 64), dtype=torch.uint8), [1, 2], None, r"^x must be a floating tensor"),
+    (torch.rand(2, 1, 32, 64), [1, 2], None, r"^x must have shape \[B,3,H,W\]"),
+    (torch.rand(2, 3, 32, 64), [1, 2, 3], None, r"^got 3 seeds for a batch of 2 images; give one per image$"),
+    (torch.rand(2, 3, 32, 64), [1.7, 2.2], None, r"^seeds must be ints \(an int64 tensor \[B\] or a list of B ints\), "
+                                                 r"got a float \(1.7\)$"),
+    (torch.rand(2, 3, 32, 64), torch.tensor([1.0, 2.0]), None, r"^seeds must be an int64 tensor \[B\] or a list of B "
+                                                               r"ints, got torch.float32 \[2\]$"),
+    (torch.rand(2, 3, 32, 64), [1, 2], "baseline", r"^names must be a list of model names, got the string 'baseline'"),
+])
+def test_bad_batches_are_refused(suite, x, seeds, names, match):
+    zoo = ModelZoo.from_suite(suite, names=["baseline", "mine"])
+    with pytest.raises(ShiftbenchError, match=match) as exc:
+        zoo(x, seeds, names=names)
+    assert "\n" not in str(exc.value)

@@ -419,21 +419,32 @@ def test_a_full_disk_is_one_line_exit_2_and_the_rerun_finishes(suite, base, tmp_
     assert (out / "results.csv").read_bytes() == (base / "results.csv").read_bytes()
 
 
-def test_nan_model_output_fails_only_that_condition(suite, tmp_path, monkeypatch):
+@pytest.mark.parametrize("broken", ["images", "model output"])
+def test_nan_images_or_model_output_fail_only_that_condition(suite, tmp_path, monkeypatch, broken):
     import shiftbench.runner.sweep as sweep
 
-    real = sweep.corrupt
+    real_corrupt, real_predict, fog = sweep.corrupt, sweep.predict, []
 
     def nan_fog(x, name, severity, seed=0):
-        y = real(x, name, severity, seed=seed)
-        return y * float("nan") if name == "fog" else y
+        fog[:] = [name == "fog"]
+        y = real_corrupt(x, name, severity, seed=seed)
+        return y * float("nan") if fog[0] and broken == "images" else y
+
+    def nan_baseline(zoo, x, seeds, exact=True):
+        preds = real_predict(zoo, x, seeds, exact)
+        if fog and fog[0] and broken == "model output":
+            preds["baseline"].probs.mul_(float("nan"))
+        return preds
 
     monkeypatch.setattr(sweep, "corrupt", nan_fog)
+    monkeypatch.setattr(sweep, "predict", nan_baseline)
     out = tmp_path / "nan"
     assert run(suite, out) == 1
     summary = json.loads((out / "summary.json").read_text())
     assert [f["condition"] for f in summary["failed"]] == ["id/fog/2"]
-    assert "NaN or Inf" in summary["failed"][0]["reason"]
+    reason = summary["failed"][0]["reason"]
+    assert reason.startswith("the corrupted images of highway/test/") and "x holds NaN or Inf" in reason \
+        if broken == "images" else reason == "model(s) baseline produced NaN or Inf probabilities"
     res = pd.read_csv(out / "results.csv")
     assert "fog" not in set(res.corruption) and {"clean", "gaussian_noise"} <= set(res.corruption)
 

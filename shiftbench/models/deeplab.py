@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from shiftbench.models import checks
 from shiftbench.models.backbones import BackboneSpec, backbone_spec
 from shiftbench.seeding import key
 
@@ -62,7 +63,8 @@ class KeyedDropout:
     scale kept values by ``1 / (1 - p)``."""
 
     def __init__(self, p: float, seeds: Sequence[int], passes: int, sites: Sequence[int] = MC_SITES):
-        self.p, self.seeds, self.passes, self.sites = p, [int(s) for s in seeds], passes, frozenset(sites)
+        self.p, self.passes = checks.rate(p, "dropout p"), checks.count(passes, "passes")
+        self.seeds, self.sites = checks.seeds(seeds, None), frozenset(sites)
 
     def mask(self, shape: Sequence[int], site: int, device: torch.device, dtype: torch.dtype) -> Tensor:
         """Keep-masks ``[T*B, *shape]`` scaled by ``1 / (1 - p)``."""
@@ -139,6 +141,7 @@ class DeepLabV3Plus(nn.Module):
 
     def __init__(self, backbone: str, classes: int, dropout: float = 0.1, mc_dropout: bool = False):
         super().__init__()
+        classes, dropout = checks.count(classes, "classes"), checks.rate(dropout, "dropout")
         self.backbone_name, self.classes, self.dropout = backbone, classes, dropout
         self.sites = MC_SITES if mc_dropout else EXPERT_SITES
         spec = backbone_spec(backbone)
@@ -148,7 +151,8 @@ class DeepLabV3Plus(nn.Module):
         self.register_buffer("std", torch.tensor(STD).view(1, 3, 1, 1), persistent=False)
 
     def encode(self, x: Tensor) -> dict[str, Tensor]:
-        """Backbone features of normalised images."""
+        """Backbone features of normalised images (``x`` checked: a float batch [B,3,H,W] of the model's dtype)."""
+        checks.images(x, next(self.parameters()).dtype)
         return self.backbone((x - self.mean) / self.std)
 
     def forward_features(self, x: Tensor) -> tuple[Tensor, Tensor]:
@@ -167,9 +171,10 @@ class DeepLabV3Plus(nn.Module):
         The backbone holds no dropout, so it runs once; the head runs on the ``T*B`` stacked
         copies of its features in one batch.
         """
+        passes = checks.count(passes, "passes")
         feats = self.encode(x)
         stacked = {k: v.repeat(passes, 1, 1, 1) for k, v in feats.items()}
-        drop = KeyedDropout(self.dropout, seeds, passes, self.sites)
+        drop = KeyedDropout(self.dropout, checks.seeds(seeds, x.shape[0]), passes, self.sites)
         _, logits = self.classifier(stacked, drop)
         logits = F.interpolate(logits, size=x.shape[-2:], mode="bilinear", align_corners=False)
         return logits.unflatten(0, (passes, x.shape[0]))

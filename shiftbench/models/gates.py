@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from shiftbench.errors import ShiftbenchError
+from shiftbench.models import checks
 
 HIDDEN = 128
 
@@ -81,7 +82,8 @@ def build_gate(kind: str, channels: int, experts: int, classes: int, grid: tuple
     """A registered gate; ``channels`` = E x the experts' ASPP channels."""
     if kind not in GATES:
         raise ShiftbenchError(f"unknown gate type {kind!r}; allowed: {', '.join(GATES)}")
-    return GATES[kind](channels, experts, classes, grid)
+    return GATES[kind](checks.count(channels, "gate channels"), checks.count(experts, "experts"),
+                       checks.count(classes, "classes"), checks.grid(grid, "gate grid"))
 
 
 def grid_from_state(state: dict[str, Tensor], source: str) -> tuple[int, int]:

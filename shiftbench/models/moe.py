@@ -21,6 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from shiftbench.errors import ShiftbenchError
+from shiftbench.models import checks
 from shiftbench.models.gates import build_gate
 
 
@@ -76,8 +77,10 @@ class MoEHead(nn.Module):
         super().__init__()
         if combine not in COMBINE:
             raise ShiftbenchError(f"unknown combine rule {combine!r}; allowed: {', '.join(COMBINE)}")
-        self.kind, self.combine, self.grid, self.experts_n = gate, combine, tuple(grid), experts
+        experts, channels = checks.count(experts, "experts"), checks.count(channels, "channels")
         self.gate = build_gate(gate, experts * channels, experts, classes, grid)
+        self.kind, self.combine, self.grid, self.experts_n = gate, combine, tuple(grid), experts
+        self.channels, self.classes = channels, classes
         self.final_conv = nn.Conv2d(classes, classes, 3, 1, 1, bias=False) if final_conv else None
         if self.final_conv is not None:  # start as the identity: training can only move it from "no conv"
             nn.init.dirac_(self.final_conv.weight)
@@ -85,8 +88,17 @@ class MoEHead(nn.Module):
     def forward(self, features: Sequence[Tensor], logits: Tensor, log_probs: Tensor | None = None
                 ) -> tuple[Tensor, Tensor]:
         """``log_probs``: the experts' log_softmax(logits, dim=2), if the caller has it."""
-        if len(features) != self.experts_n or logits.shape[0] != self.experts_n:
-            raise ShiftbenchError(f"this MoE has {self.experts_n} experts, got {len(features)} feature maps")
+        e, c, k = self.experts_n, self.channels, self.classes
+        if logits.dim() != 5 or logits.shape[0] != e or logits.shape[2] != k:
+            raise ShiftbenchError(f"logits must be [E,B,K,H,W] with E = {e} experts and K = {k} classes, "
+                                  f"got {list(logits.shape)}")
+        if len(features) != e:
+            raise ShiftbenchError(f"this MoE has {e} experts, got {len(features)} feature maps; give one per expert")
+        want = (logits.shape[1], c, *features[0].shape[-2:])
+        bad = next((i for i, f in enumerate(features) if f.shape != want), None)
+        if bad is not None:
+            raise ShiftbenchError(f"feature map {bad} is {list(features[bad].shape)}; each must be [B,C,h,w] with the "
+                                  f"logits' B = {want[0]}, C = {c} channels and the same h, w as map 0")
         weights = self.gate(torch.cat(list(features), 1)).float()
         log_p = COMBINE[self.combine](logits.float(), weights, self.final_conv, log_probs)
         return log_p, weights
@@ -102,7 +114,20 @@ class MixtureOfExperts(MoEHead):
 
     def __init__(self, experts: Sequence[nn.Module], gate: str, classes: int, grid: tuple[int, int],
                  final_conv: bool = False, combine: str = "probs", channels: int | None = None):
-        channels = channels or experts[0].classifier.aspp.project[0].out_channels
+        if not experts:
+            raise ShiftbenchError("experts: empty; a MixtureOfExperts needs at least one expert")
+        widths = sorted({e.classifier.aspp.project[0].out_channels for e in experts})
+        counts = sorted({e.classes for e in experts})
+        if len(widths) > 1:
+            raise ShiftbenchError(f"the experts' ASPP maps differ in width ({widths} channels); a gate needs "
+                                  "experts of one feature width")
+        if channels not in (None, widths[0]):
+            raise ShiftbenchError(f"channels={channels!r}, but the experts' ASPP maps have {widths[0]}; "
+                                  "leave channels out or give that width")
+        if counts != [classes]:
+            raise ShiftbenchError(f"the experts predict {counts} classes, the MoE classes={classes}; "
+                                  "every expert must predict the MoE's classes")
+        channels = widths[0]
         super().__init__(gate, len(experts), channels, classes, grid, final_conv, combine)
         for i, expert in enumerate(experts, 1):
             expert.requires_grad_(False)

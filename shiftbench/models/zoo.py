@@ -19,6 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from shiftbench.errors import ShiftbenchError
+from shiftbench.models import checks
 from shiftbench.models.backbones import backbone_spec
 from shiftbench.models.checkpoints import check_classes, load_strict, read_checkpoint
 from shiftbench.models.deeplab import DeepLabV3Plus
@@ -141,13 +142,20 @@ class ModelZoo(nn.Module):
                 ) -> dict[str, Prediction]:
         """Predictions of ``names`` (default: all models) for images ``x [B,3,H,W]`` in [0,1]
         and per-sample seeds ``[B]`` (the MC-dropout masks)."""
+        checks.images(x)
+        if isinstance(names, str):
+            raise ShiftbenchError(f"names must be a list of model names, got the string {names!r} "
+                                  f"(write names=[{names!r}])")
         names = list(self.kinds) if names is None else list(names)
         for n in names:
             if n not in self.kinds:
                 raise ShiftbenchError(f"no model named {n!r}; models: {', '.join(self.kinds)}")
-        seeds = [int(s) for s in (seeds.tolist() if isinstance(seeds, Tensor) else seeds)]
-        if len(seeds) != x.shape[0]:
-            raise ShiftbenchError(f"got {len(seeds)} seeds for a batch of {x.shape[0]} images; give one per image")
+        seeds = checks.seeds(seeds, x.shape[0])
+        lo, hi = torch.aminmax(x)
+        if not bool((lo >= 0) & (hi <= 1)):  # the batch's one sync; NaN fails both comparisons
+            seen = f"values in [{float(lo):g}, {float(hi):g}]" if lo.isfinite() & hi.isfinite() else "NaN or Inf"
+            raise checks.ImagesOutOfRange(f"x holds {seen}; images must lie in [0,1] "
+                                          "(convert uint8 images with x.float() / 255)")
         used = list(dict.fromkeys(e for n in names if self.kinds[n] in ("expert", "ensemble", "moe")
                                   for e in self.members[n]))
         shared = self.expert_passes(x, used)

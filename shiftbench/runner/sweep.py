@@ -24,6 +24,7 @@ from torch import Tensor
 from corruptions import corrupt
 from shiftbench.metrics import (CalibrationMetrics, ConditionalMetrics, Outcome, SegmentationMetrics,
                                 UncertaintyHistogram)
+from shiftbench.models.checks import ImagesOutOfRange
 from shiftbench.runner.conditions import Condition
 from shiftbench.runner.data import Batch, SplitData
 from shiftbench.seeding import key
@@ -193,7 +194,11 @@ def forward_batch(zoo, cond: Condition, batch: Batch, seed: int, device: torch.d
             with timer("corruption"):
                 x = corrupt(x, cond.corruption, cond.severity, seed=corruption_seeds(seed, batch.ids, device))
         with timer("forward"):
-            preds = predict(zoo, x, model_seeds(seed, batch.ids), exact)
+            try:
+                preds = predict(zoo, x, model_seeds(seed, batch.ids), exact)
+            except ImagesOutOfRange as exc:  # a corruption gone wrong: this condition fails, the others run
+                raise ConditionFailed(f"the {'clean' if cond.is_clean else 'corrupted'} images of {batch.ids[0]}"
+                                      f"{' ...' if len(batch.ids) > 1 else ''}: {exc}") from None
         return x, preds
     except torch.cuda.OutOfMemoryError as exc:
         if len(batch.ids) == 1:
