@@ -190,3 +190,15 @@ def test_the_probabilities_a_shared_outcome_saw_are_checked_once_and_others_agai
     assert len(calls) == 1  # one row chunk, checked for the first estimator only
     with pytest.raises(ShiftbenchError, match="probs summed over the classes"):
         CalibrationMetrics(K).update(probs * 0.5, target, 1 - u, outcome=o)  # other probabilities: checked
+
+
+def test_numpy_arrays_and_foreign_objects_are_one_line():
+    probs, target, u, pred = _inputs(9)
+    for call, match in ((lambda: SegmentationMetrics(K).update(pred.numpy(), target), "pred must be an integer tensor"),
+                        (lambda: Outcome(pred, target.numpy()), "target must be an integer tensor"),
+                        (lambda: CalibrationMetrics(K).update(probs.numpy(), target), "got ndarray"),
+                        (lambda: UncertaintyHistogram().update(u.numpy(), target), "uncertainty must be a float"),
+                        (lambda: SegmentationMetrics(K).merge(3), r"cannot merge int\(\) into SegmentationMetrics")):
+        with pytest.raises(ShiftbenchError, match=match) as exc:
+            call()
+        assert "\n" not in str(exc.value)

@@ -354,10 +354,13 @@ def test_checkpoint_needing_pickled_code_is_refused(tmp_path):
     (pickle.dumps({"x": 1}, protocol=4), r"is not a readable torch file \(Unsupported operand 149\)"),
     (None, "not found"),
     ("folder", "is a folder, not a file"),
+    ("none", "checkpoint path must be a str or os.PathLike; got NoneType"),
 ])
 def test_unreadable_checkpoints(tmp_path, content, expected):
     path = tmp_path / "x.pt"
-    if content == "folder":
+    if content == "none":
+        path = None
+    elif content == "folder":
         path.mkdir()
     elif content is not None:
         path.write_bytes(content)

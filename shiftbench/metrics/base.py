@@ -80,7 +80,7 @@ class Accumulator:
     def merge(self, other: Accumulator) -> Accumulator:
         """Add ``other``'s states into this one's (``a.merge(b)`` == one accumulator updated with both)."""
         if type(other) is not type(self) or other.config != self.config:
-            raise ShiftbenchError(f"cannot merge {type(other).__name__}({_fmt(other.config)}) into "
+            raise ShiftbenchError(f"cannot merge {type(other).__name__}({_fmt(getattr(other, 'config', {}))}) into "
                                   f"{type(self).__name__}({_fmt(self.config)}); both must have the same settings")
         for name, reduce in self._reduce.items():
             combine = REDUCTIONS[reduce][0]
@@ -150,8 +150,15 @@ def _fmt(config: dict[str, Any]) -> str:
 # --------------------------------------------------------------------------- helpers shared by the metrics
 
 
+def _check_tensor(name: str, x: Any, what: str) -> None:
+    if not isinstance(x, Tensor):
+        raise ShiftbenchError(f"{name} must be {what} (torch.Tensor; convert numpy arrays with torch.from_numpy); "
+                              f"got {type(x).__name__}")
+
+
 def check_labels(name: str, x: Tensor, shape: torch.Size | None = None) -> None:
     """``x`` must be an integer [B,H,W] tensor (of ``shape`` when given)."""
+    _check_tensor(name, x, "an integer tensor [B,H,W]")
     if x.dim() != 3 or x.is_floating_point() or x.is_complex() or x.dtype == torch.bool:
         raise ShiftbenchError(f"{name} must be an integer tensor [B,H,W]; got {x.dtype} {list(x.shape)}")
     if shape is not None and x.shape != shape:
@@ -160,6 +167,7 @@ def check_labels(name: str, x: Tensor, shape: torch.Size | None = None) -> None:
 
 def check_map(name: str, x: Tensor, shape: torch.Size) -> None:
     """``x`` must be a float [B,H,W] tensor of ``shape``."""
+    _check_tensor(name, x, f"a float tensor {list(shape)}")
     if not x.is_floating_point() or x.shape != shape:
         raise ShiftbenchError(f"{name} must be a float tensor {list(shape)} like target; got {x.dtype} {list(x.shape)}")
 

@@ -173,9 +173,10 @@ class CalibrationMetrics(Accumulator):
     def _check_shapes(self, probs: Tensor, target: Tensor, confidence: Tensor | None, pred: Tensor | None) -> None:
         check_labels("target", target)
         b, h, w = target.shape
-        if probs.dim() != 4 or not probs.is_floating_point() or tuple(probs.shape) != (b, self.num_classes, h, w):
+        if not isinstance(probs, Tensor) or probs.dim() != 4 or not probs.is_floating_point() or tuple(probs.shape) != (b, self.num_classes, h, w):
+            got = f"{probs.dtype} {list(probs.shape)}" if isinstance(probs, Tensor) else type(probs).__name__
             raise ShiftbenchError(f"probs must be a float tensor [B,K,H,W] = {[b, self.num_classes, h, w]}; "
-                                  f"got {probs.dtype} {list(probs.shape)}")
+                                  f"got {got}")
         if confidence is not None:
             check_map("confidence", confidence, target.shape)
         if pred is not None:

@@ -10,6 +10,7 @@ types only (kind, backbone, classes, suite name and digest, package versions, ..
 
 from __future__ import annotations
 
+import os
 import pickle
 import re
 import warnings
@@ -38,6 +39,9 @@ def read_checkpoint(path: str | Path, map_location: str | torch.device = "cpu", 
                     ) -> dict[str, Any]:
     """``{"state_dict": {name: tensor}, "meta": {...}}`` from a checkpoint file, loaded safely; errors start
     with ``where`` (the suite field that named the file) when given."""
+    if not isinstance(path, (str, os.PathLike)):
+        raise ShiftbenchError(f"{where + ': ' if where else ''}checkpoint path must be a str or os.PathLike; "
+                              f"got {type(path).__name__}")
     try:
         return _load(Path(path), map_location)
     except ShiftbenchError as exc:
