@@ -159,23 +159,26 @@ class CalibrationMetrics(Accumulator):
         b, n = target.shape[0], self.n_bins
         part = _Partial.zeros(b, n, len(SCORES), target.device)
         checks = RangeCheck()
-        simplex = probs is not outcome.checked_probs  # the estimators of one model share its probs: check them once
+        # probs are read (and so checked) without a confidence or for the multiclass scores; the estimators of
+        # one model share its probs and outcome: check them once
+        simplex = (not given or self.multiclass) and probs is not outcome.checked_probs
         for rows in row_chunks(target.shape, target.device):
             self._chunk(part, probs[:, :, rows], None if confidence is None else confidence[:, rows], outcome, rows,
                         checks, simplex)
         checks.raise_if_bad()  # before anything is committed; the states are still untouched
-        if simplex and (not given or self.multiclass):
+        if simplex:
             outcome.checked_probs = probs
         part.n_valid += outcome.n_valid
         part.scores += part.shift[:, None] * part.n_valid
-        self._commit(part, given=confidence is not None)
+        self._commit(part, given=given)
 
     def _check_shapes(self, probs: Tensor, target: Tensor, confidence: Tensor | None, pred: Tensor | None) -> None:
         check_labels("target", target)
         b, h, w = target.shape
-        if not isinstance(probs, Tensor) or probs.dim() != 4 or not probs.is_floating_point() or tuple(probs.shape) != (b, self.num_classes, h, w):
+        want = (b, self.num_classes, h, w)
+        if not isinstance(probs, Tensor) or not probs.is_floating_point() or tuple(probs.shape) != want:
             got = f"{probs.dtype} {list(probs.shape)}" if isinstance(probs, Tensor) else type(probs).__name__
-            raise ShiftbenchError(f"probs must be a float tensor [B,K,H,W] = {[b, self.num_classes, h, w]}; "
+            raise ShiftbenchError(f"probs must be a float tensor [B,K,H,W] = {list(want)}; "
                                   f"got {got}")
         if confidence is not None:
             check_map("confidence", confidence, target.shape)
@@ -183,14 +186,14 @@ class CalibrationMetrics(Accumulator):
             check_labels("pred", pred, target.shape)
 
     def _chunk(self, part: _Partial, probs: Tensor, confidence: Tensor | None, outcome: Outcome, rows: slice,
-               checks: RangeCheck, simplex: bool = True) -> None:
+               checks: RangeCheck, simplex: bool) -> None:
         """Add one row chunk ([B,K,r,W] probabilities, [B,r,W] confidence) to the per-image partial sums."""
         valid, correct, invalid = outcome.valid[:, rows], outcome.correct[:, rows], outcome.invalid[:, rows]
         given = confidence is not None
         sos = p_y = None
         if not given or self.multiclass:  # the reductions over the classes, once per chunk
             sos, p_y, top = class_scores(probs, outcome.safe_target[:, rows], top=not given)
-            if simplex:
+            if simplex:  # False when the caller's outcome already saw these probs
                 _check_simplex(checks, probs, invalid)
         if given:
             conf = checks.masked("confidence", confidence.float(), 0.0, 1.0, "values in [0, 1] on valid pixels",

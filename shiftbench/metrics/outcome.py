@@ -98,7 +98,7 @@ class Outcome:
         """Refuse predicted ids outside [0, num_classes - 1] (None: negative ids) on valid pixels, once per class
         count."""
         if self.pred is not None and _unchecked(self._checked_pred, num_classes):
-            check_range("pred", self.pred, self.valid.bool(), 0, _top(num_classes), _ids(num_classes))
+            check_range("pred", self.pred, ~self.invalid, 0, _top(num_classes), _ids(num_classes))
             self._checked_pred.add(num_classes)
 
     def patches(self, patch: int) -> tuple[Tensor, Tensor]:
@@ -126,15 +126,14 @@ class Outcome:
         or, without one, a new Outcome of ``pred`` and ``target``."""
         if outcome is None:
             return cls(pred, target, ignore_index)
-        outcome.matches(target, ignore_index, who)
-        if pred is not None and pred is not outcome.pred and (
-                outcome.pred is None or pred.shape != outcome.pred.shape or not torch.equal(pred, outcome.pred)):
-            raise ShiftbenchError(f"{who}: outcome was computed for another pred")
+        outcome.matches(target, ignore_index, who, pred)
         return outcome
 
-    def matches(self, target: Tensor, ignore_index: int, who: str) -> None:
-        """Refuse an outcome computed for other labels or another ignore_index."""
-        if target is not self.target and (target.shape != self.target.shape or not torch.equal(target, self.target)):
-            raise ShiftbenchError(f"{who}: outcome was computed for another target")
+    def matches(self, target: Tensor, ignore_index: int, who: str, pred: Tensor | None = None) -> None:
+        """Refuse an outcome computed for other labels, another ``pred`` (when given) or another ignore_index."""
+        for name, given, own in (("target", target, self.target), ("pred", pred, self.pred)):
+            if given is not None and given is not own and (
+                    own is None or given.shape != own.shape or not torch.equal(given, own)):
+                raise ShiftbenchError(f"{who}: outcome was computed for another {name}")
         if ignore_index != self.ignore_index:
             raise ShiftbenchError(f"{who}: outcome has ignore_index {self.ignore_index}; the metric uses {ignore_index}")

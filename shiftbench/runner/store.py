@@ -79,9 +79,9 @@ class RunStore:
                            "another --out, or --force to discard it")
             else:
                 problem = None
-            if problem and not force:
-                raise ShiftbenchError(problem)
-            if problem:
+            if problem is not None:
+                if not force:
+                    raise ShiftbenchError(problem)
                 self.discard()
         elif self.root.exists() and any(self.root.iterdir()) and not force:
             raise ShiftbenchError(f"{self.root}: exists and is not a shiftbench run directory; "
