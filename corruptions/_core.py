@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import numbers
 from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, Sequence
 
@@ -98,10 +99,15 @@ class Rng:
         return torch.cat(draws).view_as(rates)
 
 
+def _is_int(value: object) -> bool:
+    """An integer, Python's or numpy's (``np.int64`` from ``np.arange``), but not a bool."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
 def _validate(images: Tensor, name: str, severity: int) -> None:
     if not isinstance(name, str) or name not in _REGISTRY:
         raise CorruptionError(f"unknown corruption {name!r}; valid names: {', '.join(CORRUPTIONS)}")
-    if isinstance(severity, bool) or not isinstance(severity, int) or severity not in SEVERITIES:
+    if not _is_int(severity) or severity not in SEVERITIES:
         raise CorruptionError(f"severity {severity!r} is not allowed; use an integer in 1..5")
     if not isinstance(images, Tensor):
         raise CorruptionError(f"images must be a torch.Tensor [B,3,H,W], got {type(images).__name__}")
@@ -124,9 +130,9 @@ def _seeds(seed: int | Tensor, batch: int) -> list[int]:
             raise CorruptionError(f"seed must be an int or an int64 tensor of shape [{batch}], "
                                   f"got {seed.dtype} {list(seed.shape)}")
         return [int(s) for s in seed.tolist()]
-    if isinstance(seed, bool) or not isinstance(seed, int):
+    if not _is_int(seed):
         raise CorruptionError(f"seed must be an int or an int64 tensor [B], got {type(seed).__name__}")
-    return [seed] * batch
+    return [int(seed)] * batch
 
 
 def corrupt(images: Tensor, name: str, severity: int, seed: int | Tensor = 0) -> Tensor:
@@ -142,6 +148,7 @@ def corrupt(images: Tensor, name: str, severity: int, seed: int | Tensor = 0) ->
     seeds = _seeds(seed, images.shape[0])
     if not seeds:
         return images.clone()
+    severity = int(severity)
     rng = Rng(seeds, name, severity, images.device)
     out = _REGISTRY[name](images.float().contiguous(), severity, rng)  # one memory layout: one rounding
     return out.clamp_(0.0, 1.0).to(images.dtype)

@@ -8,14 +8,26 @@ the usual way.
 
 from __future__ import annotations
 
+import numbers
 import os
 from pathlib import Path
+from typing import Any
 
 
 class ShiftbenchError(ValueError):
     """A bad input: the message names the thing, what was given and what is allowed."""
 
     exit_code = 2
+
+
+def is_int(value: Any) -> bool:
+    """An integer, Python's or numpy's (``np.int64`` from ``np.arange`` or a DataFrame), but not a bool."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def is_real(value: Any) -> bool:
+    """A real number, Python's or numpy's (ints included), but not a bool."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
 def file_problem(path: str | os.PathLike) -> str | None:

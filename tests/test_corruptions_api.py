@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -117,7 +118,7 @@ def test_unknown_name_lists_the_valid_names():
     _error(r"unknown corruption \['fog'\]; valid names", _images(1, 32, 32), ["fog"], 1)  # unhashable: no TypeError
 
 
-@pytest.mark.parametrize("severity", [0, 6, -1, True, 2.0, "3", None])
+@pytest.mark.parametrize("severity", [0, 6, -1, True, 2.0, "3", None, np.float64(2), np.bool_(True), np.int64(6)])
 def test_bad_severity(severity):
     _error("severity .* use an integer in 1..5", _images(1, 32, 32), "fog", severity)
 
@@ -148,6 +149,17 @@ def test_smaller_than_32_pixels(hw):
     _error("at least 32x32", torch.zeros(1, 3, *hw), "gaussian_blur", 1)
 
 
-@pytest.mark.parametrize("seed", [1.5, "7", True, torch.tensor([1, 2]), torch.tensor([1.0]), torch.tensor(3)])
+@pytest.mark.parametrize("seed", [1.5, "7", True, torch.tensor([1, 2]), torch.tensor([1.0]), torch.tensor(3),
+                                  np.float64(7), np.bool_(True)])
 def test_bad_seed(seed):
     _error("seed must be an int", _images(1, 32, 32), "gaussian_noise", 1, seed=seed)
+
+
+@pytest.mark.parametrize("name", ["gaussian_noise", "spatter", "contrast"])
+def test_numpy_integers_are_ints(name):
+    """A severity or seed from ``np.arange`` or a DataFrame column is the int it holds."""
+    x = _images(2, 40, 48)
+    for severity in np.arange(1, 6):
+        want = corrupt(x, name, int(severity), seed=7)
+        assert torch.equal(corrupt(x, name, severity, seed=np.int64(7)), want)
+        assert torch.equal(corrupt(x, name, np.int32(severity), seed=np.uint16(7)), want)

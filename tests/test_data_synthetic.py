@@ -63,10 +63,19 @@ def test_dataset_contract():
     (("ambiguous", "train", 4), "'train' does not exist for domain 'ambiguous'; allowed: test"),
     (("rural", "test", 4), "'rural' is not one of highway, urban, ambiguous"),
     (("urban", "test", 0), "count 0 is not a positive integer"),
+    (("urban", "test", True), "count True is not a positive integer"),
+    (("urban", "test", 4, "a"), "synthetic seed 'a' is not an integer"),
+    (("urban", "test", 4, 1.5), "synthetic seed 1.5 is not an integer"),
 ])
 def test_dataset_bad_arguments(args, match):
     with pytest.raises(ShiftbenchError, match=match):
         SyntheticStreetScenes(*args)
+
+
+def test_dataset_numpy_integers():
+    a, b = SyntheticStreetScenes("urban", "test", np.int64(3), seed=np.int64(5)), SyntheticStreetScenes("urban", "test", 3, 5)
+    assert len(a) == 3 and (a.count, a.seed) == (3, 5) and type(a.seed) is int
+    assert all(torch.equal(x, y) for x, y in zip(a[2][:2], b[2][:2]))
 
 
 @pytest.mark.parametrize("size", [(8, 64), (64,), "128x256", (64.5, 128)])

@@ -96,6 +96,24 @@ def test_states_reset_merge_and_reductions():
         a.add_state("total", torch.zeros(1))
 
 
+@pytest.mark.parametrize("make", [
+    lambda i, f: CalibrationMetrics(i(11), n_bins=i(15), ignore_index=i(255)),
+    lambda i, f: ConditionalMetrics(patch_size=i(4), accuracy_threshold=f(0.5), thresholds=i(101), ignore_index=i(255)),
+    lambda i, f: SegmentationMetrics(i(11), ignore_index=i(255)),
+    lambda i, f: UncertaintyHistogram(bins=i(50), ignore_index=i(255)),
+])
+def test_numpy_settings_are_plain_numbers(make):
+    """Settings read from numpy or pandas hold their Python values, so such a metric merges with one built
+    from literals and prints them plainly."""
+    plain, numpy = make(int, float), make(np.int64, np.float32)
+    assert numpy.config == plain.config and repr(numpy) == repr(plain)
+    assert all(type(v) in (int, float, str, bool) for v in numpy.config.values())
+    assert type(numpy.ignore_index) is int
+    numpy.merge(plain)
+    with pytest.raises(ShiftbenchError, match="must be a positive integer; got np.True_"):
+        make(np.bool_, float)
+
+
 def test_an_empty_batch_changes_no_count_or_sum():
     """B = 0 (e.g. a rank whose shard ran out) is a no-op for every accumulator, not an internal error."""
     k = 4

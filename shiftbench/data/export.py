@@ -23,7 +23,7 @@ import numpy as np
 from shiftbench.data import a2d2, cityscapes
 from shiftbench.data._io import write_png
 from shiftbench.data.synthetic import DEFAULT_SIZE, DOMAINS, SPLITS, check_scene_size, check_split, render
-from shiftbench.errors import ShiftbenchError
+from shiftbench.errors import ShiftbenchError, is_int
 from shiftbench.io import write_json, write_text
 
 SPLIT_ORDER = ("train", "val", "test")
@@ -105,8 +105,11 @@ def export(fmt: str, out: str | os.PathLike, domains: tuple[str, ...] = DOMAINS,
         raise ShiftbenchError(f"format {fmt!r} is not one of {', '.join(EXPORTERS)}")
     for d in domains:
         check_split(d, SPLITS.get(d, ("test",))[0])
-    if not isinstance(count, int) or count < 1:
+    if not is_int(count) or count < 1:
         raise ShiftbenchError(f"count {count!r} is not a positive integer")
+    if not is_int(seed):
+        raise ShiftbenchError(f"seed {seed!r} is not an integer")
+    count, seed = int(count), int(seed)
     size = check_scene_size(size)  # every check before the writer creates anything
     out = Path(out)
     if out.exists() and not out.is_dir():

@@ -31,7 +31,7 @@ from torch.utils.data import Dataset
 from shiftbench.data._render import (BLOCKER, BUILDINGS, DRIVABLE, GROUND_SURFACE, INFO, LANES, NATURE,
                                      NONDRIVABLE, SKY, SKY_SURFACE, Camera, Canvas, Thing, frac, lookup, paint_plane,
                                      paint_thing, sensor_noise, smooth_noise, texture)
-from shiftbench.errors import ShiftbenchError
+from shiftbench.errors import ShiftbenchError, is_int
 from shiftbench.seeding import key
 
 CLASSES_11 = ("Person", "Car", "Truck", "Drivable", "Nondrivable", "Blocker", "Info", "Sky", "Buildings", "Nature",
@@ -174,8 +174,10 @@ class SyntheticStreetScenes(Dataset):
     def __init__(self, domain: str, split: str, count: int, seed: int = 0,
                  size: tuple[int, int] = DEFAULT_SIZE):
         check_split(domain, split)
-        if not isinstance(count, (int, np.integer)) or count < 1:
+        if not is_int(count) or count < 1:
             raise ShiftbenchError(f"synthetic count {count!r} is not a positive integer")
+        if not is_int(seed):
+            raise ShiftbenchError(f"synthetic seed {seed!r} is not an integer")
         self.domain, self.split, self.count, self.seed = domain, split, int(count), int(seed)
         self.size = check_scene_size(size)
 

@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from shiftbench.chunks import CHUNK_PIXELS, row_chunks  # noqa: F401  (re-exported for the metrics)
-from shiftbench.errors import ShiftbenchError
+from shiftbench.errors import ShiftbenchError, is_int
 
 #: reduce name -> (how two states combine, the matching torch.distributed op name)
 REDUCTIONS: dict[str, tuple[Callable[[Tensor, Tensor], Tensor], str]] = {
@@ -34,10 +34,10 @@ class Accumulator:
     """
 
     def __init__(self, **config: Any) -> None:
-        if "ignore_index" in config and not _is_int(config["ignore_index"]):
+        if "ignore_index" in config and not is_int(config["ignore_index"]):
             raise ShiftbenchError(f"ignore_index must be an integer (the label of ignored pixels, e.g. 255); "
                                   f"got {config['ignore_index']!r}")
-        self.config = dict(config)
+        self.config = {k: int(v) if k == "ignore_index" else v for k, v in config.items()}
         self._reduce: dict[str, str] = {}
         self._default: dict[str, Tensor] = {}
 
@@ -132,15 +132,12 @@ class Accumulator:
         return f"{type(self).__name__}({_fmt(self.config)})"
 
 
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def check_count(name: str, value: Any, minimum: int = 1, what: str = "") -> None:
-    """Refuse a setting that is not an integer >= ``minimum`` (bools included); ``what`` explains it."""
-    if not _is_int(value) or value < minimum:
+def check_count(name: str, value: Any, minimum: int = 1, what: str = "") -> int:
+    """``value`` as an int if it is an integer >= ``minimum`` (numpy's too, bools refused); ``what`` explains it."""
+    if not is_int(value) or value < minimum:
         allowed = "a positive integer" if minimum == 1 else f"an integer >= {minimum}"
         raise ShiftbenchError(f"{name} must be {allowed}{f' ({what})' if what else ''}; got {value!r}")
+    return int(value)
 
 
 def _fmt(config: dict[str, Any]) -> str:

@@ -115,13 +115,13 @@ class CalibrationMetrics(Accumulator):
 
     def __init__(self, num_classes: int, n_bins: int = 15, ignore_index: int = 255, average: str = "pixels",
                  multiclass: bool = True) -> None:
-        check_count("num_classes", num_classes)
-        check_count("n_bins", n_bins)
+        num_classes, n_bins = check_count("num_classes", num_classes), check_count("n_bins", n_bins)
         if average not in AVERAGES:
             raise ShiftbenchError(f"average={average!r} is not one of {', '.join(AVERAGES)}")
         super().__init__(num_classes=num_classes, n_bins=n_bins, ignore_index=ignore_index, average=average,
                          multiclass=bool(multiclass))
-        self.num_classes, self.n_bins, self.ignore_index, self.average = num_classes, n_bins, ignore_index, average
+        self.num_classes, self.n_bins, self.average = num_classes, n_bins, average
+        self.ignore_index = self.config["ignore_index"]
         self.multiclass = bool(multiclass)
         self.edges = torch.linspace(0, 1, n_bins + 1, dtype=torch.float32)  # torchmetrics' edges
         self._margin = _edge_margin(self.edges)

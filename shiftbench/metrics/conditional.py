@@ -21,13 +21,12 @@ give the certain counts at every t. ``patch_size=1`` is the pixel-wise variant.
 
 from __future__ import annotations
 
-import numbers
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from shiftbench.errors import ShiftbenchError
+from shiftbench.errors import ShiftbenchError, is_real
 from shiftbench.metrics.base import Accumulator, RangeCheck, check_count, check_labels, check_map, row_chunks
 from shiftbench.metrics.outcome import Outcome, patch_sums
 
@@ -44,14 +43,14 @@ class ConditionalMetrics(Accumulator):
 
     def __init__(self, patch_size: int = 4, accuracy_threshold: float = 0.5, thresholds: int = 101,
                  ignore_index: int = 255) -> None:
-        check_count("patch_size", patch_size)
-        if isinstance(accuracy_threshold, bool) or not isinstance(accuracy_threshold, numbers.Real) \
-                or not 0.0 <= accuracy_threshold < 1.0:
+        patch_size = check_count("patch_size", patch_size)
+        if not is_real(accuracy_threshold) or not 0.0 <= accuracy_threshold < 1.0:
             raise ShiftbenchError(f"accuracy_threshold must be a number in [0, 1); got {accuracy_threshold!r}")
-        check_count("thresholds", thresholds, 2, "points of linspace(0, 1)")
+        thresholds = check_count("thresholds", thresholds, 2, "points of linspace(0, 1)")
         super().__init__(patch_size=patch_size, accuracy_threshold=float(accuracy_threshold),
                          thresholds=thresholds, ignore_index=ignore_index)
-        self.patch_size, self.accuracy_threshold, self.ignore_index = patch_size, float(accuracy_threshold), ignore_index
+        self.patch_size, self.accuracy_threshold = patch_size, float(accuracy_threshold)
+        self.ignore_index = self.config["ignore_index"]
         self.thresholds = torch.linspace(0, 1, thresholds, dtype=torch.float64)
         self.grid = self.thresholds.float()  # the float32 grid the patch means are compared with
         self.add_state("hist", torch.zeros(2, thresholds, dtype=torch.int64))

@@ -16,9 +16,9 @@ class UncertaintyHistogram(Accumulator):
     last; bin = floor(n u), exact in float64), and the float64 sum for the mean, over valid pixels."""
 
     def __init__(self, bins: int = 50, ignore_index: int = 255) -> None:
-        check_count("bins", bins)
+        bins = check_count("bins", bins)
         super().__init__(bins=bins, ignore_index=ignore_index)
-        self.bins, self.ignore_index = bins, ignore_index
+        self.bins, self.ignore_index = bins, self.config["ignore_index"]
         self.add_state("counts", torch.zeros(bins, dtype=torch.int64))
         self.add_state("total", torch.zeros((), dtype=torch.float64))
 

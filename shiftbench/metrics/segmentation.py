@@ -19,9 +19,9 @@ class SegmentationMetrics(Accumulator):
     """
 
     def __init__(self, num_classes: int, ignore_index: int = 255) -> None:
-        check_count("num_classes", num_classes)
+        num_classes = check_count("num_classes", num_classes)
         super().__init__(num_classes=num_classes, ignore_index=ignore_index)
-        self.num_classes, self.ignore_index = num_classes, ignore_index
+        self.num_classes, self.ignore_index = num_classes, self.config["ignore_index"]
         self.add_state("confmat", torch.zeros(num_classes, num_classes, dtype=torch.int64))
 
     @torch.no_grad()

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import numbers
 from typing import Any, Sequence
 
 import torch
 from torch import Tensor
 
-from shiftbench.errors import ShiftbenchError
+from shiftbench.errors import ShiftbenchError, is_int, is_real
 
 
 class ImagesOutOfRange(ShiftbenchError):
@@ -17,14 +16,14 @@ class ImagesOutOfRange(ShiftbenchError):
 
 def count(n: Any, what: str) -> int:
     """``n`` if it is an int >= 1 (not a bool)."""
-    if isinstance(n, bool) or not isinstance(n, numbers.Integral) or n < 1:
+    if not is_int(n) or n < 1:
         raise ShiftbenchError(f"{what} must be an int >= 1, got {n!r}")
     return int(n)
 
 
 def rate(p: Any, what: str) -> float:
     """``p`` if it is a number in [0, 1) (a dropout rate; 1 would drop everything)."""
-    if isinstance(p, bool) or not isinstance(p, numbers.Real) or not 0 <= p < 1:
+    if not is_real(p) or not 0 <= p < 1:
         raise ShiftbenchError(f"{what} must be a number in [0, 1), got {p!r}")
     return float(p)
 
@@ -32,7 +31,7 @@ def rate(p: Any, what: str) -> float:
 def grid(g: Any, what: str = "grid") -> tuple[int, int]:
     """``g`` as ``(h, w)`` if it is a pair of ints >= 1."""
     if (isinstance(g, (str, bytes)) or not isinstance(g, Sequence) or len(g) != 2
-            or any(isinstance(n, bool) or not isinstance(n, numbers.Integral) or n < 1 for n in g)):
+            or any(not is_int(n) or n < 1 for n in g)):
         raise ShiftbenchError(f"{what} must be a pair of ints >= 1 (h, w), got {g!r}")
     return int(g[0]), int(g[1])
 
@@ -48,7 +47,7 @@ def seeds(s: Any, batch: int | None) -> list[int]:
     elif isinstance(s, (str, bytes)) or not hasattr(s, "__iter__"):
         raise ShiftbenchError(f"seeds must be an int64 tensor [B] or a list of B ints, got {type(s).__name__}")
     s = list(s)
-    bad = next((v for v in s if isinstance(v, bool) or not isinstance(v, numbers.Integral)), None)
+    bad = next((v for v in s if not is_int(v)), None)
     if bad is not None:
         raise ShiftbenchError(f"seeds must be ints (an int64 tensor [B] or a list of B ints), "
                               f"got a {type(bad).__name__} ({bad!r})")
