@@ -551,6 +551,15 @@ def test_moe_head_refuses_wrong_shapes(feats, z, match):
     _refused(match, MoEHead("simple", 3, 8, K, (2, 3)), feats, z)
 
 
+def test_moe_head_refuses_log_probs_of_another_shape_and_inputs_on_another_device():
+    head, feats, z = MoEHead("simple", 3, 8, K, (2, 3)), [torch.randn(2, 8, 4, 6)] * 3, _expert_outputs()
+    _refused(r"^log_probs is \[3, 2, 11, 5, 5\]; it must be log_softmax\(logits, dim=2\), of the logits' shape "
+             r"\[3, 2, 11, 5, 6\]$", head, feats, z, z[..., :5].log_softmax(2))
+    _refused(r"^the MoE head is on cpu, its inputs on meta; move them with .to\(cpu\)$", head, feats, z.to("meta"))
+    _refused(r"^the MoE head is on cpu, its inputs on meta", head, [f.to("meta") for f in feats], z)
+    assert torch.equal(head(feats, z, z.log_softmax(2))[0], head(feats, z)[0])
+
+
 @pytest.mark.parametrize("experts, channels, match", [
     ([], None, r"^experts: empty; a MixtureOfExperts needs at least one expert$"),
     (["tiny", "resnet18"], None, r"^the experts' ASPP maps differ in width \(\[64, 256\] channels\)"),

@@ -99,6 +99,13 @@ class MoEHead(nn.Module):
         if bad is not None:
             raise ShiftbenchError(f"feature map {bad} is {list(features[bad].shape)}; each must be [B,C,h,w] with the "
                                   f"logits' B = {want[0]}, C = {c} channels and the same h, w as map 0")
+        if log_probs is not None and log_probs.shape != logits.shape:
+            raise ShiftbenchError(f"log_probs is {list(log_probs.shape)}; it must be log_softmax(logits, dim=2), "
+                                  f"of the logits' shape {list(logits.shape)}")
+        device = next(self.parameters()).device
+        bad = next((t for t in (logits, log_probs, *features) if t is not None and t.device != device), None)
+        if bad is not None:
+            raise ShiftbenchError(f"the MoE head is on {device}, its inputs on {bad.device}; move them with .to({device})")
         weights = self.gate(torch.cat(list(features), 1)).float()
         log_p = COMBINE[self.combine](logits.float(), weights, self.final_conv, log_probs)
         return log_p, weights
