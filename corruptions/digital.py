@@ -43,7 +43,7 @@ def brightness(x: Tensor, severity: int, rng: Rng) -> Tensor:
 def contrast(x: Tensor, severity: int, rng: Rng) -> Tensor:
     """(x - m) * c + m, m the mean of each image channel over H, W."""
     means = x.mean(dim=(-2, -1), keepdim=True)
-    return (x - means) * CONTRAST[severity - 1] + means
+    return (x - means).mul_(CONTRAST[severity - 1]).add_(means)
 
 
 @register

@@ -19,8 +19,7 @@ SPECKLE_NOISE = (0.15, 0.2, 0.35, 0.45, 0.6)  # std of the multiplicative noise
 @register
 def gaussian_noise(x: Tensor, severity: int, rng: Rng) -> Tensor:
     """x + N(0, c^2), per pixel and channel."""
-    c = GAUSSIAN_NOISE[severity - 1]
-    return x + c * rng.normal(*x.shape[1:])
+    return rng.normal(*x.shape[1:], std=GAUSSIAN_NOISE[severity - 1]).add_(x)
 
 
 @register
@@ -45,5 +44,4 @@ def impulse_noise(x: Tensor, severity: int, rng: Rng) -> Tensor:
 @register
 def speckle_noise(x: Tensor, severity: int, rng: Rng) -> Tensor:
     """x + x N(0, c^2), per pixel and channel."""
-    c = SPECKLE_NOISE[severity - 1]
-    return x + x * (c * rng.normal(*x.shape[1:]))
+    return rng.normal(*x.shape[1:], std=SPECKLE_NOISE[severity - 1]).mul_(x).add_(x)
