@@ -30,6 +30,12 @@ def is_real(value: Any) -> bool:
     return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
+def is_unit_range(value: Any) -> bool:
+    """A pair (lo, hi) of real numbers with 0 <= lo < hi <= 1 (a tuple or a list, as YAML gives it)."""
+    return (isinstance(value, (tuple, list)) and len(value) == 2 and all(is_real(v) for v in value)
+            and 0 <= value[0] < value[1] <= 1)
+
+
 def file_problem(path: str | os.PathLike) -> str | None:
     """Why ``path`` cannot be read as a file ("not found", "is a folder, not a file"), or None if it can."""
     path = Path(path)

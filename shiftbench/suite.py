@@ -19,7 +19,7 @@ from typing import Any, Callable
 
 import yaml
 
-from shiftbench.errors import ShiftbenchError, file_problem
+from shiftbench.errors import ShiftbenchError, file_problem, is_unit_range
 
 DATASETS = ("synthetic", "a2d2", "cityscapes")
 CLASSES = {"synthetic": (11,), "a2d2": (38, 11), "cityscapes": (19,)}
@@ -133,6 +133,7 @@ class MetricsSpec:
     patch_size: int = 4
     accuracy_threshold: float = 0.5
     thresholds: int = 101
+    threshold_range: tuple[float, float] = (0.0, 1.0)
     calibration_confidence: str = "uncertainty"
     calibration_average: str = "pixels"
     gallery: tuple[str, ...] = ()
@@ -493,12 +494,22 @@ def _metrics(sec: _Section) -> MetricsSpec:
         patch_size=sec.get("patch_size", int, 4, check=_positive),
         accuracy_threshold=sec.get("accuracy_threshold", float, 0.5, check=_unit),
         thresholds=sec.get("thresholds", int, 101, check=lambda v: _between(v, 2, MAX_THRESHOLDS)),
+        threshold_range=_threshold_range(sec),
         calibration_confidence=sec.get("calibration_confidence", str, "uncertainty", choices=CONFIDENCE),
         calibration_average=sec.get("calibration_average", str, "pixels", choices=AVERAGE),
         gallery=sec.names("gallery", ()),
     )
     sec.done()
     return spec
+
+
+def _threshold_range(sec: _Section) -> tuple[float, float]:
+    """metrics.threshold_range: [lo, hi] with 0 <= lo < hi <= 1, the span of the conditional metrics' grid."""
+    value = sec.get("threshold_range", list, [0.0, 1.0])
+    if not is_unit_range(value):
+        raise SuiteError(f"{sec._p('threshold_range')}: {_show(value)} is not [lo, hi] with numbers "
+                         "0 <= lo < hi <= 1 (the authors' grid: [0.01, 0.99] with thresholds: 50)")
+    return float(value[0]), float(value[1])
 
 
 def _auto_or_bool(value: Any) -> str | None:

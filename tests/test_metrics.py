@@ -98,7 +98,8 @@ def test_states_reset_merge_and_reductions():
 
 @pytest.mark.parametrize("make", [
     lambda i, f: CalibrationMetrics(i(11), n_bins=i(15), ignore_index=i(255)),
-    lambda i, f: ConditionalMetrics(patch_size=i(4), accuracy_threshold=f(0.5), thresholds=i(101), ignore_index=i(255)),
+    lambda i, f: ConditionalMetrics(patch_size=i(4), accuracy_threshold=f(0.5), thresholds=i(101), ignore_index=i(255),
+                                    threshold_range=(f(0.25), i(1))),
     lambda i, f: SegmentationMetrics(i(11), ignore_index=i(255)),
     lambda i, f: UncertaintyHistogram(bins=i(50), ignore_index=i(255)),
 ])
@@ -107,7 +108,8 @@ def test_numpy_settings_are_plain_numbers(make):
     from literals and prints them plainly."""
     plain, numpy = make(int, float), make(np.int64, np.float32)
     assert numpy.config == plain.config and repr(numpy) == repr(plain)
-    assert all(type(v) in (int, float, str, bool) for v in numpy.config.values())
+    plain_values = [x for v in numpy.config.values() for x in (v if isinstance(v, tuple) else (v,))]
+    assert all(type(v) in (int, float, str, bool) for v in plain_values)
     assert type(numpy.ignore_index) is int
     numpy.merge(plain)
     with pytest.raises(ShiftbenchError, match="must be a positive integer; got np.True_"):

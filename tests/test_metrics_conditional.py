@@ -63,7 +63,7 @@ def _check(result, brute):
             i = int(np.nanargmax(curve))
             assert result[f"peak_{name}"] == curve[i]
             assert result[f"peak_{name}_threshold"] == thresholds[i]
-    au = np.trapezoid(want["pavpu"], thresholds) if n_patches else math.nan
+    au = np.trapezoid(want["pavpu"], thresholds) / (thresholds[-1] - thresholds[0]) if n_patches else math.nan
     assert result["au_pavpu"] == pytest.approx(au, rel=1e-12, nan_ok=True)
     assert result["n_patches"] == n_patches
 
@@ -120,6 +120,25 @@ def test_uncertainties_exactly_on_the_grid_zero_and_one():
         _check(result, brute_conditional(pred, target, unc, result["thresholds"].numpy(), patch))
 
 
+def test_a_narrower_grid_keeps_the_patches_outside_it():
+    """The authors' grid 0.01, 0.03, ..., 0.99: patches below its first threshold are certain at every
+    threshold, patches above its last uncertain at every one (they still count in N, n_au and n_iu), and
+    AU-PAvPU is the trapezoid divided by the range, the mean PAvPU over it."""
+    pred, target, _ = _random(b=2, h=8, w=12, seed=11, ignore=0.1)
+    g = torch.Generator().manual_seed(12)
+    unc = torch.rand(2, 8, 12, generator=g)
+    unc[0, :4] = 0.995 + 0.005 * torch.rand(4, 12, generator=g)  # whole 4x4 patches above 0.99
+    unc[1, :4] = 0.005 * torch.rand(4, 12, generator=g)  # and below 0.01
+    for patch in (1, 4):
+        result = _run(pred, target, unc, patch_size=patch, thresholds=50, threshold_range=(0.01, 0.99))
+        np.testing.assert_allclose(result["thresholds"].numpy(), 0.01 + 0.02 * np.arange(50), rtol=0, atol=1e-15)
+        brute = brute_conditional(pred, target, unc, result["thresholds"].numpy(), patch)
+        assert brute[0]["n_au"][-1] + brute[0]["n_iu"][-1] > 0 and brute[0]["n_ac"][0] + brute[0]["n_ic"][0] > 0
+        _check(result, brute)
+    pavpu = result["pavpu"].numpy()  # 49 equal steps: the trapezoid's mean height
+    assert result["au_pavpu"] == pytest.approx((pavpu[1:-1].sum() + (pavpu[0] + pavpu[-1]) / 2) / 49, rel=1e-12)
+
+
 def test_sizes_not_divisible_keep_partial_patches(monkeypatch):
     pred, target, unc = _random(b=2, h=11, w=7, seed=4)
     result = _run(pred, target, unc, patch_size=4)
@@ -173,6 +192,8 @@ def test_merge_and_state_dict_round_trip(tmp_path):
     assert torch.equal(loaded.compute()["n_ac"], both.compute()["n_ac"])
     with pytest.raises(ShiftbenchError, match="same settings"):
         a.merge(ConditionalMetrics(patch_size=2))
+    with pytest.raises(ShiftbenchError, match=r"threshold_range=\(0.01, 0.99\).*same settings"):
+        a.merge(ConditionalMetrics(threshold_range=(0.01, 0.99)))
 
 
 @pytest.mark.parametrize("kw, match", [
@@ -182,6 +203,11 @@ def test_merge_and_state_dict_round_trip(tmp_path):
     (dict(patch_size=True), "patch_size must be a positive integer; got True"),
     (dict(ignore_index="255"), r"ignore_index must be an integer \(the label of ignored pixels, e.g. 255\); got '255'"),
     (dict(thresholds=1), "thresholds must be an integer >= 2"),
+    (dict(threshold_range=(0.5, 0.2)), r"threshold_range must be two numbers lo < hi in \[0, 1\].*got \(0.5, 0.2\)"),
+    (dict(threshold_range=(0.0, 1.5)), "threshold_range must be two numbers"),
+    (dict(threshold_range=0.5), "threshold_range must be two numbers"),
+    (dict(threshold_range=(0, 1, 2)), "threshold_range must be two numbers"),
+    (dict(threshold_range=(False, True)), "threshold_range must be two numbers"),
 ])
 def test_bad_settings(kw, match):
     with pytest.raises(ShiftbenchError, match=match):

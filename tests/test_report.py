@@ -213,6 +213,20 @@ def test_at_threshold_reads_the_grid_point(run_dir):
         aggregate.at_threshold(curves, 1.5)
     coarse = curves[np.isclose(curves["x"] * 4, np.round(curves["x"] * 4))]  # grid 0, .25, .5, .75, 1
     assert aggregate.at_threshold(coarse, 0.3)["pavpu"].equals(aggregate.at_threshold(coarse, 0.25)["pavpu"])
+    assert set(at["x"]) == {0.5} and set(aggregate.at_threshold(coarse, 0.3)["x"]) == {0.25}  # the point it read
+
+
+def test_the_fixed_threshold_row_names_the_grid_point_it_read(run_dir):
+    """--threshold 0.333 on the 101-point grid reads t = 0.33, and the figure says 0.33, not 0.333."""
+    from shiftbench.report import figures
+    from shiftbench.report.style import method_colours
+
+    run = load_run(run_dir)
+    ctx = figures.Context(run=run, colours=method_colours(list(run.models)), threshold=0.333)
+    rendered = [r for r in figures.conditional_vs_severity(ctx) if isinstance(r, figures.Rendered)]
+    assert rendered and all("threshold t = 0.33 (bottom)" in r.caption for r in rendered)
+    labels = [ax.get_ylabel() for r in rendered for ax in r.figure.axes]
+    assert any(label.endswith("(at t = 0.33)") for label in labels) and not any("0.333" in label for label in labels)
 
 
 def test_severity_means_against_a_loop(run_dir):

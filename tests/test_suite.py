@@ -63,6 +63,10 @@ def test_demo_suite_loads_with_defaults():
     (lambda d: d["metrics"].__setitem__("accuracy_threshold", 1.5), "metrics.accuracy_threshold: 1.5 must be in [0, 1)"),
     (lambda d: d["metrics"].__setitem__("thresholds", 100001), "metrics.thresholds: 100001 must be between 2 and 10001"),
     (lambda d: d["metrics"].__setitem__("n_bins", 0), "metrics.n_bins: 0 must be between 1 and 1000"),
+    (lambda d: d["metrics"].__setitem__("threshold_range", [0.99, 0.01]),
+     "metrics.threshold_range: [0.99, 0.01] is not [lo, hi] with numbers 0 <= lo < hi <= 1"),
+    (lambda d: d["metrics"].__setitem__("threshold_range", [0, 1, 2]), "metrics.threshold_range: [0, 1, 2] is not [lo, hi]"),
+    (lambda d: d["metrics"].__setitem__("threshold_range", 0.5), "metrics.threshold_range: 0.5 is not a list"),
     (lambda d: d["models"].append(copy.deepcopy(d["models"][0])), "models[6].name: 'baseline' is used twice"),
     (lambda d: d["models"].append({"name": "x", "kind": "custom", "factory": "not a path"}),
      "models[6].factory: 'not a path' is not of the form package.module:function"),
@@ -71,6 +75,18 @@ def test_demo_suite_loads_with_defaults():
 def test_errors_name_the_field_and_what_is_allowed(demo, edit, expected):
     edit(demo)
     assert expected in error(demo)
+
+
+def test_threshold_range_defaults_to_the_unit_interval_and_reaches_the_metrics(demo):
+    from shiftbench.runner.sweep import Accumulators
+
+    assert parse(demo).metrics.threshold_range == (0.0, 1.0)
+    demo["metrics"].update(thresholds=50, threshold_range=[0.01, 0.99])
+    suite = parse(demo)
+    assert suite.metrics.threshold_range == (0.01, 0.99)
+    accs = Accumulators(suite, {"baseline": ("predictive_entropy",)}, "cpu")
+    grid = accs.conditional["baseline", "predictive_entropy"].thresholds
+    assert len(grid) == 50 and grid[0].item() == 0.01 and grid[-1].item() == 0.99
 
 
 def test_missing_environment_variable_says_what_to_set(demo, monkeypatch):

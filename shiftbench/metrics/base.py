@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from shiftbench.chunks import CHUNK_PIXELS, row_chunks  # noqa: F401  (re-exported for the metrics)
-from shiftbench.errors import ShiftbenchError, is_int
+from shiftbench.errors import ShiftbenchError, is_int, is_unit_range
 
 #: reduce name -> (how two states combine, the matching torch.distributed op name)
 REDUCTIONS: dict[str, tuple[Callable[[Tensor, Tensor], Tensor], str]] = {
@@ -138,6 +138,14 @@ def check_count(name: str, value: Any, minimum: int = 1, what: str = "") -> int:
         allowed = "a positive integer" if minimum == 1 else f"an integer >= {minimum}"
         raise ShiftbenchError(f"{name} must be {allowed}{f' ({what})' if what else ''}; got {value!r}")
     return int(value)
+
+
+def check_unit_range(value: Any) -> tuple[float, float]:
+    """``value`` as floats (lo, hi) if it is a pair of numbers 0 <= lo < hi <= 1 (a threshold range)."""
+    if not is_unit_range(value):
+        raise ShiftbenchError(f"threshold_range must be two numbers lo < hi in [0, 1] (e.g. (0.01, 0.99)); "
+                              f"got {value!r}")
+    return float(value[0]), float(value[1])
 
 
 def _fmt(config: dict[str, Any]) -> str:

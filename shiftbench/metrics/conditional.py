@@ -17,6 +17,12 @@ of accurate/inaccurate x certain/uncertain patches and N their total:
 An undefined ratio (0/0) is NaN. All thresholds come exact from one pass: the state is a
 histogram of patch uncertainty over the grid, split by accurate/inaccurate; cumulative sums
 give the certain counts at every t. ``patch_size=1`` is the pixel-wise variant.
+
+The grid is ``linspace(lo, hi, thresholds)`` with ``threshold_range=(lo, hi)``, by default [0, 1]. On that
+grid t = 0 makes only patches of uncertainty exactly 0 certain, so p(uncertain|inaccurate) peaks there at 1
+whenever no inaccurate patch has u = 0; the authors' code sweeps 0.01, 0.03, ..., 0.99
+(``thresholds=50, threshold_range=(0.01, 0.99)``), where its peaks are informative and comparable with the
+paper's Table 2. AU-PAvPU is the trapezoid over the grid divided by hi - lo: the mean PAvPU over the range.
 """
 
 from __future__ import annotations
@@ -27,33 +33,35 @@ import torch
 from torch import Tensor
 
 from shiftbench.errors import ShiftbenchError, is_real
-from shiftbench.metrics.base import Accumulator, RangeCheck, check_count, check_labels, check_map, row_chunks
+from shiftbench.metrics.base import (Accumulator, RangeCheck, check_count, check_labels, check_map,
+                                     check_unit_range, row_chunks)
 from shiftbench.metrics.outcome import Outcome, patch_sums
 
 CURVES = ("p_accurate_certain", "p_uncertain_inaccurate", "pavpu")
 
 
 class ConditionalMetrics(Accumulator):
-    """Patch-wise conditional correctness at every threshold of ``linspace(0, 1, thresholds)``.
+    """Patch-wise conditional correctness at every threshold of ``linspace(lo, hi, thresholds)``.
 
-    States: ``hist`` int64 [2,T] (row 0 inaccurate, row 1 accurate patches; column j counts the
-    patches whose uncertainty first satisfies u <= t_j), the float64 sum of the uncertainty over
-    valid pixels and the valid pixel count (for ``mean_uncertainty``).
+    States: ``hist`` int64 [2,T+1] (row 0 inaccurate, row 1 accurate patches; column j < T counts the
+    patches whose uncertainty first satisfies u <= t_j, column T those above the last threshold), the
+    float64 sum of the uncertainty over valid pixels and the valid pixel count (for ``mean_uncertainty``).
     """
 
     def __init__(self, patch_size: int = 4, accuracy_threshold: float = 0.5, thresholds: int = 101,
-                 ignore_index: int = 255) -> None:
+                 ignore_index: int = 255, threshold_range: tuple[float, float] = (0.0, 1.0)) -> None:
         patch_size = check_count("patch_size", patch_size)
         if not is_real(accuracy_threshold) or not 0.0 <= accuracy_threshold < 1.0:
             raise ShiftbenchError(f"accuracy_threshold must be a number in [0, 1); got {accuracy_threshold!r}")
-        thresholds = check_count("thresholds", thresholds, 2, "points of linspace(0, 1)")
+        thresholds = check_count("thresholds", thresholds, 2, "points of linspace(lo, hi)")
+        lo, hi = check_unit_range(threshold_range)
         super().__init__(patch_size=patch_size, accuracy_threshold=float(accuracy_threshold),
-                         thresholds=thresholds, ignore_index=ignore_index)
+                         thresholds=thresholds, threshold_range=(lo, hi), ignore_index=ignore_index)
         self.patch_size, self.accuracy_threshold = patch_size, float(accuracy_threshold)
         self.ignore_index = self.config["ignore_index"]
-        self.thresholds = torch.linspace(0, 1, thresholds, dtype=torch.float64)
+        self.thresholds = torch.linspace(lo, hi, thresholds, dtype=torch.float64)
         self.grid = self.thresholds.float()  # the float32 grid the patch means are compared with
-        self.add_state("hist", torch.zeros(2, thresholds, dtype=torch.int64))
+        self.add_state("hist", torch.zeros(2, thresholds + 1, dtype=torch.int64))
         self.add_state("uncertainty_sum", torch.zeros((), dtype=torch.float64))
         self.add_state("n_pixels", torch.zeros((), dtype=torch.int64))
 
@@ -72,8 +80,8 @@ class ConditionalMetrics(Accumulator):
         p, t = self.patch_size, self.grid.numel()
         n_valid, n_correct = outcome.patches(p)
         accurate = (n_correct.double() / n_valid.double()) > self.accuracy_threshold  # float64, like Python's /
-        base = torch.where(n_valid > 0, accurate * t, 2 * t)  # a patch without valid pixels goes to cell 2T
-        hist = torch.zeros(2 * t + 1, dtype=torch.int64, device=target.device)
+        base = torch.where(n_valid > 0, accurate * (t + 1), 2 * t + 2)  # no valid pixel: cell 2T+2, dropped
+        hist = torch.zeros(2 * t + 3, dtype=torch.int64, device=target.device)
         u_total = torch.zeros((), dtype=torch.float64, device=target.device)
         grid = self.grid.to(target.device)
         checks = RangeCheck()
@@ -86,21 +94,21 @@ class ConditionalMetrics(Accumulator):
             prow = slice(rows.start // p, -(-rows.stop // p))
             u_patch = (u_sum / n_valid[:, prow]).float()  # rounded to float32; NaN without valid pixels (dropped)
             first = torch.bucketize(u_patch, grid)  # first j with u <= t_j (T if none)
-            cell = torch.where(base[:, prow] < 2 * t, base[:, prow] + first, 2 * t)
-            hist += torch.bincount(cell.reshape(-1), minlength=2 * t + 1)
+            cell = torch.where(base[:, prow] < 2 * t + 2, base[:, prow] + first, 2 * t + 2)
+            hist += torch.bincount(cell.reshape(-1), minlength=2 * t + 3)
             u_total += u_sum.sum()
         checks.raise_if_bad()
-        self.hist += hist[: 2 * t].view(2, t)
+        self.hist += hist[: 2 * t + 2].view(2, t + 1)
         self.uncertainty_sum += u_total
         self.n_pixels += outcome.n_valid.sum()
 
     def compute(self) -> dict[str, Any]:
         """thresholds [T]; curves p_accurate_certain, p_uncertain_inaccurate, pavpu [T] (float64, NaN where
         undefined); counts n_ac, n_au, n_ic, n_iu [T] (int64); peak_<curve> and peak_<curve>_threshold (NaN
-        skipped; the first threshold reaching the maximum); au_pavpu (trapezoid over the grid);
+        skipped; the first threshold reaching the maximum); au_pavpu (trapezoid over the grid / (hi - lo));
         n_patches, n_accurate_patches, n_pixels, mean_uncertainty (over valid pixels)."""
         hist = self.hist.cpu()
-        n_ic, n_ac = hist.cumsum(1)
+        n_ic, n_ac = hist[:, :-1].cumsum(1)
         n_iu, n_au = hist[0].sum() - n_ic, hist[1].sum() - n_ac
         total = hist.sum().double()
         curves = {
@@ -112,7 +120,8 @@ class ConditionalMetrics(Accumulator):
                                "n_ac": n_ac, "n_au": n_au, "n_ic": n_ic, "n_iu": n_iu}
         for name, curve in curves.items():
             out[f"peak_{name}"], out[f"peak_{name}_threshold"] = _peak(curve, self.thresholds)
-        out["au_pavpu"] = torch.trapezoid(curves["pavpu"], self.thresholds).item()
+        span = self.thresholds[-1] - self.thresholds[0]
+        out["au_pavpu"] = (torch.trapezoid(curves["pavpu"], self.thresholds) / span).item()
         out["n_patches"] = int(total.item())
         out["n_accurate_patches"] = int(hist[1].sum())
         out["n_pixels"] = int(self.n_pixels.item())

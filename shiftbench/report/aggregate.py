@@ -81,7 +81,7 @@ def at_threshold(curves: pd.DataFrame, threshold: float) -> pd.DataFrame:
     """The conditional metrics of every condition at the grid threshold nearest to ``threshold``.
 
     Raises when the nearest grid point is further than half a grid step away (a coarse grid).
-    Returns the key columns and ``p_accurate_certain, p_uncertain_inaccurate, pavpu``.
+    Returns the key columns, ``x`` (that grid point) and ``p_accurate_certain, p_uncertain_inaccurate, pavpu``.
     """
     if not 0.0 <= threshold <= 1.0:
         raise ShiftbenchError(f"--threshold {threshold}: must lie in [0, 1] (normalised uncertainty)")
@@ -95,4 +95,4 @@ def at_threshold(curves: pd.DataFrame, threshold: float) -> pd.DataFrame:
         raise ShiftbenchError(f"--threshold {threshold}: outside the run's threshold grid "
                               f"[{grid[0]:g}, {grid[-1]:g}]")
     rows = cond[np.isclose(cond["x"].to_numpy(dtype=float), nearest)]
-    return rows[list(KEYS) + list(CONDITIONAL)].reset_index(drop=True)
+    return rows[list(KEYS) + ["x"] + list(CONDITIONAL)].reset_index(drop=True)

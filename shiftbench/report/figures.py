@@ -173,11 +173,12 @@ def conditional_vs_severity(ctx: Context) -> Iterator[Rendered | Note]:
         yield Note("Conditional metrics vs severity: the run has no corrupted conditions.")
         return
     at_t = None if run.curves is None else aggregate.at_threshold(run.curves, ctx.threshold)
+    t = ctx.threshold if at_t is None else at_t["x"].iloc[0]  # the grid point nearest to --threshold
     for split in run.corrupted_splits:
         data = run.results[run.results["split"] == split]
         rows = [("peak", aggregate.severity_means(data, [f"peak_{c}" for c in CONDITIONAL]), "peak_")]
         if at_t is not None:
-            rows.append((f"at t = {ctx.threshold:g}",
+            rows.append((f"at t = {t:g}",
                          aggregate.severity_means(at_t[at_t["split"] == split], list(CONDITIONAL)), ""))
         models, estimators = _present(ctx, data)
         fig = _figure(FULL_WIDTH, 1.7 * len(rows) + 0.7)
@@ -193,7 +194,7 @@ def conditional_vs_severity(ctx: Context) -> Iterator[Rendered | Note]:
         note = "" if at_t is not None else " (no curves.parquet: the fixed-threshold row is left out)"
         yield Rendered(f"conditional_vs_severity_{split}", f"Conditional metrics vs severity ({split})",
                        f"Split {split}: p(accurate|certain), p(uncertain|inaccurate) and PAvPU at their peak over the "
-                       f"threshold sweep (top) and at the uncertainty threshold t = {ctx.threshold:g} (bottom), mean "
+                       f"threshold sweep (top) and at the uncertainty threshold t = {t:g} (bottom), mean "
                        f"over corruption types per severity; severity 0 is clean (cf. the paper's Fig. 7){note}.", fig)
 
 

@@ -108,8 +108,9 @@ def write_results(suite, store: RunStore, conditions: list[Condition]) -> pd.Dat
             payload = store.load_state(cond)
             try:
                 rows += condition_tables(suite, cond, payload, curves)
-            except ShiftbenchError:
-                raise
+            except ShiftbenchError as exc:  # states of other settings or an older shiftbench: name the file
+                raise ShiftbenchError(f"{store.state_path(cond)}: {exc}; delete it to recompute that condition") \
+                    from None
             except (LookupError, TypeError, ValueError, RuntimeError, AttributeError) as exc:
                 raise ShiftbenchError(f"{store.state_path(cond)}: does not hold this suite's metric states "
                                       f"({type(exc).__name__}); delete it to recompute that condition") from None

@@ -79,7 +79,8 @@ class Accumulators:
                             for name, ests in plan.items() for e in ests}
         self.conditional = {(name, e): ConditionalMetrics(patch_size=m.patch_size,
                                                           accuracy_threshold=m.accuracy_threshold,
-                                                          thresholds=m.thresholds, ignore_index=IGNORE).to(device)
+                                                          thresholds=m.thresholds, threshold_range=m.threshold_range,
+                                                          ignore_index=IGNORE).to(device)
                             for name, ests in plan.items() for e in ests}
         self.histogram = {(name, e): UncertaintyHistogram(ignore_index=IGNORE).to(device)
                           for name, ests in plan.items() for e in ests}
