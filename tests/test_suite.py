@@ -80,6 +80,8 @@ def test_errors_name_the_field_and_what_is_allowed(demo, edit, expected):
 def test_threshold_range_defaults_to_the_unit_interval_and_reaches_the_metrics(demo):
     from shiftbench.runner.sweep import Accumulators
 
+    assert parse(demo).metrics.threshold_range == (0.01, 0.99)  # the demo sweeps the authors' grid
+    demo["metrics"].pop("threshold_range")
     assert parse(demo).metrics.threshold_range == (0.0, 1.0)
     demo["metrics"].update(thresholds=50, threshold_range=[0.01, 0.99])
     suite = parse(demo)
