@@ -80,8 +80,10 @@ class ConditionalMetrics(Accumulator):
         p, t = self.patch_size, self.grid.numel()
         n_valid, n_correct = outcome.patches(p)
         accurate = (n_correct.double() / n_valid.double()) > self.accuracy_threshold  # float64, like Python's /
-        base = torch.where(n_valid > 0, accurate * (t + 1), 2 * t + 2)  # no valid pixel: cell 2T+2, dropped
-        hist = torch.zeros(2 * t + 3, dtype=torch.int64, device=target.device)
+        row = t + 1  # cells per row of hist: the T thresholds, then "above the last one"
+        dropped = 2 * row  # the cell of patches without a valid pixel
+        base = torch.where(n_valid > 0, accurate * row, dropped)
+        hist = torch.zeros(dropped + 1, dtype=torch.int64, device=target.device)
         u_total = torch.zeros((), dtype=torch.float64, device=target.device)
         grid = self.grid.to(target.device)
         checks = RangeCheck()
@@ -94,11 +96,11 @@ class ConditionalMetrics(Accumulator):
             prow = slice(rows.start // p, -(-rows.stop // p))
             u_patch = (u_sum / n_valid[:, prow]).float()  # rounded to float32; NaN without valid pixels (dropped)
             first = torch.bucketize(u_patch, grid)  # first j with u <= t_j (T if none)
-            cell = torch.where(base[:, prow] < 2 * t + 2, base[:, prow] + first, 2 * t + 2)
-            hist += torch.bincount(cell.reshape(-1), minlength=2 * t + 3)
+            cell = torch.where(base[:, prow] < dropped, base[:, prow] + first, dropped)
+            hist += torch.bincount(cell.reshape(-1), minlength=dropped + 1)
             u_total += u_sum.sum()
         checks.raise_if_bad()
-        self.hist += hist[: 2 * t + 2].view(2, t + 1)
+        self.hist += hist[:dropped].view(2, row)
         self.uncertainty_sum += u_total
         self.n_pixels += outcome.n_valid.sum()
 
