@@ -182,7 +182,9 @@ def _write_maps(root, splits, models, rng):
 
 
 def _write_meta(root, suite, digest, models, splits, corrupted, corruptions, severities, seed):
-    (root / "manifest.json").write_text(json.dumps({"suite": suite, "digest": digest}))
+    from shiftbench.runner.store import STATE_FORMAT
+
+    (root / "manifest.json").write_text(json.dumps({"suite": suite, "digest": digest, "format": STATE_FORMAT}))
     (root / "suite.yaml").write_text(f"name: {suite}\n# fabricated by tests/run_fixture.py\n")
     n_cond = len(list(_conditions(splits, corrupted, corruptions, severities)))
     summary = {

@@ -347,6 +347,30 @@ def test_a_damaged_run_folder_is_named_in_one_line(tmp_path, capsys):
     assert run(path, out, "--corruptions", "none", "--force") == 0
 
 
+def test_a_run_folder_of_an_older_state_format_is_refused_before_the_sweep(tmp_path, capsys):
+    """A manifest without 'format' (shiftbench before format 2) holds states of other shapes: refused at the
+    start, not after sweeping the rest when its tables are written; --force discards it."""
+    import json
+
+    path = make_suite(tmp_path / "suite", **SMALL)
+    out = tmp_path / "run"
+    assert run(path, out, "--corruptions", "none") == 0
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["format"] == 2
+    del manifest["format"]
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    (out / "results.csv").unlink()
+    before = {p: p.stat().st_mtime_ns for p in (out / "states").rglob("*.pt")}
+    capsys.readouterr()
+    assert run(path, out, "--corruptions", "fog", "--severities", "1") == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "holds states of format 1 (an older shiftbench), this one reads format 2" in err
+    assert {p: p.stat().st_mtime_ns for p in (out / "states").rglob("*.pt")} == before  # nothing swept
+    assert not (out / "results.csv").exists()
+    assert run(path, out, "--corruptions", "none", "--force") == 0
+    assert json.loads((out / "manifest.json").read_text())["format"] == 2
+
+
 def test_a_checkpoint_retrained_in_place_or_amp_toggled_is_not_resumed(tmp_path, capsys):
     """Same suite file, other model bytes (or precision, or device type): finished conditions must not mix in."""
     from shiftbench.runner.store import inputs_digest

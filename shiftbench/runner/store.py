@@ -1,8 +1,9 @@
 """The run directory: a manifest, one atomic state file per finished condition, and the outputs.
 
 ```
-OUT/manifest.json              suite name, identity digest and inputs digest (checkpoint bytes, amp, device): a
-                               different suite, or other inputs, is refused unless --force
+OUT/manifest.json              suite name, identity digest, inputs digest (checkpoint bytes, amp, device) and the
+                               states' format: a different suite, other inputs or an older format is refused
+                               unless --force
 OUT/states/<split>/<corruption>/<severity>.pt   accumulator states + per-condition meta, written atomically
 OUT/maps/<split>/<sample>.npz  saved uncertainty maps (gallery)
 OUT/results.csv|.parquet, curves.parquet, summary.json, run.log
@@ -26,6 +27,10 @@ from shiftbench.errors import ShiftbenchError
 from shiftbench.runner.conditions import Condition
 
 MANIFEST = "manifest.json"
+#: version of the saved accumulator states, raised whenever a state changes shape (2: ConditionalMetrics' hist
+#: gained its column of patches above the last threshold); a folder of another format is refused at the start,
+#: not when its tables are written after the sweep. Manifests without the field are format 1.
+STATE_FORMAT = 2
 OUTPUTS = ("results.csv", "results.parquet", "curves.parquet", "summary.json")
 
 
@@ -73,6 +78,9 @@ class RunStore:
             elif old.get("digest") != digest:
                 problem = (f"{self.root}: holds a run of a different suite ({old.get('suite', 'unknown')!r}, "
                            f"digest {str(old.get('digest'))[:12]}); use another --out, or --force to discard it")
+            elif old.get("format", 1) != STATE_FORMAT:
+                problem = (f"{self.root}: holds states of format {old.get('format', 1)} (an older shiftbench), this "
+                           f"one reads format {STATE_FORMAT}; use another --out, or --force to discard the run")
             elif inputs is not None and old.get("inputs", inputs) != inputs:
                 problem = (f"{self.root}: was run with other checkpoint files, run.amp or device type than now "
                            "(a model retrained in place?); its finished conditions would mix with new ones: use "
@@ -88,7 +96,8 @@ class RunStore:
                                   "use another --out, or --force to write into it")
         self.root.mkdir(parents=True, exist_ok=True)
         self.clean_temporaries()
-        io.write_json(manifest, {"suite": suite_name, "digest": digest, **({"inputs": inputs} if inputs else {})})
+        io.write_json(manifest, {"suite": suite_name, "digest": digest, **({"inputs": inputs} if inputs else {}),
+                                 "format": STATE_FORMAT})
 
     def holds_results(self) -> bool:
         """Whether the folder holds a finished condition or a results table (else there is nothing to keep)."""
