@@ -59,10 +59,12 @@ def test_the_memory_layout_does_not_change_the_output(name):
 
 @pytest.mark.parametrize("name", CORRUPTIONS)
 def test_the_thread_count_does_not_change_the_output(name):
-    """1 and 2 torch threads give the same bits at every severity (zoom_blur once differed by an ulp: torch's
-    one-thread bilinear kernel for 3 channels rounds differently, so clipped_zoom resizes single planes)."""
-    x = _images(2, 97, 160, seed=3)
-    seeds = torch.tensor([5, 6])
+    """1 and 2 torch threads give the same bits at every severity. zoom_blur differed by an ulp (torch's
+    one-thread bilinear kernel for 3 channels rounds differently, so clipped_zoom resizes single planes), and
+    defocus_blur too at this size (torch's complex product rounds its chunks' scalar tails differently, so
+    filter2d_fft multiplies the spectra in real arithmetic); 97x160 showed neither."""
+    x = _images(1, 480, 640, seed=3)
+    seeds = torch.tensor([5])
     threads = torch.get_num_threads()
     try:
         outputs = []
