@@ -91,6 +91,15 @@ def test_threshold_range_defaults_to_the_unit_interval_and_reaches_the_metrics(d
     assert len(grid) == 50 and grid[0].item() == 0.01 and grid[-1].item() == 0.99
 
 
+@pytest.mark.parametrize("name", ["a2d2", "cityscapes", "demo"])
+def test_shipped_suites_load_and_sweep_the_authors_threshold_grid(name, monkeypatch, tmp_path):
+    """The grid of the paper's Table 2 (0.01, 0.03, ..., 0.99) in every shipped suite, so their tables compare."""
+    for var in ("A2D2_ROOT", "A2D2_SPLIT_DIR", "A2D2_CHECKPOINTS", "CITYSCAPES_ROOT", "CITYSCAPES_CHECKPOINTS"):
+        monkeypatch.setenv(var, str(tmp_path))
+    metrics = load_suite(DEMO.parent / f"{name}.yaml").metrics
+    assert (metrics.thresholds, metrics.threshold_range) == (50, (0.01, 0.99))
+
+
 def test_missing_environment_variable_says_what_to_set(demo, monkeypatch):
     monkeypatch.delenv("A2D2_ROOT", raising=False)
     demo["dataset"].update(name="a2d2", root="${A2D2_ROOT}", split_dir="/x", classes=38)
