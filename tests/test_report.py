@@ -109,6 +109,8 @@ def test_table2_holds_the_mean_peaks_over_corrupted_data(report, run_dir):
     metrics = ["peak_p_accurate_certain", "peak_p_uncertain_inaccurate", "peak_pavpu", "au_pavpu"]
     md = (report.out / "tables" / "table2_id.md").read_text()
     _assert_table(md, _expected(results, "id", metrics, corrupted=True), [100] * 4, [2] * 4)
+    caption = next(table.caption for table, _ in report.tables if table.name == "table2_id")
+    assert "peaks over the threshold sweep (t = 0, 0.01, ..., 1: 101 points) of" in caption  # the fixture's grid
 
 
 def test_table3_holds_clean_values_per_split_and_corrupted_means(report, run_dir):

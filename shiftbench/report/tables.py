@@ -12,6 +12,7 @@ import html
 import math
 from dataclasses import dataclass, field
 
+import numpy as np
 import pandas as pd
 
 from shiftbench.report import aggregate
@@ -101,12 +102,23 @@ def table2(run: Run, split: str) -> Table:
     """The paper's Table 2: peaks of the conditional metrics and AU-PAvPU, mean over the corrupted data."""
     frame = aggregate.corrupted_means(run.corrupted[run.corrupted["split"] == split], TABLE2_METRICS)
     cols = [Column.of(m, "Peak") for m in PEAKS] + [Column.of("au_pavpu", "Area")]
-    caption = (f"Split {split}: peaks over the threshold sweep of p(accurate|certain), p(uncertain|inaccurate) "
-               "and PAvPU, and the area under the PAvPU curve, each averaged over every corruption and severity "
-               "(in %). Best per column in bold. A 100 % peak occurs where very few patches are certain or "
-               "inaccurate at the peak threshold.")
+    caption = (f"Split {split}: peaks over the threshold sweep{_grid_words(run)} of p(accurate|certain), "
+               "p(uncertain|inaccurate) and PAvPU, and the area under the PAvPU curve, each averaged over every "
+               "corruption and severity (in %). Best per column in bold. A 100 % peak occurs where very few patches "
+               "are certain or inaccurate at the peak threshold.")
     return _assemble(run, f"table2_{split}", f"Conditional metrics under corruption ({split})", caption, cols,
                      [_lookup(frame, TABLE2_METRICS)])
+
+
+def _grid_words(run: Run) -> str:
+    """' (t = 0.01, 0.03, ..., 0.99: 50 points)': the run's threshold grid, read from curves.parquet (the peaks
+    depend on it; the shipped suites sweep the paper authors' grid); '' for a run without curves."""
+    if run.curves is None:
+        return ""
+    t = np.unique(run.curves.loc[run.curves["curve"] == "conditional", "x"].to_numpy(dtype=float))
+    if t.size < 3:
+        return f" (t = {', '.join(f'{v:g}' for v in t)})" if t.size else ""
+    return f" (t = {t[0]:g}, {t[1]:g}, ..., {t[-1]:g}: {t.size} points)"
 
 
 def table3(run: Run) -> Table:
