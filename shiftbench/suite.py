@@ -27,6 +27,7 @@ BACKBONES = ("tiny", "resnet18", "resnet50", "resnet101")
 MODEL_KINDS = ("mc_dropout", "ensemble", "moe", "expert", "custom")
 GATES = ("simple", "classwise")
 COMBINE = ("probs", "logits")
+NORMALIZE = ("imagenet", "none")  # shiftbench.models.deeplab.NORMALIZATIONS
 DEVICES = ("auto", "cpu", "cuda")
 CONFIDENCE = ("uncertainty", "probability")
 AVERAGE = ("pixels", "images")
@@ -81,6 +82,7 @@ class ExpertSpec:
     train: tuple[str, ...]
     val: tuple[str, ...]
     pretrained: Path | None = None
+    normalize: str = "imagenet"
 
 
 @dataclass(frozen=True)
@@ -93,6 +95,7 @@ class ModelSpec:
     pretrained: Path | None = None
     dropout: float = 0.1
     passes: int = 2
+    normalize: str = "imagenet"
     experts: tuple[str, ...] = ()
     gate: str | None = None
     final_conv: bool = False
@@ -360,6 +363,7 @@ def _experts(sec: _Section, base: Path, dataset: str) -> dict[str, ExpertSpec]:
             train=train,
             val=val,
             pretrained=_path(e, "pretrained", base),
+            normalize=e.get("normalize", str, "imagenet", choices=NORMALIZE),
         )
         e.done()
     sec.done()
@@ -367,7 +371,7 @@ def _experts(sec: _Section, base: Path, dataset: str) -> dict[str, ExpertSpec]:
 
 
 _MODEL_FIELDS = {
-    "mc_dropout": {"backbone", "checkpoint", "pretrained", "dropout", "passes"},
+    "mc_dropout": {"backbone", "checkpoint", "pretrained", "dropout", "passes", "normalize"},
     "ensemble": {"experts"},
     "moe": {"experts", "gate", "final_conv", "combine", "checkpoint"},
     "expert": {"experts"},
@@ -388,7 +392,8 @@ def _model(sec: _Section, base: Path, experts: dict[str, ExpertSpec]) -> ModelSp
         fields.update(backbone=sec.get("backbone", str, "resnet101", choices=BACKBONES),
                       checkpoint=_path(sec, "checkpoint", base), pretrained=_path(sec, "pretrained", base),
                       dropout=sec.get("dropout", float, 0.1, check=_unit),
-                      passes=sec.get("passes", int, 2, check=_positive))
+                      passes=sec.get("passes", int, 2, check=_positive),
+                      normalize=sec.get("normalize", str, "imagenet", choices=NORMALIZE))
     if kind in ("ensemble", "moe", "expert"):
         names = sec.names("experts", choices=tuple(experts) or ("<none: define an experts section>",))
         if kind == "expert" and len(names) != 1:

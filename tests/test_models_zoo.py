@@ -227,7 +227,8 @@ def test_bad_models_give_one_line_errors(suite, tmp_path):
     bad = [dict(MODELS[-1], factory="zoo_custom_models:missing")]
     assert "module 'zoo_custom_models' has no function 'missing'" in _error(write_suite(tmp_path, bad))
     bad = [dict(MODELS[3], gate="classwise")]
-    assert "moe_simple.pt holds a simple gate, the suite says gate: classwise" in _error(write_suite(tmp_path, bad))
+    assert ("moe_simple.pt was trained with gate: simple, the suite says models.moe_simple.gate: classwise; "
+            "set it as trained") in _error(write_suite(tmp_path, bad))
     bad = [dict(MODELS[0], checkpoint=None)]
     assert "models.baseline.checkpoint: missing" in _error(write_suite(tmp_path, bad))
     save_checkpoint(tmp_path / "k19.pt", DeepLabV3Plus("tiny", 19).state_dict(), {})
@@ -263,3 +264,59 @@ def test_bad_batches_are_refused(suite, x, seeds, names, match):
     with pytest.raises(ShiftbenchError, match=match) as exc:
         zoo(x, seeds, names=names)
     assert "\n" not in str(exc.value)
+
+
+def test_a_gate_file_must_match_its_expert_order_and_combination(suite, tmp_path):
+    """The gate's i-th weight belongs to the i-th expert it was trained with: a swapped ``experts:`` list, or
+    another combination rule or final conv than the file records, is refused instead of mixing silently."""
+    head = MoEHead("simple", 2, 64, K, GRID, False, "probs")
+    save_checkpoint(tmp_path / "ours.pt", head.state_dict(), {"kind": "moe", "gate": "simple", "gate_grid": GRID,
+                                                              "experts": ["highway", "urban"], "combine": "probs",
+                                                              "final_conv": False})
+    moe = {"name": "m", "kind": "moe", "experts": ["highway", "urban"], "gate": "simple", "checkpoint": "ours.pt"}
+    assert ModelZoo.from_suite(write_suite(tmp_path, [moe])).kinds == {"m": "moe"}
+    for change, said in ((dict(experts=["urban", "highway"]), "experts: [highway, urban], the suite says "
+                          "models.m.experts: [urban, highway]"),
+                         (dict(combine="logits"), "combine: probs, the suite says models.m.combine: logits"),
+                         (dict(final_conv=True), "final_conv: false, the suite says models.m.final_conv: true")):
+        assert f"ours.pt was trained with {said}; set it as trained" in _error(write_suite(tmp_path, [{**moe, **change}]))
+
+
+@pytest.mark.parametrize("normalize, seen", [("imagenet", (-2.2, 2.7)), ("none", (0.0, 1.0))])
+def test_normalize_sets_what_the_backbone_sees(normalize, seen):
+    """``normalize: none`` feeds the [0,1] images as they are (the authors' A2D2 checkpoints were trained so);
+    ``imagenet`` subtracts torchvision's ImageNet mean and divides by its std."""
+    model = DeepLabV3Plus("tiny", K, normalize=normalize).eval()
+    got = []
+    model.backbone.register_forward_pre_hook(lambda module, args: got.append(args[0]))
+    x = torch.rand(2, 3, 32, 64)
+    x[0, :, 0, 0], x[1, :, 0, 0] = 0.0, 1.0
+    model(x)
+    mean, std = torch.tensor([0.485, 0.456, 0.406]), torch.tensor([0.229, 0.224, 0.225])
+    want = x if normalize == "none" else (x - mean.view(1, 3, 1, 1)) / std.view(1, 3, 1, 1)
+    torch.testing.assert_close(got[0], want, rtol=0, atol=1e-6)
+    assert seen[0] <= float(got[0].min()) and float(got[0].max()) <= seen[1]
+    with pytest.raises(ShiftbenchError, match=r"^normalize must be one of imagenet, none, got 'auto'$"):
+        DeepLabV3Plus("tiny", K, normalize="auto")
+
+
+def test_normalize_comes_from_the_suite_and_must_match_the_checkpoint(suite, tmp_path):
+    """Files without meta (the authors') take the suite's ``normalize``; ours record theirs, and a suite
+    that says otherwise is refused."""
+    experts = {n: {"backbone": "tiny", "checkpoint": f"expert_{n}.pt", "normalize": "none"}
+               for n in ("highway", "urban")}
+    zoo = ModelZoo.from_suite(write_suite(tmp_path, [dict(MODELS[0], normalize="none"), MODELS[1]], experts))
+    assert {m.normalize for m in (*zoo.experts.values(), zoo.singles["baseline"])} == {"none"}
+    x = torch.rand(1, 3, 32, 64)
+    plain = DeepLabV3Plus("tiny", K, normalize="none").eval()
+    plain.load_state_dict(zoo.experts["highway"].state_dict())
+    torch.testing.assert_close(zoo(x, [0], ["ensemble"])["ensemble"].members[0],
+                               torch.softmax(plain(x), 1), rtol=0, atol=1e-6)
+    save_checkpoint(tmp_path / "expert_highway.pt", DeepLabV3Plus("tiny", K).state_dict(),
+                    {"kind": "expert", "normalize": "imagenet"})
+    assert (f"expert_highway.pt was trained with normalize: imagenet, the suite says experts.highway.normalize: "
+            f"none; set it as trained") in _error(write_suite(tmp_path, [MODELS[1]], experts))
+    save_checkpoint(tmp_path / "baseline.pt", DeepLabV3Plus("tiny", K, mc_dropout=True).state_dict(),
+                    {"kind": "mc_dropout", "normalize": "none"})
+    assert "baseline.pt was trained with normalize: none, the suite says models.baseline.normalize: imagenet" in _error(
+        write_suite(tmp_path, [MODELS[0]]))

@@ -28,13 +28,18 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from shiftbench.errors import ShiftbenchError
 from shiftbench.models import checks
 from shiftbench.models.backbones import BackboneSpec, backbone_spec
 from shiftbench.seeding import key
 
-#: ImageNet normalisation applied inside the model: inputs are images in [0, 1]
-MEAN = (0.485, 0.456, 0.406)
-STD = (0.229, 0.224, 0.225)
+#: What the model does to its [0, 1] input images before the backbone, by name: (mean, std) per channel,
+#: or None for nothing. "imagenet": torchvision's ImageNet statistics (our training, ImageNet-pretrained
+#: backbones); "none": the images as they are (the authors' A2D2 checkpoints: their loader only divides by 255).
+NORMALIZATIONS: dict[str, tuple[tuple[float, ...], tuple[float, ...]] | None] = {
+    "imagenet": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
+    "none": None,
+}
 EXPERT_SITES = (5,)
 MC_SITES = (0, 1, 2, 3, 4, 5, 6)
 
@@ -137,23 +142,28 @@ class DeepLabV3Plus(nn.Module):
     dropout:    rate at the dropout sites (module docstring).
     mc_dropout: False: an expert (site 5 while training only); True: the MC-dropout baseline
                 (all sites while training; :meth:`mc_logits` for the stochastic passes).
+    normalize:  a key of :data:`NORMALIZATIONS`: ``(x - mean) / std`` before the backbone, or nothing.
     """
 
-    def __init__(self, backbone: str, classes: int, dropout: float = 0.1, mc_dropout: bool = False):
+    def __init__(self, backbone: str, classes: int, dropout: float = 0.1, mc_dropout: bool = False,
+                 normalize: str = "imagenet"):
         super().__init__()
         classes, dropout = checks.count(classes, "classes"), checks.rate(dropout, "dropout")
-        self.backbone_name, self.classes, self.dropout = backbone, classes, dropout
+        if normalize not in NORMALIZATIONS:
+            raise ShiftbenchError(f"normalize must be one of {', '.join(NORMALIZATIONS)}, got {normalize!r}")
+        self.backbone_name, self.classes, self.dropout, self.normalize = backbone, classes, dropout, normalize
         self.sites = MC_SITES if mc_dropout else EXPERT_SITES
         spec = backbone_spec(backbone)
         self.backbone = spec.build()
         self.classifier = DeepLabHeadV3Plus(spec, classes)
-        self.register_buffer("mean", torch.tensor(MEAN).view(1, 3, 1, 1), persistent=False)
-        self.register_buffer("std", torch.tensor(STD).view(1, 3, 1, 1), persistent=False)
+        stats = NORMALIZATIONS[normalize] or ((0.0, 0.0, 0.0), (1.0, 1.0, 1.0))
+        self.register_buffer("mean", torch.tensor(stats[0]).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(stats[1]).view(1, 3, 1, 1), persistent=False)
 
     def encode(self, x: Tensor) -> dict[str, Tensor]:
-        """Backbone features of normalised images (``x`` checked: a float batch [B,3,H,W] of the model's dtype)."""
+        """Backbone features of the (normalised) images (``x`` checked: a float batch [B,3,H,W] of the model's dtype)."""
         checks.images(x, next(self.parameters()).dtype)
-        return self.backbone((x - self.mean) / self.std)
+        return self.backbone(x if NORMALIZATIONS[self.normalize] is None else (x - self.mean) / self.std)
 
     def forward_features(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """(ASPP features ``[B,C,H/16,W/16]``, logits ``[B,K,H,W]``) from one pass; dropout as in

@@ -144,10 +144,11 @@ def train_suite(suite: Any, only: Sequence[str] | None = None, out: Path | None 
     for e in experts:
         path = _target_path(e.checkpoint, e.name, out, f"experts.{e.name}")
         init_seed(suite.train.seed, e.name)
-        model = DeepLabV3Plus(e.backbone, classes)
+        model = DeepLabV3Plus(e.backbone, classes, normalize=e.normalize)
         stage = _stage(suite, "experts")
         stats = _segmenter(data, e.name, model, e.pretrained, e.train, e.val, stage, device, quiet, f"experts.{e.name}")
-        results[e.name] = _meta(suite, data, "expert", e.name, stage, e.train, stats, backbone=e.backbone)
+        results[e.name] = _meta(suite, data, "expert", e.name, stage, e.train, stats, backbone=e.backbone,
+                                normalize=e.normalize)
         save_checkpoint(path, model.state_dict(), results[e.name])
         trained[e.name] = model
         log(f"{e.name}: wrote {path}")
@@ -156,12 +157,13 @@ def train_suite(suite: Any, only: Sequence[str] | None = None, out: Path | None 
     for m in (m for m in models if m.kind == "mc_dropout"):
         path = _target_path(m.checkpoint, m.name, out, f"models.{m.name}")
         init_seed(suite.train.seed, m.name)
-        model = DeepLabV3Plus(m.backbone, classes, dropout=m.dropout, mc_dropout=True)
+        model = DeepLabV3Plus(m.backbone, classes, dropout=m.dropout, mc_dropout=True, normalize=m.normalize)
         stage = _stage(suite, "baseline")
         stats = _segmenter(data, m.name, model, m.pretrained, suite.train.splits, suite.train.val, stage, device, quiet,
                            f"models.{m.name}")
         results[m.name] = _meta(suite, data, "mc_dropout", m.name, stage, suite.train.splits, stats,
-                                backbone=m.backbone, dropout=m.dropout, passes=m.passes)
+                                backbone=m.backbone, dropout=m.dropout, passes=m.passes,
+                                normalize=m.normalize)
         save_checkpoint(path, model.state_dict(), results[m.name])
         log(f"{m.name}: wrote {path}")
     moes = [m for m in models if m.kind == "moe"]

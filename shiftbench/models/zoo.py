@@ -235,7 +235,7 @@ def _own_copies(zoo: "ModelZoo", spec: Any, state: dict[str, Tensor], classes: i
         if same is not None:
             names.append(same)
             continue
-        copy = DeepLabV3Plus(zoo.experts[e].backbone_name, classes)
+        copy = DeepLabV3Plus(zoo.experts[e].backbone_name, classes, normalize=zoo.experts[e].normalize)
         load_strict(copy, sub, f"{spec.checkpoint} (expert{i}.*)")
         name = f"{e}@{spec.name}"
         zoo.experts[name] = copy
@@ -250,9 +250,11 @@ def load_expert(spec: Any, classes: int, embedded: list[tuple[str, dict[str, Ten
     """An expert from its checkpoint, or from the weights an MoE file carries; weights carried
     by MoE files must equal the expert's own (the experts are frozen and shared), but for BatchNorm
     statistics, with which an MoE gets its own copy (:func:`_own_copies`)."""
-    model = DeepLabV3Plus(spec.backbone, classes)
+    model = DeepLabV3Plus(spec.backbone, classes, normalize=spec.normalize)
     if spec.checkpoint is not None:
-        source, state = str(spec.checkpoint), _read(spec.checkpoint, f"experts.{spec.name}.checkpoint")["state_dict"]
+        file = _read(spec.checkpoint, f"experts.{spec.name}.checkpoint")
+        source, state = str(spec.checkpoint), file["state_dict"]
+        _agree(file["meta"], {"normalize": spec.normalize}, source, f"experts.{spec.name}")
     elif embedded:
         source, state = embedded[0]
     else:
@@ -265,7 +267,7 @@ def load_expert(spec: Any, classes: int, embedded: list[tuple[str, dict[str, Ten
         if other == source:
             continue
         if sub.keys() != own.keys():
-            load_strict(DeepLabV3Plus(spec.backbone, classes), sub, other)  # lists the keys that differ
+            load_strict(DeepLabV3Plus(spec.backbone, classes, normalize=spec.normalize), sub, other)  # names the keys
         differ = [k for k in own if not torch.equal(sub[k], own[k]) and not _is_statistic(model, k)]
         if differ:
             raise ShiftbenchError(f"{other} carries weights for expert {spec.name!r} that differ from {source} "
@@ -274,12 +276,28 @@ def load_expert(spec: Any, classes: int, embedded: list[tuple[str, dict[str, Ten
     return model
 
 
+def _agree(meta: dict[str, Any], spec: dict[str, Any], source: str, where: str) -> None:
+    """Refuse a checkpoint whose ``meta`` (written by ``shiftbench train``) records another value for a
+    field the suite sets: weights are only right with the set-up they were trained with. Files without
+    the field (the authors') are taken as the suite says."""
+    for field_, value in spec.items():
+        if field_ in meta and meta[field_] != value:
+            raise ShiftbenchError(f"{source} was trained with {field_}: {_yaml(meta[field_])}, the suite says "
+                                  f"{where}.{field_}: {_yaml(value)}; set it as trained")
+
+
+def _yaml(value: Any) -> str:
+    if isinstance(value, bool):
+        return str(value).lower()
+    return f"[{', '.join(map(str, value))}]" if isinstance(value, (list, tuple)) else str(value)
+
+
 def _build_moe(zoo: ModelZoo, spec: Any, file: dict[str, Any] | None) -> None:
     assert file is not None
     source, meta = str(spec.checkpoint), file["meta"]
     state = {k: v for k, v in file["state_dict"].items() if not _EXPERT_KEY.match(k)}
-    if meta.get("gate", spec.gate) != spec.gate:
-        raise ShiftbenchError(f"{source} holds a {meta['gate']} gate, the suite says gate: {spec.gate}")
+    _agree(meta, {"gate": spec.gate, "experts": list(spec.experts), "combine": spec.combine,
+                  "final_conv": spec.final_conv}, source, f"models.{spec.name}")
     check_classes(state, zoo.classes, source)
     grid = tuple(meta["gate_grid"]) if "gate_grid" in meta else grid_from_state(state, source)
     channels = backbone_spec(zoo.experts[spec.experts[0]].backbone_name).aspp
@@ -289,8 +307,10 @@ def _build_moe(zoo: ModelZoo, spec: Any, file: dict[str, Any] | None) -> None:
 
 
 def _build_mc(zoo: ModelZoo, spec: Any, file: dict[str, Any] | None) -> None:
-    model = DeepLabV3Plus(spec.backbone, zoo.classes, dropout=spec.dropout, mc_dropout=True)
-    state = _read(spec.checkpoint, f"models.{spec.name}.checkpoint")["state_dict"]
+    model = DeepLabV3Plus(spec.backbone, zoo.classes, dropout=spec.dropout, mc_dropout=True, normalize=spec.normalize)
+    file = _read(spec.checkpoint, f"models.{spec.name}.checkpoint")
+    _agree(file["meta"], {"normalize": spec.normalize}, str(spec.checkpoint), f"models.{spec.name}")
+    state = file["state_dict"]
     check_classes(state, zoo.classes, str(spec.checkpoint))
     load_strict(model, state, str(spec.checkpoint))
     zoo.singles[spec.name], zoo.passes[spec.name] = model, spec.passes
