@@ -204,12 +204,16 @@ class Terms:
 
 def share_members(preds: Iterable[Prediction]) -> None:
     """Let predictions that hold the very same members tensor (an ensemble and the MoEs built on the
-    same experts) compute its member entropies once: each later one takes the first one's terms."""
+    same experts) compute its member entropies once: each later one takes the first one's terms.
+    Peers always point at terms without a peer, so calling it again, in any order, makes no cycle."""
     owners: dict[int, Terms] = {}
     for pred in preds:
         if pred.members is not None:
-            owner = owners.setdefault(id(pred.members), pred.terms)  # ids are unique while both live
-            if owner is not pred.terms:
+            root = pred.terms
+            while root.peer is not None:
+                root = root.peer
+            owner = owners.setdefault(id(pred.members), root)  # ids are unique while both live
+            if owner is not root:
                 pred.terms.peer = owner
 
 
@@ -367,8 +371,8 @@ def softmax_entropy(probs: Tensor) -> Tensor:
 def one_minus_max_prob(probs: Tensor) -> Tensor:
     """1 - max_k P(k).  [B,K,H,W] -> [B,H,W].
 
-    Kept unscaled (its sup is 1 - 1/K, within [0,1]) so that 1 - u is exactly the top-label
-    probability, the confidence of the probability mode.
+    Kept unscaled (its sup is 1 - 1/K, within [0,1]) so that 1 - u is the top-label probability, the
+    confidence of the probability mode (to 1 ulp: 1 - (1 - p) rounds p below 1/2).
     """
     return _msp(Terms(probs))
 

@@ -350,6 +350,19 @@ def test_probabilities_of_every_float_dtype_pass_the_sum_check(dtype):
     assert m.compute()["n_pixels"] == 2 * 9 * 11
 
 
+def test_a_top_probability_is_allowed_the_rounding_the_sum_check_allows():
+    """A half-precision pixel (1.0, 0, ...) rounded up to 1 + 2^-10 passes the sum check, so its top-label
+    probability must pass as well; 1.01 fails both."""
+    probs = torch.zeros(1, 4, 1, 2, dtype=torch.float16)
+    probs[0, 0] = 1 + 2 ** -10
+    m = CalibrationMetrics(4)
+    m.update(probs, torch.zeros(1, 1, 2, dtype=torch.long))
+    assert m.compute()["n_pixels"] == 2
+    probs[0, 0] = 1.01
+    with pytest.raises(ShiftbenchError, match=r"^probs summed over the classes holds values in \[1.00977, 1.00977\]"):
+        CalibrationMetrics(4).update(probs, torch.zeros(1, 1, 2, dtype=torch.long))
+
+
 def test_labels_of_any_integer_dtype_give_the_int64_result():
     probs, target = _random(k=20)
     target[target == IGNORE] = 19

@@ -306,6 +306,13 @@ def test_predictions_sharing_members_compute_their_entropies_once(monkeypatch):
             assert torch.equal(together[n][e], alone[n][e]), (n, e)
     # M member entropies once, H(moe output), H(mean), H(gate-weighted mixture), H(stacked mean)
     assert sorted(calls) == [1] * (M + 1) + [M, M, M + 1]
+    # sharing again, in the other order, must not make the two each other's peer (a recursion)
+    again = preds()
+    share_members(again.values())
+    share_members(reversed(list(again.values())))
+    for n in plan:
+        for e in plan[n]:
+            assert torch.equal(ESTIMATORS[e](again[n]), alone[n][e]), (n, e)
 
 
 def test_entropy_fast_path_handles_zeros_and_nan():

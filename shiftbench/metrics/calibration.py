@@ -41,10 +41,14 @@ SCORES = ("brier", "nll", "brier_multiclass", "nll_multiclass")
 ERRORS = ("ece", "mce")
 MODES = ("probability", "given")
 EPS = 1e-12
-#: rounding allowed above 1 for a top-label probability (a gate-weighted mixture can sum to 1 + ulp)
-PROB_SLACK = 1e-4
-#: how far from 1 a pixel's probabilities may sum, beyond K ulps of their dtype (fp16 softmax: about 1e-2)
+#: how far from 1 a pixel's probabilities may sum, beyond K ulps of their dtype (fp16 softmax: about 1e-2);
+#: a top-label probability may exceed 1 by as much (a gate-weighted mixture sums to 1 + ulps)
 SUM_SLACK = 1e-3
+
+
+def prob_slack(probs: Tensor) -> float:
+    """Rounding allowed around 1 for probs [B,K,...]: SUM_SLACK + K ulps of their dtype."""
+    return SUM_SLACK + probs.shape[1] * torch.finfo(probs.dtype).eps
 
 
 def class_scores(probs: Tensor, y: Tensor, top: bool = False) -> tuple[Tensor, Tensor, Tensor | None]:
@@ -62,8 +66,8 @@ def class_scores(probs: Tensor, y: Tensor, top: bool = False) -> tuple[Tensor, T
 
 def _check_simplex(checks: RangeCheck, probs: Tensor, invalid: Tensor) -> None:
     """Record for refusal the valid pixels of [B,K,r,W] whose probabilities are negative or do not sum to 1
-    (softmax over the wrong dim, logits, a scaled map), up to SUM_SLACK + K ulps."""
-    slack = SUM_SLACK + probs.shape[1] * torch.finfo(probs.dtype).eps
+    (softmax over the wrong dim, logits, a scaled map), up to :func:`prob_slack`."""
+    slack = prob_slack(probs)
     valid = ~invalid
     checks.add("probs summed over the classes", probs.sum(1, dtype=torch.float32), 1 - slack, 1 + slack,
                f"1 on valid pixels (within {slack:.2g}): probabilities over dim 1", valid)
@@ -199,8 +203,8 @@ class CalibrationMetrics(Accumulator):
             conf = checks.masked("confidence", confidence.float(), 0.0, 1.0, "values in [0, 1] on valid pixels",
                                  invalid, fill=0.5)
         else:
-            conf = checks.masked("probs", top, 0.0, 1.0 + PROB_SLACK, "probabilities (top-label probability in [0, 1])",
-                                 invalid, fill=0.5)
+            conf = checks.masked("probs", top, 0.0, 1.0 + prob_slack(probs),
+                                 "probabilities (top-label probability in [0, 1])", invalid, fill=0.5)
         if conf is None:
             return  # refused by checks.raise_if_bad(); nothing of this update is committed
         for score in self._scores(sos, p_y, conf, valid, correct, invalid, given):
