@@ -24,3 +24,13 @@ def key(*parts: object) -> int:
 def sample_seeds(seed: int, sample_ids: list[str], device: torch.device | str = "cpu") -> torch.Tensor:
     """Per-sample seeds, int64 [B], from the run seed and each sample's id string."""
     return torch.tensor([key(seed, sid) for sid in sample_ids], dtype=torch.int64, device=device)
+
+
+def model_seeds(seed: int, sample_ids: list[str]) -> list[int]:
+    """The seeds of the models' randomness (MC-dropout masks) for each sample, as the runner draws them."""
+    return [key(seed, "model", sid) for sid in sample_ids]
+
+
+def corruption_seeds(seed: int, sample_ids: list[str], device: torch.device | str = "cpu") -> torch.Tensor:
+    """The seeds of the corruptions' randomness for each sample, int64 [B], as the runner draws them."""
+    return torch.tensor([key(seed, "corruption", sid) for sid in sample_ids], dtype=torch.int64, device=device)

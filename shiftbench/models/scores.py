@@ -1,8 +1,11 @@
 """Clean-data mIoU of every model of a suite, per split and per group of splits.
 
 ``python -m shiftbench.models.scores suites/demo.yaml`` prints the Markdown table of
-docs/models.md. A group's mIoU comes from the summed confusion matrices of its splits
-(not the mean of the splits' mIoUs).
+docs/models.md (any other suite: a column per evaluated split and per group of ``dataset.eval``).
+A group's mIoU comes from the summed confusion matrices of its splits (not the mean of the
+splits' mIoUs). The MC-dropout masks are the runner's (:func:`shiftbench.seeding.model_seeds`),
+so the numbers are the clean condition's of ``shiftbench run`` up to the rounding of batched
+forwards (``run.exact``).
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ from torch.utils.data import DataLoader
 from shiftbench.data import open_split
 from shiftbench.models.training import confusion_matrix, miou
 from shiftbench.models.zoo import ModelZoo
-from shiftbench.seeding import sample_seeds
+from shiftbench.seeding import model_seeds
 
 #: the demo table's columns: name -> splits
 DEMO_GROUPS = {"highway": ("highway_test",), "urban": ("urban_test",), "combined ID": ("highway_test", "urban_test"),
@@ -34,10 +37,16 @@ def confusions(suite: Any, splits: Sequence[str], device: str | torch.device = "
         for m in out:
             out[m][split] = torch.zeros(k, k, dtype=torch.int64)
         for x, y, ids in DataLoader(open_split(suite, split), batch_size=batch_size):
-            preds = zoo(x.to(device), sample_seeds(suite.run.seed, list(ids)))
+            preds = zoo(x.to(device), model_seeds(suite.run.seed, list(ids)))
             for m, p in preds.items():
                 out[m][split] += confusion_matrix(p.probs.argmax(1).cpu(), y, k)
     return out
+
+
+def eval_groups(suite: Any) -> dict[str, tuple[str, ...]]:
+    """A column per split of ``dataset.eval``, then one per group of them."""
+    groups = {s: (s,) for splits in suite.dataset.eval.values() for s in splits}
+    return {**groups, **{g: tuple(splits) for g, splits in suite.dataset.eval.items() if len(splits) > 1}}
 
 
 def miou_table(suite: Any, groups: dict[str, Sequence[str]] = DEMO_GROUPS, device: str | torch.device = "cpu",
@@ -58,4 +67,5 @@ def markdown(table: dict[str, dict[str, float]]) -> str:
 if __name__ == "__main__":
     from shiftbench.suite import load_suite
 
-    print(markdown(miou_table(load_suite(sys.argv[1]))))
+    suite = load_suite(sys.argv[1])
+    print(markdown(miou_table(suite, DEMO_GROUPS if suite.name == "demo" else eval_groups(suite))))

@@ -27,7 +27,7 @@ from shiftbench.metrics import (CalibrationMetrics, ConditionalMetrics, Outcome,
 from shiftbench.models.checks import ImagesOutOfRange
 from shiftbench.runner.conditions import Condition
 from shiftbench.runner.data import Batch, SplitData
-from shiftbench.seeding import key
+from shiftbench.seeding import corruption_seeds, model_seeds
 from shiftbench.uncertainty import ESTIMATORS, Prediction, share_members
 
 IGNORE = 255
@@ -164,14 +164,6 @@ def check_finite(preds: dict[str, Prediction]) -> None:
 
 def _sum32(x: Tensor) -> Tensor:
     return x.sum(dtype=torch.float32) if x.dtype in (torch.float16, torch.bfloat16) else x.sum()
-
-
-def corruption_seeds(seed: int, ids: list[str], device: torch.device) -> Tensor:
-    return torch.tensor([key(seed, "corruption", s) for s in ids], dtype=torch.int64, device=device)
-
-
-def model_seeds(seed: int, ids: list[str]) -> list[int]:
-    return [key(seed, "model", s) for s in ids]
 
 
 def predict(zoo, x: Tensor, seeds: list[int], exact: bool = True) -> dict[str, Prediction]:

@@ -13,8 +13,9 @@ from shiftbench.models.zoo import ModelZoo  # noqa: E402
 from shiftbench.runner.conditions import Condition  # noqa: E402
 from shiftbench.runner.data import open_split  # noqa: E402
 from shiftbench.runner.dist import World  # noqa: E402
-from shiftbench.runner.sweep import (Accumulators, MetricWorker, Timer, model_seeds, predict,  # noqa: E402
-                                     run_condition, sweep_conditions, thread_split)
+from shiftbench.runner.sweep import (Accumulators, MetricWorker, Timer, predict, run_condition,  # noqa: E402
+                                     sweep_conditions, thread_split)
+from shiftbench.seeding import model_seeds  # noqa: E402
 from shiftbench.suite import load_suite  # noqa: E402
 
 
