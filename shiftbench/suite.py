@@ -28,6 +28,7 @@ MODEL_KINDS = ("mc_dropout", "ensemble", "moe", "expert", "custom")
 GATES = ("simple", "classwise")
 COMBINE = ("probs", "logits")
 NORMALIZE = ("imagenet", "none")  # shiftbench.models.deeplab.NORMALIZATIONS
+A2D2_LABELS = ("official", "authors")  # shiftbench.data.a2d2.LABELS
 DEVICES = ("auto", "cpu", "cuda")
 CONFIDENCE = ("uncertainty", "probability")
 AVERAGE = ("pixels", "images")
@@ -72,6 +73,7 @@ class DatasetSpec:
     root: Path | None
     split_dir: Path | None
     eval: dict[str, tuple[str, ...]]
+    labels: str = "official"
 
 
 @dataclass(frozen=True)
@@ -325,6 +327,10 @@ def _dataset(sec: _Section, base: Path) -> DatasetSpec:
         raise SuiteError(f"{sec._p('root')}: missing; {name} needs its dataset folder ({DATA_SOURCES[name]})")
     if name == "a2d2" and split_dir is None:
         raise SuiteError(f"{sec._p('split_dir')}: missing; a2d2 needs the folder of split lists ({DATA_SOURCES['a2d2']})")
+    labels = sec.get("labels", str, "official", choices=A2D2_LABELS)
+    if labels != "official" and (name != "a2d2" or classes != 38):
+        raise SuiteError(f"{sec._p('labels')}: {labels!r} needs dataset a2d2 with classes: 38 (the authors' loader "
+                         f"decodes A2D2 to its 38 categories), got {name} with {classes} classes")
     eval_sec = sec.sub("eval", required=True)
     groups = {g: eval_sec.names(g) for g in list(eval_sec.data)}
     if not groups:
@@ -334,7 +340,7 @@ def _dataset(sec: _Section, base: Path) -> DatasetSpec:
             _check_split(name, s, f"{eval_sec._p(g)}[{i}]")
     eval_sec.done()
     sec.done()
-    return DatasetSpec(name, tuple(size) if size else None, classes, seed, count, root, split_dir, groups)
+    return DatasetSpec(name, tuple(size) if size else None, classes, seed, count, root, split_dir, groups, labels)
 
 
 def _check_split(dataset: str, split: str, where: str) -> None:

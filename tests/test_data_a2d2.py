@@ -101,6 +101,65 @@ def test_colour_lookup_against_brute_force(shared_classes, tmp_path):
     assert (got38[unknown] == 255).mean() > 0.99  # random colours almost never hit one of the 55
 
 
+def test_authors_labels_keep_each_categorys_first_colour_and_make_the_rest_car(shared_classes, tmp_path):
+    """``labels: authors`` decodes as the authors' a2d2_loader: only a category's first instance colour
+    ("Car 1", "Bicycle 1", ..., "Sky") keeps its category, every other colour, known or not, is class 0."""
+    table = _full_class_list(shared_classes)
+    (tmp_path / "class_list.json").write_text(json.dumps(table))
+    lookup = a2d2.read_class_list(tmp_path)
+    assert int(lookup.first.sum()) == 38  # one colour per category
+    first_listed = {}
+    for e in shared_classes["colours"]:
+        first_listed.setdefault(e["category"], "#%02x%02x%02x" % tuple(e["rgb"]))
+    assert sorted(int(h[1:], 16) for h in first_listed.values()) == sorted(lookup.keys[lookup.first])
+    rng = np.random.default_rng(1)
+    known = np.array([[int(h[k:k + 2], 16) for k in (1, 3, 5)] for h in table], np.uint8)
+    pixels = known[rng.integers(len(known), size=(30, 40))]
+    pixels[0, 0] = (1, 2, 3)  # not an A2D2 colour
+    got = lookup.decode(pixels.transpose(2, 0, 1), 38, "authors")
+    index38 = {name: i for i, name in enumerate(shared_classes["categories_38"])}
+    for y in range(30):
+        for x in range(40):
+            colour = "#%02x%02x%02x" % tuple(pixels[y, x])
+            name = table.get(colour)
+            want = index38[a2d2.category_of(name)] if name and first_listed[a2d2.category_of(name)] == colour else 0
+            assert got[y, x] == want, (colour, name)
+    assert (got == 0).sum() > (lookup.decode(pixels.transpose(2, 0, 1), 38) == 0).sum()  # more Car than officially
+    with pytest.raises(ShiftbenchError, match=r"^A2D2 labels 'authors' needs classes 38, got 11 \(the authors'"):
+        lookup.decode(pixels.transpose(2, 0, 1), 11, "authors")
+    with pytest.raises(ShiftbenchError, match=r"^A2D2 labels 'theirs' is not one of official, authors$"):
+        a2d2.A2D2Dataset([(tmp_path / "a.png", tmp_path / "b.png")], tmp_path, classes=38, labels="theirs")
+
+
+def test_a_suite_with_authors_labels_opens_its_splits_so(tree, tmp_path):
+    """``dataset.labels: authors`` reaches the loader: a "Pedestrian 2" block is Pedestrian officially and
+    Car (0) for the authors; the exporter's colours, each its category's first, decode the same."""
+    import shutil
+
+    from shiftbench.suite import parse_suite
+
+    root = tmp_path / "a2d2"
+    shutil.copytree(tree, root)
+    table = json.loads((root / "class_list.json").read_text())
+    (root / "class_list.json").write_text(json.dumps({**table, "#bd499b": "Pedestrian 2"}))
+    label = a2d2.read_split(root / "split" / "highway_test_gt.txt", root)[0][1]
+    rgb = a2d2.read_png(label, "rgb").copy()
+    rgb[:, :4, :5] = np.array([0xBD, 0x49, 0x9B], np.uint8)[:, None, None]
+    write_png(label, rgb)
+    raw = {"name": "a", "dataset": {"name": "a2d2", "root": str(root), "split_dir": str(root / "split"),
+                                    "classes": 38, "labels": "authors", "eval": {"id": ["highway_test"]}},
+           "models": [{"name": "m", "kind": "custom", "factory": "torch.nn:Identity"}], "corruptions": {"names": "none"}}
+    authors = open_split(parse_suite(raw, root, root / "a.yaml"), "highway_test")
+    raw["dataset"]["labels"] = "official"
+    official = open_split(parse_suite(raw, root, root / "a.yaml"), "highway_test")
+    pedestrian = a2d2.classes().categories_38.index("Pedestrian")
+    y_official, y_authors = official[0][1], authors[0][1]
+    assert (y_official[:4, :5] == pedestrian).all() and (y_authors[:4, :5] == 0).all()
+    y_official[:4, :5] = 0
+    assert torch.equal(y_authors, y_official)
+    assert torch.equal(authors[1][1], official[1][1])
+
+
 # ------------------------------------------------------------------------------------ split lists
 
 
@@ -173,7 +232,8 @@ def test_ignore_pixels_round_trip(tree, tmp_path):
 def test_open_split(tree):
     from types import SimpleNamespace
 
-    spec = SimpleNamespace(name="a2d2", root=tree, split_dir=tree / "split", classes=11, size=None)
+    spec = SimpleNamespace(name="a2d2", root=tree, split_dir=tree / "split", classes=11, size=None,
+                           labels="official")
     ds = open_split(SimpleNamespace(dataset=spec), "ambiguous_test")
     assert len(ds) == COUNT and ds[0][1].shape == SIZE
 

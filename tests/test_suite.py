@@ -48,6 +48,10 @@ def test_demo_suite_loads_with_defaults():
     (lambda d: d["models"][1].__setitem__("normalize", "none"), "models[1].normalize: not a field of a ensemble model"),
     (lambda d: d["experts"]["urban"].__setitem__("normalize", 0), "experts.urban.normalize: 0 is not a string"),
     (lambda d: d["dataset"].__setitem__("name", "kitti"), "dataset.name: 'kitti' is not one of synthetic, a2d2, cityscapes"),
+    (lambda d: d["dataset"].__setitem__("labels", "authors"),
+     "dataset.labels: 'authors' needs dataset a2d2 with classes: 38 (the authors' loader decodes A2D2 to its 38 "
+     "categories), got synthetic with 11 classes"),
+    (lambda d: d["dataset"].__setitem__("labels", "mine"), "dataset.labels: 'mine' is not one of official, authors"),
     (lambda d: d["dataset"]["eval"].__setitem__("id", ["highway_tset"]), "dataset.eval.id[0]: 'highway_tset' is not one of"),
     (lambda d: d["dataset"]["eval"].__setitem__("ood", ["ambiguous_train"]), "'ambiguous_train' is not one of"),
     (lambda d: d["corruptions"].__setitem__("severities", [1, 6]), "corruptions.severities[1]: 6 is not one of 1, 2, 3, 4, 5"),

@@ -49,7 +49,8 @@ def _a2d2(spec: Any, split: str):
     from shiftbench.data.a2d2 import A2D2Dataset, read_split
 
     pairs = read_split(Path(spec.split_dir) / f"{split}_gt.txt", spec.root)
-    return A2D2Dataset(pairs, root=spec.root, classes=spec.classes, size=spec.size)
+    return A2D2Dataset(pairs, root=spec.root, classes=spec.classes, size=spec.size,
+                       labels=spec.labels)
 
 
 def _cityscapes(spec: Any, split: str):

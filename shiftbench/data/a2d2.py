@@ -11,9 +11,13 @@ mixture-of-experts authors' ``<domain>_<split>_gt.txt``) name one label per line
 ``highway/test/GT/20181108084007_label_frontcenter_000041947.png``; only the file name is
 used to find the pair in the dataset root.
 
-Labels: every colour of ``class_list.json`` maps to its category by name ("Car 1".."Car 4"
--> "Car"), giving the 38 official categories, optionally grouped into the 11 of
-:data:`CLASSES_11`; a colour that matches no entry becomes 255 (ignore), never class 0.
+Labels (:data:`LABELS`): ``official``: every colour of ``class_list.json`` maps to its category by
+name ("Car 1".."Car 4" -> "Car"), giving the 38 official categories, optionally grouped into the 11
+of :data:`CLASSES_11`; a colour that matches no entry becomes 255 (ignore), never class 0.
+``authors`` (38 classes only): as the mixture-of-experts authors' loader decodes them, to score their
+checkpoints on the ground truth they were trained on: only each category's first instance colour
+("Car 1", "Bicycle 1", ..., or the category's only colour) maps to the category; every other colour,
+known or not, becomes class 0 (Car).
 """
 
 from __future__ import annotations
@@ -35,9 +39,10 @@ from shiftbench.errors import ShiftbenchError
 
 IGNORE_INDEX = 255
 SCHEMES = (38, 11)
+LABELS = ("official", "authors")
 CLASS_FILE = Path(__file__).with_name("a2d2_classes.yaml")
 _LABEL_NAME = re.compile(r"^(\d{8})(\d{6})_label_frontcenter_(\d+)\.png$")
-_INSTANCE = re.compile(r"\s+\d+$")  # "Car 1" -> "Car"
+_INSTANCE = re.compile(r"\s+(\d+)$")  # "Car 1" -> "Car"
 
 
 @dataclass(frozen=True)
@@ -89,27 +94,41 @@ def pack_rgb(rgb: np.ndarray) -> np.ndarray:
 
 class ColourTable:
     """The colours of a class_list.json and the 38-class id of each; decodes colour labels with
-    one 2^24-entry lookup table per scheme (16 MiB, built on first use, not pickled)."""
+    one 2^24-entry lookup table per (scheme, labels) (16 MiB, built on first use, not pickled)."""
 
-    def __init__(self, keys: np.ndarray, ids: np.ndarray):
+    def __init__(self, keys: np.ndarray, ids: np.ndarray, first: np.ndarray | None = None):
         self.keys = keys   # int32 [n]: packed colours
         self.ids = ids     # uint8 [n]: their 38-class ids
-        self._luts: dict[int, np.ndarray] = {}
+        self.first = np.ones(len(keys), bool) if first is None else first  # bool [n]: a category's first colour
+        self._luts: dict[tuple[int, str], np.ndarray] = {}
 
     def __getstate__(self) -> dict:
-        return {"keys": self.keys, "ids": self.ids, "_luts": {}}
+        return {"keys": self.keys, "ids": self.ids, "first": self.first, "_luts": {}}
 
-    def lut(self, scheme: int) -> np.ndarray:
-        """uint8 [2^24]: packed colour -> class id under ``scheme``; 255 for colours not in the table."""
-        if scheme not in self._luts:
-            lut = np.full(1 << 24, IGNORE_INDEX, np.uint8)
-            lut[self.keys] = self.ids if scheme == 38 else classes().to_11[self.ids]
-            self._luts[scheme] = lut
-        return self._luts[scheme]
+    def lut(self, scheme: int, labels: str = "official") -> np.ndarray:
+        """uint8 [2^24]: packed colour -> class id under ``scheme`` and ``labels`` (module docstring)."""
+        if (scheme, labels) not in self._luts:
+            if labels == "official":
+                lut = np.full(1 << 24, IGNORE_INDEX, np.uint8)
+                lut[self.keys] = self.ids if scheme == 38 else classes().to_11[self.ids]
+            else:
+                _check_labels(scheme, labels)
+                lut = np.zeros(1 << 24, np.uint8)
+                lut[self.keys[self.first]] = self.ids[self.first]
+            self._luts[scheme, labels] = lut
+        return self._luts[scheme, labels]
 
-    def decode(self, rgb: np.ndarray, scheme: int = 11) -> np.ndarray:
-        """uint8 colour label [3,H,W] -> uint8 class ids [H,W]; unknown colours -> 255."""
-        return self.lut(scheme).take(pack_rgb(rgb))
+    def decode(self, rgb: np.ndarray, scheme: int = 11, labels: str = "official") -> np.ndarray:
+        """uint8 colour label [3,H,W] -> uint8 class ids [H,W]; unknown colours -> 255 (``authors``: 0)."""
+        return self.lut(scheme, labels).take(pack_rgb(rgb))
+
+
+def _check_labels(scheme: int, labels: str) -> None:
+    if labels not in LABELS:
+        raise ShiftbenchError(f"A2D2 labels {labels!r} is not one of {', '.join(LABELS)}")
+    if labels == "authors" and scheme != 38:
+        raise ShiftbenchError(f"A2D2 labels 'authors' needs classes 38, got {scheme} "
+                              "(the authors' loader decodes to the 38 categories only)")
 
 
 def read_class_list(root: str | os.PathLike) -> ColourTable:
@@ -124,7 +143,7 @@ def read_class_list(root: str | os.PathLike) -> ColourTable:
     if not isinstance(table, dict) or not table:
         raise ShiftbenchError(f"{path}: expected a non-empty mapping {{\"#rrggbb\": \"Name N\"}}")
     index = {name: i for i, name in enumerate(classes().categories_38)}
-    keys, ids = [], []
+    keys, ids, first = [], [], []
     for colour, name in table.items():
         if not (isinstance(colour, str) and re.fullmatch(r"#[0-9a-fA-F]{6}", colour)):
             raise ShiftbenchError(f"{path}: key {colour!r} is not a colour #rrggbb")
@@ -134,7 +153,9 @@ def read_class_list(root: str | os.PathLike) -> ColourTable:
                                   "(optionally followed by an instance number)")
         keys.append(int(colour[1:], 16))
         ids.append(index[category])
-    return ColourTable(np.asarray(keys, np.int32), np.asarray(ids, np.uint8))
+        number = _INSTANCE.search(name.strip())
+        first.append(number is None or int(number.group(1)) == 1)
+    return ColourTable(np.asarray(keys, np.int32), np.asarray(ids, np.uint8), np.asarray(first, bool))
 
 
 # ------------------------------------------------------------------------------------ split lists
@@ -187,12 +208,14 @@ class A2D2Dataset(Dataset):
 
     ``pairs`` are (image, label) paths, e.g. from :func:`read_split`; ``root`` holds
     ``class_list.json``; ``classes`` is 38 or 11; ``size`` (H, W) resizes both (bilinear
-    image, nearest label).
+    image, nearest label); ``labels`` one of :data:`LABELS` (module docstring).
     """
 
     def __init__(self, pairs: list[tuple[Path, Path]], root: str | os.PathLike, classes: int = 11,
-                 size: tuple[int, int] | None = None):
+                 size: tuple[int, int] | None = None, labels: str = "official"):
         _check_scheme(classes)
+        _check_labels(classes, labels)
+        self.labels = labels
         self.root = Path(root)
         if not self.root.is_dir():
             raise ShiftbenchError(f"A2D2 root {self.root}: no such folder (the camera_lidar_semantic folder of A2D2)")
@@ -218,5 +241,5 @@ class A2D2Dataset(Dataset):
         if image.shape[1:] != colours.shape[1:]:
             raise ShiftbenchError(f"{label_path}: label is {colours.shape[2]}x{colours.shape[1]} but its image "
                                   f"{image_path.name} is {image.shape[2]}x{image.shape[1]} (W x H)")
-        x, y = to_sample(image, self.table.decode(colours, self.scheme), self.size)
+        x, y = to_sample(image, self.table.decode(colours, self.scheme, self.labels), self.size)
         return x, y, self.sample_id(index)
