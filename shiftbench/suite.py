@@ -27,6 +27,7 @@ BACKBONES = ("tiny", "resnet18", "resnet50", "resnet101")
 MODEL_KINDS = ("mc_dropout", "ensemble", "moe", "expert", "custom")
 GATES = ("simple", "classwise")
 COMBINE = ("probs", "logits")
+MAX_SIDE = 8192  # pixels per image side: A2D2 is 1208x1920, Cityscapes 1024x2048
 NORMALIZE = ("imagenet", "none")  # shiftbench.models.deeplab.NORMALIZATIONS
 A2D2_LABELS = ("official", "authors")  # shiftbench.data.a2d2.LABELS
 DEVICES = ("auto", "cpu", "cuda")
@@ -208,13 +209,20 @@ class _Section:
             data = {}
         if not isinstance(data, dict):
             raise SuiteError(f"{path or 'suite'}: expected a mapping, got {_show(data)}")
+        for key in data:
+            if not isinstance(key, str):
+                where = f"{path}." if path else ""
+                raise SuiteError(f"{where}{key}: the key {_show(key)} is {_type_name(type(key))}, not a name; "
+                                 f"quote it (\"{key}\") or rename it")
         self.data, self.path, self.seen = data, path, set()
 
     def _p(self, key: str) -> str:
         return f"{self.path}.{key}" if self.path else key
 
     def get(self, key: str, kind: type | tuple[type, ...], default: Any = _MISSING,
-            choices: tuple | None = None, check: Callable[[Any], str | None] | None = None) -> Any:
+            choices: tuple | None = None, check: Callable[[Any], str | None] | None = None,
+            what: str | None = None) -> Any:
+        """The value of ``key``, checked; ``what`` says what is allowed when the type is wrong."""
         self.seen.add(key)
         if key not in self.data or self.data[key] is None and default is not _MISSING:
             if default is _MISSING:
@@ -225,7 +233,7 @@ class _Section:
         if float in kinds and isinstance(value, int) and not isinstance(value, bool):
             value = float(value)
         if isinstance(value, bool) and bool not in kinds or not isinstance(value, kinds):
-            names = " or ".join(_type_name(k) for k in kinds)
+            names = what or " or ".join(_type_name(k) for k in kinds)
             raise SuiteError(f"{self._p(key)}: {_show(value)} is not {names}")
         if choices is not None and value not in choices:
             raise SuiteError(f"{self._p(key)}: {_show(value)} is not one of {', '.join(map(str, choices))}")
@@ -234,7 +242,7 @@ class _Section:
         return value
 
     def names(self, key: str, default: Any = _MISSING, choices: tuple | None = None) -> tuple[str, ...]:
-        """A list of strings (a single string is accepted as a one-element list)."""
+        """A list of distinct strings (a single string is accepted as a one-element list)."""
         value = self.get(key, (list, str), default)
         if isinstance(value, str):
             value = [value]
@@ -243,6 +251,8 @@ class _Section:
                 raise SuiteError(f"{self._p(key)}[{i}]: {_show(item)} is not a string")
             if choices is not None and item not in choices:
                 raise SuiteError(f"{self._p(key)}[{i}]: {_show(item)} is not one of {', '.join(choices)}")
+            if item in value[:i]:  # counted twice: double weight in every mean over the list
+                raise SuiteError(f"{self._p(key)}[{i}]: {_show(item)} is given twice; list each name once")
         return tuple(value)
 
     def sub(self, key: str, required: bool = False) -> "_Section":
@@ -312,8 +322,9 @@ def _path(sec: _Section, key: str, base: Path, dataset: str | None = None) -> Pa
 def _dataset(sec: _Section, base: Path) -> DatasetSpec:
     name = sec.get("name", str, choices=DATASETS)
     size = sec.get("size", list, None)
-    if size is not None and (len(size) != 2 or not all(isinstance(v, int) and v >= 32 for v in size)):
-        raise SuiteError(f"{sec._p('size')}: {_show(size)} is not [H, W] with integers >= 32")
+    if size is not None and (len(size) != 2 or not all(isinstance(v, int) and not isinstance(v, bool)
+                                                       and 32 <= v <= MAX_SIDE for v in size)):
+        raise SuiteError(f"{sec._p('size')}: {_show(size)} is not [H, W] with integers 32..{MAX_SIDE}")
     if size is None and name == "synthetic":
         size = [128, 256]
     classes = sec.get("classes", int, CLASSES[name][0], choices=CLASSES[name])
@@ -333,6 +344,9 @@ def _dataset(sec: _Section, base: Path) -> DatasetSpec:
                          f"decodes A2D2 to its 38 categories), got {name} with {classes} classes")
     eval_sec = sec.sub("eval", required=True)
     groups = {g: eval_sec.names(g) for g in list(eval_sec.data)}
+    for g, splits in groups.items():
+        if not splits:
+            raise SuiteError(f"{eval_sec._p(g)}: empty; list the splits of group {g}, or leave the group out")
     if not groups:
         raise SuiteError(f"{eval_sec.path}: no evaluation split group; give e.g. id: [highway_test, urban_test]")
     for g, splits in groups.items():
@@ -549,10 +563,12 @@ def _run(sec: _Section, base: Path, name: str) -> RunSpec:
         out=_path(sec, "out", Path.cwd()) or Path("runs") / name,
         limit=sec.get("limit", int, None, check=_positive),
         workers=sec.get("workers", (int, str), "auto",
-                        check=_auto_or(lambda v: _between(v, 0, MAX_WORKERS), f"an integer 0..{MAX_WORKERS}")),
-        cache=sec.get("cache", (float, str), "auto", check=_auto_or(_size_gib, "a size in GiB >= 0")),
+                        check=_auto_or(lambda v: _between(v, 0, MAX_WORKERS), f"an integer 0..{MAX_WORKERS}"),
+                        what=f"auto or an integer 0..{MAX_WORKERS}"),
+        cache=sec.get("cache", (float, str), "auto", check=_auto_or(_size_gib, "a size in GiB >= 0"),
+                      what="auto or a size in GiB >= 0"),
         exact=sec.get("exact", bool, True),
-        overlap=sec.get("overlap", (bool, str), "auto", check=_auto_or_bool),
+        overlap=sec.get("overlap", (bool, str), "auto", check=_auto_or_bool, what="auto, true or false"),
     )
     sec.done()
     return spec

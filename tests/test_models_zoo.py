@@ -226,6 +226,11 @@ def test_bad_models_give_one_line_errors(suite, tmp_path):
         write_suite(tmp_path, bad))
     bad = [dict(MODELS[-1], factory="zoo_custom_models:missing")]
     assert "module 'zoo_custom_models' has no function 'missing'" in _error(write_suite(tmp_path, bad))
+    bad = [dict(MODELS[-1], kwargs={"depth": 3})]
+    assert "models.mine.kwargs: got an unexpected keyword argument 'depth' (factory 'zoo_custom_models:build')" in _error(
+        write_suite(tmp_path, bad))
+    bad = [dict(MODELS[-1], kwargs={"width": -1})]
+    assert "factory 'zoo_custom_models:build' raised RuntimeError: " in _error(write_suite(tmp_path, bad))
     bad = [dict(MODELS[3], gate="classwise")]
     assert ("moe_simple.pt was trained with gate: simple, the suite says models.moe_simple.gate: classwise; "
             "set it as trained") in _error(write_suite(tmp_path, bad))

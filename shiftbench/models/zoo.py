@@ -11,6 +11,7 @@ float32 even under autocast.
 from __future__ import annotations
 
 import importlib
+import inspect
 import re
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
@@ -333,7 +334,18 @@ def import_factory(path: str) -> Callable[..., nn.Module]:
 
 
 def _build_custom(zoo: ModelZoo, spec: Any, file: dict[str, Any] | None) -> None:
-    model = import_factory(spec.factory)(**spec.kwargs)
+    factory = import_factory(spec.factory)
+    try:
+        inspect.signature(factory).bind(**spec.kwargs)
+    except TypeError as exc:
+        raise ShiftbenchError(f"models.{spec.name}.kwargs: {exc} (factory {spec.factory!r})") from None
+    except ValueError:  # no signature to check (a builtin): the call below says what is wrong
+        pass
+    try:
+        model = factory(**spec.kwargs)
+    except Exception as exc:  # the user's code: one line, not a traceback
+        first = str(exc).splitlines()[0] if str(exc) else ""
+        raise ShiftbenchError(f"factory {spec.factory!r} raised {type(exc).__name__}: {first}") from None
     if not isinstance(model, nn.Module):
         raise ShiftbenchError(f"factory {spec.factory!r} returned {type(model).__name__}, not a torch.nn.Module")
     if spec.checkpoint is not None:
