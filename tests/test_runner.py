@@ -373,7 +373,7 @@ def test_a_run_folder_of_an_older_state_format_is_refused_before_the_sweep(tmp_p
 
 def test_a_checkpoint_retrained_in_place_or_amp_toggled_is_not_resumed(tmp_path, capsys):
     """Same suite file, other model bytes (or precision, or device type): finished conditions must not mix in."""
-    from shiftbench.runner.store import inputs_digest
+    from shiftbench.runner.store import run_inputs
     from shiftbench.suite import load_suite
 
     from runner_fixture import write_checkpoints
@@ -385,7 +385,8 @@ def test_a_checkpoint_retrained_in_place_or_amp_toggled_is_not_resumed(tmp_path,
     capsys.readouterr()
     assert run(path, out, "--corruptions", "none") == 2
     err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and "other checkpoint files, run.amp or device type" in err and "--force" in err
+    assert len(err.splitlines()) == 1 and "was run with other checkpoint files (a model retrained in place?)" in err
+    assert "--force" in err
     assert run(path, out, "--corruptions", "none", "--force") == 0
     assert run(path, out, "--corruptions", "none") == 0  # same inputs again: resumes (nothing to do)
     data = yaml.safe_load(path.read_text())
@@ -393,8 +394,52 @@ def test_a_checkpoint_retrained_in_place_or_amp_toggled_is_not_resumed(tmp_path,
     path.write_text(yaml.safe_dump(data))
     capsys.readouterr()
     assert run(path, out, "--corruptions", "none") == 2
-    assert "other checkpoint files, run.amp or device type" in capsys.readouterr().err
-    assert inputs_digest(load_suite(path), "cpu") != inputs_digest(load_suite(path), "cuda")
+    assert "was run with other run.amp false, now true;" in capsys.readouterr().err
+    suite = load_suite(path)
+    assert run_inputs(suite, "cpu") != run_inputs(suite, "cuda")
+    assert run_inputs(suite, "cpu", (1, 0)) == run_inputs(suite, "cpu", (1, 1))  # metrics on the forward's 1 thread
+    assert run_inputs(suite, "cuda", (2, 0)) == run_inputs(suite, "cuda", (1, 0))  # threads do not round GPU kernels
+
+
+def test_another_thread_split_or_exactness_is_not_resumed(tmp_path, capsys, monkeypatch):
+    """CPU kernels round differently with another thread count, batched forwards with another batch size:
+    a run resumed so would mix conditions of two roundings (seen: an overlap-auto sweep killed and resumed
+    with --overlap false gave a results.csv unlike either uninterrupted run)."""
+    import torch
+
+    path = make_suite(tmp_path / "suite", **SMALL)
+    out = tmp_path / "run"
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)  # what thread_split reads; not set for real
+    monkeypatch.setattr(torch, "set_num_threads", lambda n: None)
+    assert run(path, out, "--corruptions", "none", "--overlap", "true") == 0
+    assert json.loads((out / "manifest.json").read_text())["inputs"]["threads"] == [1, 1]
+    capsys.readouterr()
+    assert run(path, out, "--corruptions", "none", "--overlap", "false") == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1
+    assert ("was run with other torch threads [forwards, metrics] (--overlap, OMP_NUM_THREADS) [1, 1], now [2, 2]; "
+            "its finished conditions would mix with new ones: run as before") in err
+    assert run(path, out, "--corruptions", "none", "--overlap", "true") == 0  # as before: resumes
+    data = yaml.safe_load(path.read_text())
+    data["run"]["exact"] = False
+    path.write_text(yaml.safe_dump(data))
+    assert run(path, out, "--corruptions", "none", "--overlap", "true") == 2
+    err = capsys.readouterr().err
+    assert "run.exact true, now false; batch size (with run.exact false) null, now " in err
+
+
+def test_a_temporary_state_left_by_a_kill_does_not_block_a_takeover(tmp_path):
+    """A folder holding only the temporary of its first state write (killed mid-write) has nothing to keep:
+    another suite takes it over without --force, as the README says."""
+    path = make_suite(tmp_path / "suite", **SMALL)
+    out = tmp_path / "run"
+    assert run(path, out, "--corruptions", "none") == 0
+    for name in ("results.csv", "results.parquet", "curves.parquet", "summary.json"):
+        (out / name).unlink()
+    for state in (out / "states").rglob("*.pt"):
+        state.rename(state.with_name(f".{state.stem}.k2j3h4.tmp.pt"))
+    assert run(path, out, "--corruptions", "none", "--limit", "1") == 0
+    assert not list(out.rglob(".*.tmp*"))
 
 
 def test_gallery_ids_not_in_the_data_are_named(tmp_path, capsys):

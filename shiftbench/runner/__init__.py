@@ -25,7 +25,7 @@ from shiftbench.errors import ShiftbenchError
 from shiftbench.runner import dist
 from shiftbench.runner.conditions import Condition, enumerate_conditions
 from shiftbench.runner.data import cache_budget, loader_workers, open_splits
-from shiftbench.runner.store import RunStore, inputs_digest
+from shiftbench.runner.store import RunStore, run_inputs
 from shiftbench.runner.sweep import MetricWorker, Timer, sweep_conditions, thread_split
 
 log = logging.getLogger("shiftbench.run")
@@ -86,8 +86,9 @@ def run_suite(suite, force: bool = False, progress: bool = True) -> dict[str, An
         device = torch.device("cuda", world.local_rank)
     store = RunStore(suite.run.out)
     digest = suite.digest()
+    threads = thread_split(suite.run.overlap, device)
     if world.is_main:
-        store.open(suite.name, digest, force=force, inputs=inputs_digest(suite, device.type))
+        store.open(suite.name, digest, force=force, inputs=run_inputs(suite, device.type, threads))
         io.write_text(store.root / "suite.yaml", yaml.safe_dump(suite.raw, sort_keys=False))
     dist.barrier(world, "opening the run folder")
     handler = _setup_log(store.root / "run.log", world.is_main)
@@ -114,7 +115,6 @@ def run_suite(suite, force: bool = False, progress: bool = True) -> dict[str, An
         bar = tqdm(total=total, desc=f"{suite.name}", unit="batch", disable=not (progress and world.is_main),
                    dynamic_ncols=True)
         before = torch.get_num_threads()
-        threads = thread_split(suite.run.overlap, device)
         torch.set_num_threads(threads[0])
         try:
             with MetricWorker(threads[1]) as worker:

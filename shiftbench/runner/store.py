@@ -34,11 +34,17 @@ STATE_FORMAT = 2
 OUTPUTS = ("results.csv", "results.parquet", "curves.parquet", "summary.json")
 
 
-def inputs_digest(suite, device_type: str = "cpu") -> str:
-    """sha256 of what changes a condition's result besides the suite file: the bytes of every checkpoint
-    (a model retrained in place), ``run.amp`` and the device type (CPU and CUDA draw other random
-    streams). A run is only resumed with the same inputs."""
-    h = hashlib.sha256(json.dumps({"amp": suite.run.amp, "device": device_type}).encode())
+def run_inputs(suite, device_type: str = "cpu", threads: tuple[int, int] = (1, 0)) -> dict[str, Any]:
+    """What changes a condition's result besides the suite file; a run is only resumed with the same:
+
+    checkpoints  sha256 of the bytes of every checkpoint (a model retrained in place)
+    amp, device  ``run.amp`` and the device type (CPU and CUDA draw other random streams)
+    exact        ``run.exact``, and the batch size when it is false (batched convolutions round differently)
+    threads      on the CPU, the torch threads of the forwards and of the metrics (``threads`` from
+                 ``thread_split``; metrics without a worker run on the forwards' threads): kernels round
+                 differently with another thread count. None on CUDA.
+    """
+    h = hashlib.sha256()
     for path in suite.checkpoints():
         h.update(f"\0{path.name}\0".encode())
         try:
@@ -47,7 +53,32 @@ def inputs_digest(suite, device_type: str = "cpu") -> str:
                     h.update(block)
         except OSError:
             h.update(b"missing")  # the model zoo says what is wrong with it
-    return h.hexdigest()
+    forward, metrics = threads
+    return {"checkpoints": h.hexdigest(), "amp": suite.run.amp, "device": device_type, "exact": suite.run.exact,
+            "batch_size": None if suite.run.exact else suite.run.batch_size,
+            "threads": [forward, metrics or forward] if device_type == "cpu" else None}
+
+
+#: how a changed input is named in the refusal, and what sets it
+_INPUT_WORDS = {"checkpoints": "checkpoint files (a model retrained in place?)", "amp": "run.amp",
+                "device": "device type", "exact": "run.exact", "batch_size": "batch size (with run.exact false)",
+                "threads": "torch threads [forwards, metrics] (--overlap, OMP_NUM_THREADS)"}
+
+
+def changed_inputs(old: Any, new: dict[str, Any]) -> str | None:
+    """None when a run made with ``old`` inputs may be resumed with ``new`` ones, else what differs."""
+    if not isinstance(old, dict):
+        return "its inputs, recorded by an older shiftbench"
+    diffs = []
+    for key, value in new.items():
+        if old.get(key) != value:
+            diffs.append(_INPUT_WORDS[key] if key == "checkpoints"
+                         else f"{_INPUT_WORDS[key]} {_json(old.get(key))}, now {_json(value)}")
+    return "; ".join(diffs) or None
+
+
+def _json(value: Any) -> str:
+    return json.dumps(value).replace(",", ", ")
 
 
 def _read_manifest(path: Path) -> dict[str, Any] | str:
@@ -65,9 +96,9 @@ class RunStore:
         self._saved: dict[str, dict[str, Any]] = {}  # condition key -> payload written by this process
 
     # ----------------------------------------------------------------- manifest
-    def open(self, suite_name: str, digest: str, force: bool = False, inputs: str | None = None) -> None:
+    def open(self, suite_name: str, digest: str, force: bool = False, inputs: dict[str, Any] | None = None) -> None:
         """Create the run directory, or check that it belongs to the same suite (``digest``) run with the
-        same checkpoints and precision (``inputs``, see :func:`inputs_digest`)."""
+        same checkpoints, precision, device and threads (``inputs``, see :func:`run_inputs`)."""
         manifest = self.root / MANIFEST
         if manifest.exists() and not self.holds_results():
             self.discard()  # a run that stopped before finishing anything (a bad checkpoint, say): nothing to keep
@@ -81,10 +112,9 @@ class RunStore:
             elif old.get("format", 1) != STATE_FORMAT:
                 problem = (f"{self.root}: holds states of format {old.get('format', 1)} (an older shiftbench), this "
                            f"one reads format {STATE_FORMAT}; use another --out, or --force to discard the run")
-            elif inputs is not None and old.get("inputs", inputs) != inputs:
-                problem = (f"{self.root}: was run with other checkpoint files, run.amp or device type than now "
-                           "(a model retrained in place?); its finished conditions would mix with new ones: use "
-                           "another --out, or --force to discard it")
+            elif inputs is not None and (diff := changed_inputs(old.get("inputs", inputs), inputs)):
+                problem = (f"{self.root}: was run with other {diff}; its finished conditions would mix with new "
+                           "ones: run as before, use another --out, or --force to discard it")
             else:
                 problem = None
             if problem is not None:
@@ -101,7 +131,8 @@ class RunStore:
 
     def holds_results(self) -> bool:
         """Whether the folder holds a finished condition or a results table (else there is nothing to keep)."""
-        return any((self.root / "states").rglob("*.pt")) or any((self.root / name).exists() for name in OUTPUTS)
+        states = (p for p in (self.root / "states").rglob("*.pt") if not p.name.startswith("."))  # not temporaries
+        return any(states) or any((self.root / name).exists() for name in OUTPUTS)
 
     def discard(self) -> None:
         """Remove the run this folder holds (another suite's, or one made with other inputs): its states,
