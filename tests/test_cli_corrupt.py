@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -35,7 +37,8 @@ def _run(capsys, *argv: str) -> tuple[int, str, str]:
 
 
 def _files(root) -> list[str]:
-    return sorted(p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file())
+    """The images under ``root`` (not OUT's record of its seed and device)."""
+    return sorted(p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file() and p.name != "corrupt.json")
 
 
 def _expected(image: np.ndarray, rel: str, name: str, severity: int, seed: int) -> np.ndarray:
@@ -138,6 +141,23 @@ def test_interrupted_run_leaves_only_whole_files(tree, tmp_path, capsys, monkeyp
     monkeypatch.setattr(command, "encode", real)
     assert _run(capsys, "corrupt", str(tree), str(out), "--corruption", "contrast", "--severity", "1", "--quiet")[0] == 0
     assert len(_files(out)) == 3
+
+
+def test_out_made_with_another_seed_is_refused_and_a_kills_temporaries_are_removed(tree, tmp_path, capsys):
+    """Skipping the files that exist is only right for the same seed and device: OUT records them. A
+    temporary left by SIGKILL (no clean-up ran) is removed by the next run."""
+    out = tmp_path / "out"
+    args = ["corrupt", str(tree), str(out), "--corruption", "shot_noise", "--severity", "3", "--quiet"]
+    assert _run(capsys, *args)[0] == 0
+    assert json.loads((out / "corrupt.json").read_text()) == {"seed": 0, "device": "cpu"}
+    stale = out / "shot_noise" / "3" / ".a.x1y2z3.tmp.png"
+    stale.write_bytes(b"half")
+    code, _, err = _run(capsys, *args, "--seed", "7")
+    assert code == 2 and len(err.strip().splitlines()) == 1
+    assert f"{out}: was made with --seed 0, this run has --seed 7, --device cpu; its images would mix" in err
+    assert stale.exists()  # a refused run touches nothing
+    code, stdout, _ = _run(capsys, *args)
+    assert code == 0 and "wrote 0 images" in stdout and not stale.exists()
 
 
 def test_single_file_input_and_output_inside_input(tree, capsys):

@@ -5,7 +5,9 @@ with each requested corruption and severity and written, with the same relative 
 format, under ``OUT/<corruption>/<severity>/``. Images of one size are corrupted in batches;
 sample b's noise is keyed by (--seed, its relative path), so the output never depends on the
 batch size, the device's batch composition or which files were already done. Every file is
-written to a temporary name and renamed, and a re-run skips the files that exist.
+written to a temporary name and renamed, and a re-run skips the files that exist. OUT records
+the seed and device type it was made with (``OUT/corrupt.json``); a re-run with others is refused,
+since its images would mix with the old ones. Temporaries left by a killed run are removed.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ IMAGE_SUFFIXES = {".png": "png", ".jpg": "jpeg", ".jpeg": "jpeg"}
 #: torchvision 0.29 deprecates its image codecs in favour of torchcodec; they still work, quietly.
 _CODEC_DEPRECATION = "The image decoding and encoding capabilities of TorchVision are deprecated"
 JPEG_QUALITY = 95  # when writing a .jpg/.jpeg output (PNG outputs are lossless)
+MANIFEST = "corrupt.json"  # in OUT: what its images were made with
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -205,6 +208,32 @@ def resolve_device(name: str):
     return torch.device(name)
 
 
+def open_output(out: Path, made_with: dict) -> None:
+    """Create OUT, or check that it was made with the same ``made_with`` (seed, device type): the
+    images of two settings must not mix. Removes the temporaries of a killed run."""
+    import json
+
+    from shiftbench import io
+    from shiftbench.errors import ShiftbenchError
+
+    manifest = out / MANIFEST
+    if manifest.is_file():
+        try:
+            old = json.loads(manifest.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as exc:
+            raise ShiftbenchError(f"{manifest}: unreadable ({type(exc).__name__}); remove it if OUT holds "
+                                  "nothing else of value, or use another OUT") from None
+        diff = [f"--{k} {old.get(k)}" for k, v in made_with.items() if not isinstance(old, dict) or old.get(k) != v]
+        if diff:
+            now = ", ".join(f"--{k} {made_with[k]}" for k in made_with)
+            raise ShiftbenchError(f"{out}: was made with {', '.join(diff)}, this run has {now}; its images would mix "
+                                  "with the old ones: use the same settings or another OUT")
+        for tmp in out.rglob(".*.tmp*"):  # a killed run's half-written files
+            tmp.unlink(missing_ok=True)
+    else:
+        io.write_json(manifest, made_with)
+
+
 def main(args: argparse.Namespace) -> int:
     import sys
 
@@ -222,12 +251,13 @@ def main(args: argparse.Namespace) -> int:
     device = resolve_device(args.device)
     root, out = Path(args.input), Path(args.output)
     sources, skipped = discover(root, out)
-    for line in skipped:
-        print(f"shiftbench: skipping {line}", file=sys.stderr)
     given = {sources[0].rel: load_given(sources[0], "input")} if root.is_file() else {}  # decoded once, reused
     small = [s for s in sources if min(s.size) < 32]
     if small:
         raise ShiftbenchError(f"{small[0].rel} is {small[0].size[0]}x{small[0].size[1]}; images must be at least 32x32")
+    open_output(out, {"seed": args.seed, "device": device.type})
+    for line in skipped:
+        print(f"shiftbench: skipping {line}", file=sys.stderr)
     conditions = [(n, s) for n in names for s in severities]
     target = {(n, s, src.rel): out / n / str(s) / src.rel for n, s in conditions for src in sources}
     written = existing = 0
