@@ -163,6 +163,9 @@ def test_train_command_errors_are_one_line(tmp_path, fake_data, capsys):
         assert "--device cuda: no CUDA device is available; use --device cpu" in capsys.readouterr().err
     assert main(["train", str(path), "--threads", "0"]) == 2
     assert "--threads: 0 is not a positive integer" in capsys.readouterr().err
+    assert main(["train", str(path), "--quiet", "--out", str(path)]) == 2  # checked before anything trains
+    assert f"--out {path}: {path} is a file, not a folder to write expert_highway.pt into" in capsys.readouterr().err
+    assert not (tmp_path / "ck").exists()
     big_batch = yaml.safe_load(yaml.safe_dump(SUITE))
     big_batch["train"]["batch_size"] = 64
     path.write_text(yaml.safe_dump(big_batch, sort_keys=False))

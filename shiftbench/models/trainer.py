@@ -68,11 +68,19 @@ def _targets(suite: Any, only: Sequence[str] | None) -> tuple[list[Any], list[An
 
 
 def _target_path(checkpoint: Path | None, name: str, out: Path | None, where: str) -> Path:
+    """Where a trained model is written; checked before any training, so that a bad path fails at once."""
     if out is not None:
-        return out / (checkpoint.name if checkpoint is not None else f"{name}.pt")
-    if checkpoint is None:
+        path, named = out / (checkpoint.name if checkpoint is not None else f"{name}.pt"), f"--out {out}"
+    elif checkpoint is None:
         raise ShiftbenchError(f"{where}.checkpoint: missing; give a path to write to, or use --out DIR")
-    return checkpoint
+    else:
+        path, named = checkpoint, f"{where}.checkpoint"
+    if path.is_dir():
+        raise ShiftbenchError(f"{named}: {path} is a folder; a checkpoint needs a file path")
+    folder = next(p for p in path.parents if p.exists())
+    if not folder.is_dir():
+        raise ShiftbenchError(f"{named}: {folder} is a file, not a folder to write {path.name} into")
+    return path
 
 
 def _stage(suite: Any, name: str) -> Stage:
@@ -138,6 +146,10 @@ def train_suite(suite: Any, only: Sequence[str] | None = None, out: Path | None 
         raise ShiftbenchError("train: missing; the suite needs a train section to train its models")
     device = torch.device(device)
     experts, models = _targets(suite, only)
+    for e in experts:  # every target path before any training: a bad one fails at once, not hours later
+        _target_path(e.checkpoint, e.name, out, f"experts.{e.name}")
+    for m in (m for m in models if m.kind in ("mc_dropout", "moe")):
+        _target_path(m.checkpoint, m.name, out, f"models.{m.name}")
     data = Splits(suite, workers)
     classes, results = suite.dataset.classes, {}
     trained: dict[str, DeepLabV3Plus] = {}
