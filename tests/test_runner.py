@@ -292,6 +292,9 @@ def test_a_different_suite_is_refused_unless_forced(suite, base, tmp_path, capsy
     assert run(path, out, "--corruptions", "none") == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "different suite" in err and "--force" in err
+    assert run(suite, out, "--corruptions", "none", "--limit", "1") == 2  # the same suite file, another scope
+    assert (f"{out}: holds a run of suite 'tiny' with seed 0, limit none; this run has seed 0, limit 1: use another "
+            "--out, or --force") in capsys.readouterr().err
     (out / "report").mkdir()
     (out / "report" / "report.md").write_text("a report of the other suite")
     assert run(path, out, "--corruptions", "none", "--force") == 0

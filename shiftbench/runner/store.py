@@ -96,9 +96,11 @@ class RunStore:
         self._saved: dict[str, dict[str, Any]] = {}  # condition key -> payload written by this process
 
     # ----------------------------------------------------------------- manifest
-    def open(self, suite_name: str, digest: str, force: bool = False, inputs: dict[str, Any] | None = None) -> None:
+    def open(self, suite_name: str, digest: str, force: bool = False, inputs: dict[str, Any] | None = None,
+             scope: dict[str, Any] | None = None) -> None:
         """Create the run directory, or check that it belongs to the same suite (``digest``) run with the
-        same checkpoints, precision, device and threads (``inputs``, see :func:`run_inputs`)."""
+        same checkpoints, precision, device and threads (``inputs``, see :func:`run_inputs`). ``scope``
+        (``{"seed", "limit"}``, both part of the digest) lets the refusal name them when only they changed."""
         manifest = self.root / MANIFEST
         if manifest.exists() and not self.holds_results():
             self.discard()  # a run that stopped before finishing anything (a bad checkpoint, say): nothing to keep
@@ -106,9 +108,16 @@ class RunStore:
             old = _read_manifest(manifest)
             if isinstance(old, str):
                 problem = f"{manifest}: unreadable ({old}); use another --out, or --force to discard the run it holds"
+            elif old.get("digest") != digest and scope and old.get("suite") == suite_name and any(
+                    old.get(k, v) != v for k, v in scope.items()):
+                def words(values: dict) -> str:
+                    return ", ".join(f"{k} {'none' if values.get(k) is None else values.get(k)}" for k in scope)
+                problem = (f"{self.root}: holds a run of suite {suite_name!r} with {words(old)}; this run has "
+                           f"{words(scope)}: use another --out, or --force to discard it")
             elif old.get("digest") != digest:
                 problem = (f"{self.root}: holds a run of a different suite ({old.get('suite', 'unknown')!r}, "
-                           f"digest {str(old.get('digest'))[:12]}); use another --out, or --force to discard it")
+                           f"digest {str(old.get('digest'))[:12]}: another suite, or its file changed); use another "
+                           "--out, or --force to discard it")
             elif old.get("format", 1) != STATE_FORMAT:
                 problem = (f"{self.root}: holds states of format {old.get('format', 1)} (an older shiftbench), this "
                            f"one reads format {STATE_FORMAT}; use another --out, or --force to discard the run")
@@ -126,8 +135,8 @@ class RunStore:
                                   "use another --out, or --force to write into it")
         self.root.mkdir(parents=True, exist_ok=True)
         self.clean_temporaries()
-        io.write_json(manifest, {"suite": suite_name, "digest": digest, **({"inputs": inputs} if inputs else {}),
-                                 "format": STATE_FORMAT})
+        io.write_json(manifest, {"suite": suite_name, "digest": digest, **(scope or {}),
+                                 **({"inputs": inputs} if inputs else {}), "format": STATE_FORMAT})
 
     def holds_results(self) -> bool:
         """Whether the folder holds a finished condition or a results table (else there is nothing to keep)."""
