@@ -280,6 +280,8 @@ def test_a_gate_file_must_match_its_expert_order_and_combination(suite, tmp_path
                                                               "final_conv": False})
     moe = {"name": "m", "kind": "moe", "experts": ["highway", "urban"], "gate": "simple", "checkpoint": "ours.pt"}
     assert ModelZoo.from_suite(write_suite(tmp_path, [moe])).kinds == {"m": "moe"}
+    renamed = {n: {"backbone": "tiny", "checkpoint": f"expert_{old}.pt"} for n, old in (("hw", "highway"), ("ur", "urban"))}
+    assert ModelZoo.from_suite(write_suite(tmp_path, [{**moe, "experts": ["hw", "ur"]}], renamed)).kinds == {"m": "moe"}
     for change, said in ((dict(experts=["urban", "highway"]), "experts: [highway, urban], the suite says "
                           "models.m.experts: [urban, highway]"),
                          (dict(combine="logits"), "combine: probs, the suite says models.m.combine: logits"),

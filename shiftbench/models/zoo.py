@@ -297,8 +297,13 @@ def _build_moe(zoo: ModelZoo, spec: Any, file: dict[str, Any] | None) -> None:
     assert file is not None
     source, meta = str(spec.checkpoint), file["meta"]
     state = {k: v for k, v in file["state_dict"].items() if not _EXPERT_KEY.match(k)}
-    _agree(meta, {"gate": spec.gate, "experts": list(spec.experts), "combine": spec.combine,
-                  "final_conv": spec.final_conv}, source, f"models.{spec.name}")
+    _agree(meta, {"gate": spec.gate, "combine": spec.combine, "final_conv": spec.final_conv}, source,
+           f"models.{spec.name}")
+    trained = meta.get("experts")
+    if isinstance(trained, list) and sorted(trained) == sorted(spec.experts) and trained != list(spec.experts):
+        # the gate's i-th weight belongs to the i-th expert it was trained with; other names are another
+        # suite's (a rename), which only the user can map, so only a reordering of the same names is refused
+        _agree({"experts": trained}, {"experts": list(spec.experts)}, source, f"models.{spec.name}")
     check_classes(state, zoo.classes, source)
     grid = tuple(meta["gate_grid"]) if "gate_grid" in meta else grid_from_state(state, source)
     channels = backbone_spec(zoo.experts[spec.experts[0]].backbone_name).aspp
