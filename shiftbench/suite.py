@@ -178,12 +178,14 @@ class Suite:
                 return m
         raise SuiteError(f"no model named {name!r}; models: {', '.join(m.name for m in self.models)}")
 
-    def digest(self) -> str:
+    def digest(self, scope: bool = True) -> str:
         """sha256 of everything that changes a condition's result (not the run section's
-        device, batch size, output folder or the list of conditions to sweep)."""
+        device, batch size, output folder or the list of conditions to sweep); ``scope=False``:
+        of the suite's contents alone, without the run's seed and limit."""
         ident = {k: v for k, v in self.raw.items() if k not in ("run", "corruptions", "train")}
-        ident["seed"] = self.run.seed
-        ident["limit"] = self.run.limit
+        if scope:
+            ident["seed"] = self.run.seed
+            ident["limit"] = self.run.limit
         blob = json.dumps(ident, sort_keys=True, default=str).encode()
         return hashlib.sha256(blob).hexdigest()
 

@@ -295,6 +295,16 @@ def test_a_different_suite_is_refused_unless_forced(suite, base, tmp_path, capsy
     assert run(suite, out, "--corruptions", "none", "--limit", "1") == 2  # the same suite file, another scope
     assert (f"{out}: holds a run of suite 'tiny' with seed 0, limit none; this run has seed 0, limit 1: use another "
             "--out, or --force") in capsys.readouterr().err
+    assert run(path, out, "--corruptions", "none", "--limit", "1") == 2  # contents and limit: another suite
+    assert "holds a run of a different suite ('tiny', digest " in capsys.readouterr().err
+    manifest = json.loads((out / "manifest.json").read_text())
+    (out / "manifest.json").write_text(json.dumps({**manifest, "inputs": "9f" * 32}))  # an older shiftbench's
+    assert run(suite, out, "--corruptions", "none") == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.endswith("was written by an older shiftbench, which recorded its "
+                                                       "inputs as one digest that cannot be compared with this one's; "
+                                                       "use another --out, or --force to discard the run")
+    (out / "manifest.json").write_text(json.dumps(manifest))
     (out / "report").mkdir()
     (out / "report" / "report.md").write_text("a report of the other suite")
     assert run(path, out, "--corruptions", "none", "--force") == 0
@@ -402,6 +412,11 @@ def test_a_checkpoint_retrained_in_place_or_amp_toggled_is_not_resumed(tmp_path,
     assert run_inputs(suite, "cpu") != run_inputs(suite, "cuda")
     assert run_inputs(suite, "cpu", (1, 0)) == run_inputs(suite, "cpu", (1, 1))  # metrics on the forward's 1 thread
     assert run_inputs(suite, "cuda", (2, 0)) == run_inputs(suite, "cuda", (1, 0))  # threads do not round GPU kernels
+    assert run_inputs(suite, "cpu", world_size=1) == run_inputs(suite, "cpu", world_size=2)  # exact: per image
+    import dataclasses
+
+    inexact = dataclasses.replace(suite, run=dataclasses.replace(suite.run, exact=False))
+    assert run_inputs(inexact, "cpu", world_size=1) != run_inputs(inexact, "cpu", world_size=2)  # other batches
 
 
 def test_another_thread_split_or_exactness_is_not_resumed(tmp_path, capsys, monkeypatch):

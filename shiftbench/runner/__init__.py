@@ -88,8 +88,8 @@ def run_suite(suite, force: bool = False, progress: bool = True) -> dict[str, An
     digest = suite.digest()
     threads = thread_split(suite.run.overlap, device)
     if world.is_main:
-        store.open(suite.name, digest, force=force, inputs=run_inputs(suite, device.type, threads),
-                   scope={"seed": suite.run.seed, "limit": suite.run.limit})
+        store.open(suite.name, digest, force=force, inputs=run_inputs(suite, device.type, threads, world.size),
+                   scope={"seed": suite.run.seed, "limit": suite.run.limit}, contents=suite.digest(scope=False))
         io.write_text(store.root / "suite.yaml", yaml.safe_dump(suite.raw, sort_keys=False))
     dist.barrier(world, "opening the run folder")
     handler = _setup_log(store.root / "run.log", world.is_main)

@@ -34,12 +34,14 @@ STATE_FORMAT = 2
 OUTPUTS = ("results.csv", "results.parquet", "curves.parquet", "summary.json")
 
 
-def run_inputs(suite, device_type: str = "cpu", threads: tuple[int, int] = (1, 0)) -> dict[str, Any]:
+def run_inputs(suite, device_type: str = "cpu", threads: tuple[int, int] = (1, 0), world_size: int = 1
+               ) -> dict[str, Any]:
     """What changes a condition's result besides the suite file; a run is only resumed with the same:
 
     checkpoints  sha256 of the bytes of every checkpoint (a model retrained in place)
     amp, device  ``run.amp`` and the device type (CPU and CUDA draw other random streams)
-    exact        ``run.exact``, and the batch size when it is false (batched convolutions round differently)
+    exact        ``run.exact``, and when it is false the batch size and the number of processes (they make up
+                 the batches, and batched convolutions round differently)
     threads      on the CPU, the torch threads of the forwards and of the metrics (``threads`` from
                  ``thread_split``; metrics without a worker run on the forwards' threads): kernels round
                  differently with another thread count. None on CUDA.
@@ -56,19 +58,19 @@ def run_inputs(suite, device_type: str = "cpu", threads: tuple[int, int] = (1, 0
     forward, metrics = threads
     return {"checkpoints": h.hexdigest(), "amp": suite.run.amp, "device": device_type, "exact": suite.run.exact,
             "batch_size": None if suite.run.exact else suite.run.batch_size,
+            "processes": None if suite.run.exact else world_size,
             "threads": [forward, metrics or forward] if device_type == "cpu" else None}
 
 
 #: how a changed input is named in the refusal, and what sets it
 _INPUT_WORDS = {"checkpoints": "checkpoint files (a model retrained in place?)", "amp": "run.amp",
                 "device": "device type", "exact": "run.exact", "batch_size": "batch size (with run.exact false)",
+                "processes": "number of processes (with run.exact false)",
                 "threads": "torch threads [forwards, metrics] (--overlap, OMP_NUM_THREADS)"}
 
 
-def changed_inputs(old: Any, new: dict[str, Any]) -> str | None:
+def changed_inputs(old: dict[str, Any], new: dict[str, Any]) -> str | None:
     """None when a run made with ``old`` inputs may be resumed with ``new`` ones, else what differs."""
-    if not isinstance(old, dict):
-        return "its inputs, recorded by an older shiftbench"
     diffs = []
     for key, value in new.items():
         if old.get(key) != value:
@@ -97,10 +99,11 @@ class RunStore:
 
     # ----------------------------------------------------------------- manifest
     def open(self, suite_name: str, digest: str, force: bool = False, inputs: dict[str, Any] | None = None,
-             scope: dict[str, Any] | None = None) -> None:
+             scope: dict[str, Any] | None = None, contents: str | None = None) -> None:
         """Create the run directory, or check that it belongs to the same suite (``digest``) run with the
         same checkpoints, precision, device and threads (``inputs``, see :func:`run_inputs`). ``scope``
-        (``{"seed", "limit"}``, both part of the digest) lets the refusal name them when only they changed."""
+        (``{"seed", "limit"}``, both part of the digest) and ``contents`` (the digest without them) let the
+        refusal name the seed and limit when only they changed."""
         manifest = self.root / MANIFEST
         if manifest.exists() and not self.holds_results():
             self.discard()  # a run that stopped before finishing anything (a bad checkpoint, say): nothing to keep
@@ -108,8 +111,7 @@ class RunStore:
             old = _read_manifest(manifest)
             if isinstance(old, str):
                 problem = f"{manifest}: unreadable ({old}); use another --out, or --force to discard the run it holds"
-            elif old.get("digest") != digest and scope and old.get("suite") == suite_name and any(
-                    old.get(k, v) != v for k, v in scope.items()):
+            elif old.get("digest") != digest and scope and contents and old.get("contents") == contents:
                 def words(values: dict) -> str:
                     return ", ".join(f"{k} {'none' if values.get(k) is None else values.get(k)}" for k in scope)
                 problem = (f"{self.root}: holds a run of suite {suite_name!r} with {words(old)}; this run has "
@@ -121,6 +123,10 @@ class RunStore:
             elif old.get("format", 1) != STATE_FORMAT:
                 problem = (f"{self.root}: holds states of format {old.get('format', 1)} (an older shiftbench), this "
                            f"one reads format {STATE_FORMAT}; use another --out, or --force to discard the run")
+            elif inputs is not None and "inputs" in old and not isinstance(old["inputs"], dict):
+                problem = (f"{self.root}: was written by an older shiftbench, which recorded its inputs as one "
+                           "digest that cannot be compared with this one's; use another --out, or --force to "
+                           "discard the run")
             elif inputs is not None and (diff := changed_inputs(old.get("inputs", inputs), inputs)):
                 problem = (f"{self.root}: was run with other {diff}; its finished conditions would mix with new "
                            "ones: run as before, use another --out, or --force to discard it")
@@ -135,7 +141,8 @@ class RunStore:
                                   "use another --out, or --force to write into it")
         self.root.mkdir(parents=True, exist_ok=True)
         self.clean_temporaries()
-        io.write_json(manifest, {"suite": suite_name, "digest": digest, **(scope or {}),
+        io.write_json(manifest, {"suite": suite_name, "digest": digest, **({"contents": contents} if contents else {}),
+                                 **(scope or {}),
                                  **({"inputs": inputs} if inputs else {}), "format": STATE_FORMAT})
 
     def holds_results(self) -> bool:
