@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import time
 
 import numpy as np
 import pytest
@@ -150,14 +152,19 @@ def test_out_made_with_another_seed_is_refused_and_a_kills_temporaries_are_remov
     args = ["corrupt", str(tree), str(out), "--corruption", "shot_noise", "--severity", "3", "--quiet"]
     assert _run(capsys, *args)[0] == 0
     assert json.loads((out / "corrupt.json").read_text()) == {"seed": 0, "device": "cpu"}
-    stale = out / "shot_noise" / "3" / ".a.x1y2z3.tmp.png"
+    stale, live = out / "shot_noise" / "3" / ".a.x1y2z3.tmp.png", out / "shot_noise" / "3" / ".b.q7w8e9.tmp.png"
     stale.write_bytes(b"half")
+    os.utime(stale, (time.time() - 120, time.time() - 120))  # a killed run's, two minutes ago
+    live.write_bytes(b"being written")  # another corrupt writing into the same OUT now
     code, _, err = _run(capsys, *args, "--seed", "7")
     assert code == 2 and len(err.strip().splitlines()) == 1
     assert f"{out}: was made with --seed 0, this run has --seed 7, --device cpu; its images would mix" in err
     assert stale.exists()  # a refused run touches nothing
     code, stdout, _ = _run(capsys, *args)
-    assert code == 0 and "wrote 0 images" in stdout and not stale.exists()
+    assert code == 0 and "wrote 0 images" in stdout and not stale.exists() and live.exists()
+    (out / "corrupt.json").write_text("[1]")
+    code, _, err = _run(capsys, *args)
+    assert code == 2 and f"{out / 'corrupt.json'}: unreadable (not a JSON object)" in err
 
 
 def test_single_file_input_and_output_inside_input(tree, capsys):

@@ -7,7 +7,8 @@ sample b's noise is keyed by (--seed, its relative path), so the output never de
 batch size, the device's batch composition or which files were already done. Every file is
 written to a temporary name and renamed, and a re-run skips the files that exist. OUT records
 the seed and device type it was made with (``OUT/corrupt.json``); a re-run with others is refused,
-since its images would mix with the old ones. Temporaries left by a killed run are removed.
+since its images would mix with the old ones. Temporaries a killed run left (over a minute old) in the
+folders a re-run writes are removed.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ IMAGE_SUFFIXES = {".png": "png", ".jpg": "jpeg", ".jpeg": "jpeg"}
 _CODEC_DEPRECATION = "The image decoding and encoding capabilities of TorchVision are deprecated"
 JPEG_QUALITY = 95  # when writing a .jpg/.jpeg output (PNG outputs are lossless)
 MANIFEST = "corrupt.json"  # in OUT: what its images were made with
+STALE_S = 60  # a temporary older than this is a killed run's (one image takes well under a second to write)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -208,10 +210,13 @@ def resolve_device(name: str):
     return torch.device(name)
 
 
-def open_output(out: Path, made_with: dict) -> None:
+def open_output(out: Path, made_with: dict, folders: list[Path]) -> None:
     """Create OUT, or check that it was made with the same ``made_with`` (seed, device type): the
-    images of two settings must not mix. Removes the temporaries of a killed run."""
+    images of two settings must not mix. Removes the temporaries a killed run left in ``folders`` (the
+    <corruption>/<severity> folders this run writes) more than :data:`STALE_S` ago, so that a ``corrupt``
+    writing other conditions into the same OUT at the same time keeps its own."""
     import json
+    import time
 
     from shiftbench import io
     from shiftbench.errors import ShiftbenchError
@@ -221,15 +226,20 @@ def open_output(out: Path, made_with: dict) -> None:
         try:
             old = json.loads(manifest.read_text(encoding="utf-8"))
         except (OSError, ValueError) as exc:
-            raise ShiftbenchError(f"{manifest}: unreadable ({type(exc).__name__}); remove it if OUT holds "
-                                  "nothing else of value, or use another OUT") from None
-        diff = [f"--{k} {old.get(k)}" for k, v in made_with.items() if not isinstance(old, dict) or old.get(k) != v]
+            old = type(exc).__name__
+        if not isinstance(old, dict):
+            raise ShiftbenchError(f"{manifest}: unreadable ({old if isinstance(old, str) else 'not a JSON object'}); "
+                                  "remove it if OUT holds nothing else of value, or use another OUT")
+        diff = [f"--{k} {old.get(k)}" for k, v in made_with.items() if old.get(k) != v]
         if diff:
             now = ", ".join(f"--{k} {made_with[k]}" for k in made_with)
             raise ShiftbenchError(f"{out}: was made with {', '.join(diff)}, this run has {now}; its images would mix "
                                   "with the old ones: use the same settings or another OUT")
-        for tmp in out.rglob(".*.tmp*"):  # a killed run's half-written files
-            tmp.unlink(missing_ok=True)
+        stale = time.time() - STALE_S
+        for folder in folders:
+            for tmp in folder.rglob(".*.tmp*") if folder.is_dir() else ():
+                if tmp.stat().st_mtime < stale:  # a killed run's half-written file, not a live writer's
+                    tmp.unlink(missing_ok=True)
     else:
         io.write_json(manifest, made_with)
 
@@ -255,10 +265,10 @@ def main(args: argparse.Namespace) -> int:
     small = [s for s in sources if min(s.size) < 32]
     if small:
         raise ShiftbenchError(f"{small[0].rel} is {small[0].size[0]}x{small[0].size[1]}; images must be at least 32x32")
-    open_output(out, {"seed": args.seed, "device": device.type})
+    conditions = [(n, s) for n in names for s in severities]
+    open_output(out, {"seed": args.seed, "device": device.type}, [out / n / str(s) for n, s in conditions])
     for line in skipped:
         print(f"shiftbench: skipping {line}", file=sys.stderr)
-    conditions = [(n, s) for n in names for s in severities]
     target = {(n, s, src.rel): out / n / str(s) / src.rel for n, s in conditions for src in sources}
     written = existing = 0
     with tqdm(total=len(target), unit="img", desc="corrupt", disable=args.quiet) as bar:
