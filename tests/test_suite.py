@@ -168,3 +168,12 @@ def test_a_key_given_twice_is_refused_but_merge_keys_may_be_overridden(tmp_path)
     with pytest.raises(SuiteError) as exc:  # loads; then the suite check names the first unknown key
         load_suite(p)
     assert "given twice" not in str(exc.value)
+
+
+def test_the_suite_offers_the_choices_the_code_has():
+    """The suite validator lists choices without importing torch; they must stay those of the code."""
+    from shiftbench.data.a2d2 import LABELS
+    from shiftbench.models.deeplab import NORMALIZATIONS
+    from shiftbench.suite import A2D2_LABELS, NORMALIZE
+
+    assert NORMALIZE == tuple(NORMALIZATIONS) and A2D2_LABELS == LABELS
