@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import shutil
 from pathlib import Path
 
@@ -64,12 +65,14 @@ def status_of(out: str, *parts: str) -> str:
 
 
 # ------------------------------------------------------------------ gate
-def test_unchanged_run_passes_and_prints_every_value(run_dir, baseline, capsys):
+def test_unchanged_run_passes_and_prints_every_value_when_verbose(run_dir, baseline, capsys):
     capsys.readouterr()
     assert check(run_dir, baseline) == 0
-    out = capsys.readouterr().out
     n = len(bl.baseline_values(json.loads(baseline.read_text())))
     assert n == len(bl.run_values(load_run(run_dir)))
+    assert capsys.readouterr().out == f"PASS: {n} values compared ({n} same)\n"  # nothing changed: no table
+    assert check(run_dir, baseline, "--verbose") == 0
+    out = capsys.readouterr().out
     assert out.count("\n") == n + 2  # header, one line per value, summary
     assert out.rstrip().endswith(f"PASS: {n} values compared ({n} same)")
 
@@ -81,9 +84,14 @@ def test_injected_regression_fails(run_dir, baseline, capsys):
     capsys.readouterr()
     assert check(run_dir, baseline) == 1
     out = capsys.readouterr().out
+    lines = out.rstrip().splitlines()
+    assert len(lines) == 4 and "severity 1" not in out  # header, the changed value, summary, what regressed
     assert status_of(out, "moe_simple", "expert_variance", "severity 2", "ece") == "REGRESSED"
-    assert status_of(out, "moe_simple", "expert_variance", "severity 1", "ece") == "same"
-    assert "+0.01 " in out and out.rstrip().splitlines()[-1].startswith("FAIL")
+    assert lines[2].startswith("FAIL: ") and "1 REGRESSED" in lines[2]
+    assert re.fullmatch(r"  REGRESSED: id/moe_simple/expert_variance/severity 2/ece \S+ -> \S+ "
+                        r"\(\+0\.01, tolerance 0\.005\)", lines[3]), lines[3]
+    assert check(run_dir, baseline, "--verbose") == 1
+    assert status_of(capsys.readouterr().out, "moe_simple", "expert_variance", "severity 1", "ece") == "same"
 
 
 @pytest.mark.parametrize("column, delta, expected, code", [
@@ -171,7 +179,7 @@ def test_new_values_are_reported_not_failed(run_dir, tmp_path, capsys):
     path = tmp_path / "small.json"
     assert cli(["check", str(small), "--write-baseline", str(path)]) == 0
     capsys.readouterr()
-    assert check(run_dir, path) == 0  # the bigger run has the moe_simple values too
+    assert check(run_dir, path, "--verbose") == 0  # the bigger run has the moe_simple values too
     out = capsys.readouterr().out
     assert status_of(out, "id", "moe_simple", "expert_variance", "clean", "ece") == "new"
     assert status_of(out, "id", "baseline", "mutual_information", "clean", "ece") == "same"
@@ -200,7 +208,8 @@ def test_other_corruptions_are_refused(tmp_path, baseline, capsys):
                      corruptions=("fog", "contrast"))
     capsys.readouterr()
     assert check(other, baseline) == 2
-    _one_line_error(capsys, "contrast,fog,gaussian_noise", "run the same conditions")
+    _one_line_error(capsys, "the run lacks 2 condition(s) of the baseline on split 'id', e.g. gaussian_noise/1",
+                    "run the same conditions")
 
 
 def test_run_lacking_baseline_values_is_refused(run_dir, baseline, capsys):
@@ -253,3 +262,33 @@ def test_missing_paths_and_bad_tolerances(run_dir, tmp_path, baseline, capsys):
     with pytest.raises(SystemExit) as exc:
         cli(["check", str(run_dir)])
     assert exc.value.code == 2
+
+
+def test_a_run_missing_one_condition_or_with_failed_ones_is_refused(run_dir, baseline, capsys):
+    """A failed condition is absent from results.csv; the corruptions and severities seen are still all of
+    them, but the per-severity mean then averages fewer corruptions: refused, not compared (nor written)."""
+    df = pd.read_csv(run_dir / "results.csv")
+    df[~((df["corruption"] == "fog") & (df["severity"] == 2))].to_csv(run_dir / "results.csv", index=False)
+    capsys.readouterr()
+    assert check(run_dir, baseline) == 2
+    _one_line_error(capsys, "the run lacks 1 condition(s) of the baseline on split 'id', e.g. fog/2")
+    summary = json.loads((run_dir / "summary.json").read_text())
+    summary["failed"] = [{"condition": "id/fog/2", "reason": "NaN model outputs"}]
+    (run_dir / "summary.json").write_text(json.dumps(summary))
+    assert check(run_dir, baseline) == 2
+    _one_line_error(capsys, "1 condition(s) failed in its sweep (id/fog/2; summary.json says why)")
+    assert cli(["check", str(run_dir), "--write-baseline", str(run_dir / "b.json")]) == 2
+    assert not (run_dir / "b.json").exists()
+
+
+def test_old_baselines_without_conditions_mean_every_pair(run_dir, baseline, capsys):
+    data = json.loads(baseline.read_text())
+    for cov in data["coverage"].values():
+        del cov["conditions"]
+    baseline.write_text(json.dumps(data))
+    assert check(run_dir, baseline) == 0
+    df = pd.read_csv(run_dir / "results.csv")
+    df[~((df["corruption"] == "contrast") & (df["severity"] == 1))].to_csv(run_dir / "results.csv", index=False)
+    capsys.readouterr()
+    assert check(run_dir, baseline) == 2
+    _one_line_error(capsys, "e.g. contrast/1")

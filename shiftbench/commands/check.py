@@ -14,6 +14,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="absolute tolerances replacing the defaults, e.g. ece=0.005,nll=0.02 "
                              "(defaults: ece 0.005, mce 0.02, brier 0.005, nll 0.02, miou, au_pavpu and the "
                              "peaks 0.005)")
+    parser.add_argument("--verbose", action="store_true", help="print every compared value, not only those that "
+                                                               "changed")
 
 
 def main(args: argparse.Namespace) -> int:
@@ -22,6 +24,7 @@ def main(args: argparse.Namespace) -> int:
 
     tolerances = bl.parse_tolerances(args.tolerance)
     run = load_run(args.run_dir, curves=False, maps=False)
+    bl.check_complete(run)
     if args.write_baseline:
         written = bl.write_baseline(run, args.write_baseline)
         n = len(bl.baseline_values(written))
@@ -31,5 +34,5 @@ def main(args: argparse.Namespace) -> int:
     reference = bl.read_baseline(args.baseline)
     bl.check_identity(run, reference)
     changes = bl.compare(bl.run_values(run), bl.baseline_values(reference), tolerances)
-    print(bl.format_changes(changes), end="")
+    print(bl.format_changes(changes, every=args.verbose), end="")
     return 1 if any(c.failed for c in changes) else 0

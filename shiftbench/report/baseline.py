@@ -88,13 +88,32 @@ def run_values(run: Run, metrics: tuple[str, ...] = tuple(DEFAULT_TOLERANCES)) -
 
 
 def coverage(run: Run) -> dict[str, dict[str, list]]:
-    """Per split: the corruptions and severities run (what the per-severity means average over)."""
+    """Per split: the corruptions and severities run and the (corruption/severity) conditions among them
+    (what the per-severity means average over: a condition that failed is missing from them)."""
     out = {}
     for split in run.splits:
         rows = run.corrupted[run.corrupted["split"] == split]
         out[split] = {"corruptions": sorted(set(rows["corruption"])),
-                      "severities": sorted(int(s) for s in set(rows["severity"]))}
+                      "severities": sorted(int(s) for s in set(rows["severity"])),
+                      "conditions": sorted({f"{c}/{int(s)}" for c, s in zip(rows["corruption"], rows["severity"])})}
     return out
+
+
+def _conditions(cov: dict[str, list]) -> list[str]:
+    """A coverage's conditions; baselines written before they were recorded held every pair."""
+    if "conditions" in cov:
+        return list(cov["conditions"])
+    return sorted(f"{c}/{s}" for c in cov.get("corruptions", []) for s in cov.get("severities", []))
+
+
+def check_complete(run: Run) -> None:
+    """Refuse a run whose sweep had failed conditions: its means would silently average over fewer."""
+    failed = run.summary.get("failed") or []
+    if failed:
+        names = ", ".join(str(f.get("condition", f)) if isinstance(f, dict) else str(f) for f in failed[:3])
+        raise ShiftbenchError(f"{run.root}: {len(failed)} condition(s) failed in its sweep ({names}"
+                              f"{', ...' if len(failed) > 3 else ''}; summary.json says why); its means would "
+                              "leave them out: fix and re-run them first")
 
 
 # ------------------------------------------------------------------ baseline files
@@ -198,7 +217,14 @@ def check_identity(run: Run, baseline: dict[str, Any]) -> None:
                               "same suite, or write a new baseline with --write-baseline")
     have = coverage(run)
     for split, cov in baseline["coverage"].items():
-        if split in have and have[split] != cov:
+        if split not in have:
+            continue
+        lacking = sorted(set(_conditions(cov)) - set(have[split]["conditions"]))
+        if lacking:
+            raise ShiftbenchError(f"the run lacks {len(lacking)} condition(s) of the baseline on split {split!r}, "
+                                  f"e.g. {lacking[0]}; its means over corruptions would not be comparable: run the "
+                                  "same conditions")
+        if _conditions(have[split]) != _conditions(cov):
             raise ShiftbenchError(
                 f"baseline averages split {split!r} over corruptions {','.join(cov.get('corruptions', [])) or 'none'} "
                 f"at severities {','.join(map(str, cov.get('severities', []))) or 'none'}; the run has "
@@ -233,16 +259,24 @@ def _status(metric: str, old: float, new: float, tol: float) -> str:
     return "worse (within tolerance)" if worse <= tol + _EPS else "REGRESSED"
 
 
-def format_changes(changes: list[Change]) -> str:
-    """A fixed-width table of every compared value and a summary line."""
+def format_changes(changes: list[Change], every: bool = False, most: int = 20) -> str:
+    """A fixed-width table of the values that changed (``every``: of all), a summary line, and one line per
+    failing value (at most ``most``) naming what regressed."""
     header = ("split", "model", "estimator", "condition", "metric", "baseline", "run", "change", "tol", "status")
     rows = [(*c.key, _num(c.baseline), _num(c.current), _signed(c.delta), f"{c.tolerance:g}", c.status)
-            for c in changes]
+            for c in changes if every or c.status != "same"]
     widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
     numeric = {5, 6, 7, 8}
     lines = ["  ".join(str(v).rjust(w) if i in numeric else str(v).ljust(w)
                        for i, (v, w) in enumerate(zip(r, widths))).rstrip() for r in [header, *rows]]
-    return "\n".join(lines) + "\n" + summary_line(changes) + "\n"
+    failing = [c for c in changes if c.failed]
+    named = [f"  {c.status}: {'/'.join(c.key)} {_num(c.baseline)} -> {_num(c.current)}"
+             + (f" ({_signed(c.delta)}, tolerance {c.tolerance:g})" if math.isfinite(c.delta) else "")
+             for c in failing[:most]]
+    if len(failing) > most:
+        named.append(f"  ... and {len(failing) - most} more")
+    table = "\n".join(lines) + "\n" if rows else ""
+    return table + summary_line(changes) + "\n" + "".join(line + "\n" for line in named)
 
 
 def summary_line(changes: list[Change]) -> str:
