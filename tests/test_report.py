@@ -299,6 +299,26 @@ def test_cli_report_of_a_run_without_curves_and_maps(tmp_path, capsys):
     assert (tmp_path / "o" / "figures" / "conditional_vs_severity_id.png").is_file()
 
 
+@pytest.mark.parametrize("fmt", ["pdf", "svg"])
+def test_a_report_is_the_same_bytes_twice_and_leaves_no_stale_files(tmp_path, fmt):
+    """No creation date and no random ids in the vector figures; a smaller run reported into the same folder
+    leaves none of the bigger run's figures or tables behind."""
+    small = make_run(tmp_path / "r", models={"baseline": MODELS["baseline"]}, splits=("id",), corruptions=("fog",),
+                     severities=(1,), n_patches=200, curves=False, maps=False)
+    files = {}
+    for out in ("a", "b"):
+        build_report(small, tmp_path / out, fmt=fmt)
+        files[out] = {p.relative_to(tmp_path / out): p.read_bytes() for p in (tmp_path / out).rglob("*") if p.is_file()}
+    assert files["a"] == files["b"] and any(p.suffix == f".{fmt}" for p in files["a"])
+    big = make_run(tmp_path / "big", models={"baseline": MODELS["baseline"]}, splits=("id", "ood"),
+                   corruptions=("fog",), severities=(1,), n_patches=200, curves=False, maps=False)
+    build_report(big, tmp_path / "a", fmt="png")
+    assert (tmp_path / "a" / "figures" / "id_vs_ood.png").is_file()  # the small run has no ood split
+    build_report(small, tmp_path / "a", fmt=fmt)
+    now = {p.relative_to(tmp_path / "a") for p in (tmp_path / "a").rglob("*") if p.is_file()}
+    assert now == set(files["b"])
+
+
 def test_failed_conditions_and_skipped_files_are_warned_about(tmp_path, capsys):
     import json
 

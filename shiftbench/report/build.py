@@ -5,6 +5,8 @@ Layout of the output folder::
     OUT/figures/<name>.<format> and <name>.png
     OUT/tables/<name>.md and <name>.tex
     OUT/report.md, OUT/report.html
+
+Figures and tables of an earlier report in OUT that this one does not write are removed.
 """
 
 from __future__ import annotations
@@ -66,7 +68,20 @@ def build_report(run_dir: str | Path, out: str | Path | None = None, fmt: str = 
                     report.figures.append(_save(report.out, family, item, fmt))
     io.write_text(report.out / "report.md", document.markdown(report))
     io.write_text(report.out / "report.html", document.html_page(report))
+    _remove_stale(report)
     return report
+
+
+def _remove_stale(report: Report) -> None:
+    """Remove the figures and tables an earlier report left in ``out`` that this one did not write (a
+    figure of a split this run lacks, another format), so that no file of another run is taken for one
+    of this run's."""
+    written = {rel for f in report.figures for rel in f.files} | {rel for _, files in report.tables for rel in files}
+    suffixes = {f".{f}" for f in FORMATS} | {".md", ".tex"}
+    for folder in ("figures", "tables"):
+        for path in sorted((report.out / folder).glob("*")) if (report.out / folder).is_dir() else ():
+            if path.is_file() and path.suffix in suffixes and path.relative_to(report.out) not in written:
+                path.unlink()
 
 
 def run_warnings(run: Run) -> list[str]:
@@ -95,6 +110,11 @@ def _write_tables(report: Report) -> None:
         report.tables.append((table, files))
 
 
+#: per format, the metadata that would stamp the time of writing into the file (the same run must give the
+#: same bytes); PNG carries none by default
+_NO_DATE = {"pdf": {"CreationDate": None}, "svg": {"Date": None}}
+
+
 def _save(out: Path, family: str, item: figures.Rendered, fmt: str) -> FigureFile:
     """Save one figure as PNG and ``fmt`` (atomically) and release it.
 
@@ -103,7 +123,7 @@ def _save(out: Path, family: str, item: figures.Rendered, fmt: str) -> FigureFil
     files = [Path("figures") / f"{item.name}.{f}" for f in dict.fromkeys((fmt, "png"))]
     for rel in reversed(files):
         with io.atomic_path(out / rel) as tmp:
-            item.figure.savefig(tmp, format=rel.suffix[1:])
+            item.figure.savefig(tmp, format=rel.suffix[1:], metadata=_NO_DATE.get(rel.suffix[1:]))
         item.figure.set_layout_engine("none")
     item.figure.clear()
     return FigureFile(family, item.name, item.title, item.caption, files)

@@ -64,6 +64,7 @@ RC = {
     "savefig.dpi": 200,
     "pdf.fonttype": 42,  # embed TrueType: editable text in the PDF
     "svg.fonttype": "none",
+    "svg.hashsalt": "shiftbench",  # fixed clip-path ids: the same run gives the same SVG bytes
     "axes.formatter.useoffset": False,  # tick labels are the values, never "1e-6 + 0.9952" offsets
 }
 
