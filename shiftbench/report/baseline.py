@@ -214,7 +214,8 @@ def check_identity(run: Run, baseline: dict[str, Any]) -> None:
     if suite.get("name") != run.suite_name or suite.get("digest") != run.digest:
         raise ShiftbenchError(f"baseline is of suite {suite.get('name')!r} (digest {str(suite.get('digest'))[:12]}), "
                               f"the run of suite {run.suite_name!r} (digest {run.digest[:12]}); compare runs of the "
-                              "same suite, or write a new baseline with --write-baseline")
+                              "same suite file, seed and --limit (the digest covers all three), or write a new "
+                              "baseline with --write-baseline")
     have = coverage(run)
     for split, cov in baseline["coverage"].items():
         if split not in have:

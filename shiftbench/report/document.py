@@ -41,12 +41,17 @@ def _facts(report: "Report") -> list[tuple[str, str]]:
             ("Commit", str(summary.get("git_commit", "unknown")))]
 
 
+#: what a missing cell means, said once above the tables
+UNDEFINED = (f"{tables.MISSING} marks an undefined value (e.g. a peak over a sweep in which no patch is "
+             "inaccurate); a mean over corruptions or severities leaves undefined values out.")
+
+
 def markdown(report: "Report") -> str:
     """The report as Markdown: facts, tables (Markdown, with links to LaTeX), figures, notes."""
     out = [f"# shiftbench report: {report.run.suite_name}", ""]
     out += [f"- **{k}**: {v}" for k, v in _facts(report)] + [""]
     out += [f"> **Warning:** {w}" for w in report.warnings] + ([""] if report.warnings else [])
-    out += ["## Tables", ""]
+    out += ["## Tables", "", UNDEFINED, ""]
     for table, files in report.tables:
         out += [f"### {table.title}", "", table.caption, "", tables.to_markdown(table).rstrip(), "",
                 f"LaTeX: [{files[1].as_posix()}]({files[1].as_posix()})", ""]
@@ -69,7 +74,8 @@ def html_page(report: "Report") -> str:
     esc = html.escape
     body = [f"<h1>shiftbench report: {esc(report.run.suite_name)}</h1>", "<ul>"]
     body += [f"<li><b>{esc(k)}</b>: {esc(v)}</li>" for k, v in _facts(report)] + ["</ul>"]
-    body += [f'<p class="warning"><b>Warning:</b> {esc(w)}</p>' for w in report.warnings] + ["<h2>Tables</h2>"]
+    body += [f'<p class="warning"><b>Warning:</b> {esc(w)}</p>' for w in report.warnings] + ["<h2>Tables</h2>",
+                                                                                             f"<p>{esc(UNDEFINED)}</p>"]
     for table, files in report.tables:
         body += [f"<h3>{esc(table.title)}</h3>", f'<p class="caption">{esc(table.caption)}</p>',
                  tables.to_html(table), f'<p>LaTeX: <a href="{esc(files[1].as_posix())}">{esc(files[1].name)}</a></p>']

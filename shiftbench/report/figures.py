@@ -300,6 +300,8 @@ def gate_entropy(ctx: Context) -> Iterator[Rendered | Note]:
                           & (run.curves["corruption"] == CLEAN)]
         if not hist.empty:
             yield _gate_histograms(ctx, hist, models)
+        else:
+            yield Note("Gate entropy distributions: curves.parquet holds no clean gate-entropy histogram.")
     else:
         yield Note("Gate entropy distributions: the run has no curves.parquet.")
     pairs = [(m, GATE) for m in models]
