@@ -18,7 +18,7 @@ import hashlib
 import json
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
 import torch
 
@@ -83,6 +83,11 @@ def _json(value: Any) -> str:
     return json.dumps(value).replace(",", ", ")
 
 
+def _scope_words(values: dict[str, Any], keys: Iterable[str]) -> str:
+    """``seed 0, limit none`` for the ``keys`` of ``values``."""
+    return ", ".join(f"{k} {'none' if values.get(k) is None else values.get(k)}" for k in keys)
+
+
 def _read_manifest(path: Path) -> dict[str, Any] | str:
     """The manifest's JSON object, or why it cannot be read."""
     try:
@@ -112,10 +117,8 @@ class RunStore:
             if isinstance(old, str):
                 problem = f"{manifest}: unreadable ({old}); use another --out, or --force to discard the run it holds"
             elif old.get("digest") != digest and scope and contents and old.get("contents") == contents:
-                def words(values: dict) -> str:
-                    return ", ".join(f"{k} {'none' if values.get(k) is None else values.get(k)}" for k in scope)
-                problem = (f"{self.root}: holds a run of suite {suite_name!r} with {words(old)}; this run has "
-                           f"{words(scope)}: use another --out, or --force to discard it")
+                problem = (f"{self.root}: holds a run of suite {suite_name!r} with {_scope_words(old, scope)}; "
+                           f"this run has {_scope_words(scope, scope)}: use another --out, or --force to discard it")
             elif old.get("digest") != digest:
                 problem = (f"{self.root}: holds a run of a different suite ({old.get('suite', 'unknown')!r}, "
                            f"digest {str(old.get('digest'))[:12]}: another suite, or its file changed); use another "
