@@ -503,7 +503,7 @@ def _corruptions(sec: _Section, eval_groups: dict[str, tuple[str, ...]]) -> Corr
     elif names in ("none", []):
         names = ()
     else:
-        names = sec.names("names", choices=CORRUPTIONS)
+        names = sorted(sec.names("names", choices=CORRUPTIONS), key=CORRUPTIONS.index)  # one order for every run
     severities = sec.get("severities", list, list(SEVERITIES))
     for i, s in enumerate(severities):
         if isinstance(s, bool) or s not in SEVERITIES:

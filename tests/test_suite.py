@@ -177,3 +177,11 @@ def test_the_suite_offers_the_choices_the_code_has():
     from shiftbench.suite import A2D2_LABELS, NORMALIZE
 
     assert NORMALIZE == tuple(NORMALIZATIONS) and A2D2_LABELS == LABELS
+
+
+def test_corruptions_run_in_the_registry_order_whatever_the_listed_order(demo):
+    """Severities are sorted, and so are the corruptions (imagecorruptions' order): results.csv has one row
+    order for the same conditions, however they were listed."""
+    raw = copy.deepcopy(demo)
+    raw["corruptions"]["names"] = ["fog", "gaussian_noise", "contrast"]
+    assert parse_suite(raw, DEMO.parent, DEMO).corruptions.names == ("gaussian_noise", "fog", "contrast")
