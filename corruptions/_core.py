@@ -121,7 +121,10 @@ def _validate(images: Tensor, name: str, severity: int) -> None:
     if images.numel():
         lo, hi = torch.aminmax(images)  # NaN propagates into both and fails the test below
         if not (bool(lo >= 0) and bool(hi <= 1)):
-            raise CorruptionError("image values must lie in [0,1] (convert uint8 images with x / 255)")
+            seen = (f"values in [{float(lo):g}, {float(hi):g}]" if bool(lo.isfinite() & hi.isfinite())
+                    else "NaN or Inf")
+            raise CorruptionError(f"images hold {seen}; image values must lie in [0,1] "
+                                  "(convert uint8 images with x / 255)")
 
 
 def _seeds(seed: int | Tensor, batch: int) -> list[int]:
@@ -135,6 +138,7 @@ def _seeds(seed: int | Tensor, batch: int) -> list[int]:
     return [int(seed)] * batch
 
 
+@torch.no_grad()
 def corrupt(images: Tensor, name: str, severity: int, seed: int | Tensor = 0) -> Tensor:
     """Apply corruption ``name`` at ``severity`` (1..5) to a batch.
 
@@ -142,7 +146,7 @@ def corrupt(images: Tensor, name: str, severity: int, seed: int | Tensor = 0) ->
     seed:   an int (the same for every sample) or int64 [B] per-sample seeds; sample b's
             output depends only on (seed_b, name, severity) and its own pixels.
     Returns a tensor of the same shape, dtype and device, clipped to [0,1]; an empty batch (B = 0)
-    gives an empty batch.
+    gives an empty batch. Not differentiable: it runs without autograd (jpeg_compression is a codec).
     """
     _validate(images, name, severity)
     seeds = _seeds(seed, images.shape[0])

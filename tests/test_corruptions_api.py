@@ -157,11 +157,30 @@ def test_integer_dtype(dtype):
     _error("float tensor in \\[0,1\\]", torch.zeros(1, 3, 32, 32, dtype=dtype), "contrast", 1)
 
 
-@pytest.mark.parametrize("value", [1.5, -0.01, float("nan"), float("inf")])
-def test_values_outside_0_1(value):
+@pytest.mark.parametrize("value, seen", [(1.5, r"values in \[0, 1\.5\]"), (-0.01, r"values in \[-0\.01, "),
+                                         (float("nan"), "NaN or Inf"), (float("inf"), "NaN or Inf")])
+def test_values_outside_0_1(value, seen):
     x = _images(1, 32, 32)
     x[0, 1, 5, 7] = value
-    _error(r"\[0,1\]", x, "brightness", 2)
+    _error(rf"^images hold {seen}.*; image values must lie in \[0,1\]", x, "brightness", 2)
+
+
+@pytest.mark.parametrize("name", CORRUPTIONS)
+def test_inputs_that_require_grad_are_corrupted_without_autograd(name):
+    """No corruption is differentiable (jpeg is a codec); defocus_blur's in-place FFT product refused such input."""
+    x = _images(1, 36, 40).requires_grad_(True)
+    y = corrupt(x, name, 3)
+    assert not y.requires_grad and torch.equal(y, corrupt(x.detach(), name, 3))
+
+
+def test_brightness_scales_tiny_values_like_any_other():
+    """x' = x V'/V holds for any V > 0: 1e-13 grey is not treated as black (a clamp at 1e-12 did)."""
+    x = torch.full((1, 3, 32, 32), 1e-13)
+    x[0, 0, 0, 0] = 1e-20
+    x[0, 1:, 0, 0] = 0
+    y = corrupt(x, "brightness", 1)
+    assert torch.allclose(y[0, :, 1, 1], torch.full((3,), 0.1), rtol=1e-6)
+    assert torch.allclose(y[0, :, 0, 0], torch.tensor([0.1, 0.0, 0.0]), rtol=1e-6)
 
 
 @pytest.mark.parametrize("hw", [(31, 40), (40, 31), (8, 8)])
