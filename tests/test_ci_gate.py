@@ -21,5 +21,6 @@ def test_ci_sweep_matches_the_committed_baseline(tmp_path_factory, capsys):
     out = capsys.readouterr()
     failing = [ln for ln in out.out.splitlines() if ln.endswith(("REGRESSED", "BECAME NaN"))]
     assert code == 0, (f"calibration regressed against {CI_BASELINE.name} (exit {code}):\n" + out.err
-                       + "\n".join(failing[:40]) + f"\n{out.out.splitlines()[-1] if out.out else ''}\n"
-                       "If the change is intended, update the baseline (see tests/test_ci_gate.py).")
+                       + "\n".join(failing[:40]) + "\n"
+                       + "".join(ln + "\n" for ln in out.out.splitlines() if ln.startswith(("PASS:", "FAIL:")))
+                       + "If the change is intended, update the baseline (see tests/test_ci_gate.py).")

@@ -282,6 +282,9 @@ def test_a_gate_file_must_match_its_expert_order_and_combination(suite, tmp_path
     assert ModelZoo.from_suite(write_suite(tmp_path, [moe])).kinds == {"m": "moe"}
     renamed = {n: {"backbone": "tiny", "checkpoint": f"expert_{old}.pt"} for n, old in (("hw", "highway"), ("ur", "urban"))}
     assert ModelZoo.from_suite(write_suite(tmp_path, [{**moe, "experts": ["hw", "ur"]}], renamed)).kinds == {"m": "moe"}
+    partly = {**renamed, "urban": {"backbone": "tiny", "checkpoint": "expert_urban.pt"}}
+    assert "models.m.experts: [urban, ur]; set it as trained" in _error(
+        write_suite(tmp_path, [{**moe, "experts": ["urban", "ur"]}], partly))  # urban moved to the gate's slot 0
     for change, said in ((dict(experts=["urban", "highway"]), "experts: [highway, urban], the suite says "
                           "models.m.experts: [urban, highway]"),
                          (dict(combine="logits"), "combine: probs, the suite says models.m.combine: logits"),

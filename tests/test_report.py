@@ -314,9 +314,12 @@ def test_a_report_is_the_same_bytes_twice_and_leaves_no_stale_files(tmp_path, fm
                    corruptions=("fog",), severities=(1,), n_patches=200, curves=False, maps=False)
     build_report(big, tmp_path / "a", fmt="png")
     assert (tmp_path / "a" / "figures" / "id_vs_ood.png").is_file()  # the small run has no ood split
+    mine = [tmp_path / "a" / "figures" / "my_diagram.png", tmp_path / "a" / "tables" / "notes.md"]
+    for path in mine:
+        path.write_text("the user's own")
     build_report(small, tmp_path / "a", fmt=fmt)
     now = {p.relative_to(tmp_path / "a") for p in (tmp_path / "a").rglob("*") if p.is_file()}
-    assert now == set(files["b"])
+    assert now == set(files["b"]) | {p.relative_to(tmp_path / "a") for p in mine}  # never touched
 
 
 def test_failed_conditions_and_skipped_files_are_warned_about(tmp_path, capsys):

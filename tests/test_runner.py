@@ -413,6 +413,12 @@ def test_a_checkpoint_retrained_in_place_or_amp_toggled_is_not_resumed(tmp_path,
     assert run_inputs(suite, "cpu", (1, 0)) == run_inputs(suite, "cpu", (1, 1))  # metrics on the forward's 1 thread
     assert run_inputs(suite, "cuda", (2, 0)) == run_inputs(suite, "cuda", (1, 0))  # threads do not round GPU kernels
     assert run_inputs(suite, "cpu", world_size=1) == run_inputs(suite, "cpu", world_size=2)  # exact: per image
+    from shiftbench.runner.store import changed_inputs
+
+    now = run_inputs(suite, "cpu")
+    earlier = {k: v for k, v in now.items() if k != "processes"}  # a folder from before it was recorded
+    assert changed_inputs(earlier, {**now, "processes": 3}) is None
+    assert changed_inputs(earlier, {**now, "amp": not now["amp"]}).startswith("run.amp")
     import dataclasses
 
     inexact = dataclasses.replace(suite, run=dataclasses.replace(suite.run, exact=False))

@@ -238,8 +238,11 @@ def open_output(out: Path, made_with: dict, folders: list[Path]) -> None:
         stale = time.time() - STALE_S
         for folder in folders:
             for tmp in folder.rglob(".*.tmp*") if folder.is_dir() else ():
-                if tmp.stat().st_mtime < stale:  # a killed run's half-written file, not a live writer's
-                    tmp.unlink(missing_ok=True)
+                try:
+                    if tmp.stat().st_mtime < stale:  # a killed run's half-written file, not a live writer's
+                        tmp.unlink()
+                except FileNotFoundError:  # renamed into place meanwhile by a live writer
+                    continue
     else:
         io.write_json(manifest, made_with)
 

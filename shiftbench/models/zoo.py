@@ -300,9 +300,9 @@ def _build_moe(zoo: ModelZoo, spec: Any, file: dict[str, Any] | None) -> None:
     _agree(meta, {"gate": spec.gate, "combine": spec.combine, "final_conv": spec.final_conv}, source,
            f"models.{spec.name}")
     trained = meta.get("experts")
-    if isinstance(trained, list) and sorted(trained) == sorted(spec.experts) and trained != list(spec.experts):
-        # the gate's i-th weight belongs to the i-th expert it was trained with; other names are another
-        # suite's (a rename), which only the user can map, so only a reordering of the same names is refused
+    if isinstance(trained, list) and any(trained.index(e) != i for i, e in enumerate(spec.experts) if e in trained):
+        # the gate's i-th weight belongs to the i-th expert it was trained with: a recorded name in another
+        # slot is refused; names it does not record are another suite's (a rename), which only the user can map
         _agree({"experts": trained}, {"experts": list(spec.experts)}, source, f"models.{spec.name}")
     check_classes(state, zoo.classes, source)
     grid = tuple(meta["gate_grid"]) if "gate_grid" in meta else grid_from_state(state, source)

@@ -6,7 +6,8 @@ Layout of the output folder::
     OUT/tables/<name>.md and <name>.tex
     OUT/report.md, OUT/report.html
 
-Figures and tables of an earlier report in OUT that this one does not write are removed.
+Figures and tables an earlier report wrote into OUT that this one does not write are removed
+(``OUT/.shiftbench-report.json`` lists them); other files in OUT are never touched.
 """
 
 from __future__ import annotations
@@ -72,16 +73,28 @@ def build_report(run_dir: str | Path, out: str | Path | None = None, fmt: str = 
     return report
 
 
+#: in OUT: the files the last report wrote there, so that the next one removes only its own leftovers
+WRITTEN = ".shiftbench-report.json"
+
+
 def _remove_stale(report: Report) -> None:
-    """Remove the figures and tables an earlier report left in ``out`` that this one did not write (a
-    figure of a split this run lacks, another format), so that no file of another run is taken for one
-    of this run's."""
-    written = {rel for f in report.figures for rel in f.files} | {rel for _, files in report.tables for rel in files}
-    suffixes = {f".{f}" for f in FORMATS} | {".md", ".tex"}
-    for folder in ("figures", "tables"):
-        for path in sorted((report.out / folder).glob("*")) if (report.out / folder).is_dir() else ():
-            if path.is_file() and path.suffix in suffixes and path.relative_to(report.out) not in written:
-                path.unlink()
+    """Remove the figures and tables the previous report in ``out`` wrote (listed in :data:`WRITTEN`) that
+    this one did not (a split this run lacks, another format), so that no file of another run passes for
+    one of this run's; files shiftbench did not write are never touched. Then list this report's files."""
+    import json
+
+    written = sorted({rel.as_posix() for f in report.figures for rel in f.files}
+                     | {rel.as_posix() for _, files in report.tables for rel in files})
+    record = report.out / WRITTEN
+    try:
+        before = json.loads(record.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        before = []
+    for rel in set(before if isinstance(before, list) else []) - set(written):
+        path = report.out / str(rel)
+        if path.parent.name in ("figures", "tables") and path.parent.parent == report.out:  # nowhere else
+            path.unlink(missing_ok=True)
+    io.write_json(record, written)
 
 
 def run_warnings(run: Run) -> list[str]:

@@ -70,10 +70,11 @@ _INPUT_WORDS = {"checkpoints": "checkpoint files (a model retrained in place?)",
 
 
 def changed_inputs(old: dict[str, Any], new: dict[str, Any]) -> str | None:
-    """None when a run made with ``old`` inputs may be resumed with ``new`` ones, else what differs."""
+    """None when a run made with ``old`` inputs may be resumed with ``new`` ones, else what differs. An input
+    ``old`` lacks was not recorded (an earlier shiftbench) and is not compared."""
     diffs = []
     for key, value in new.items():
-        if old.get(key) != value:
+        if key in old and old[key] != value:
             diffs.append(_INPUT_WORDS[key] if key == "checkpoints"
                          else f"{_INPUT_WORDS[key]} {_json(old.get(key))}, now {_json(value)}")
     return "; ".join(diffs) or None
