@@ -136,6 +136,9 @@ def test_train_command_writes_checkpoints_the_zoo_loads(tmp_path, fake_data, cap
         assert set(meta["versions"]) == {"shiftbench", "torch", "torchvision"} and len(meta["val_miou"]) == 1
         assert meta["data_probe"] == {s: data_probe(shiftbench.data.open_split(suite, s)) for s in meta["train_splits"]}
         assert meta.get("normalize") == ("imagenet" if meta["kind"] != "moe" else None)  # what the zoo checks
+    assert main(["train", str(path), "--quiet", "--out", str(tmp_path / "again")]) == 0
+    for again in (tmp_path / "again").iterdir():  # the same seed and threads: the same bytes (no wall time saved)
+        assert again.read_bytes() == (tmp_path / "ck" / again.name).read_bytes(), again.name
     meta = read_checkpoint(tmp_path / "ck" / "moe_classwise_conv.pt")
     assert meta["meta"]["gate_grid"] == [2, 4] and meta["meta"]["experts"] == ["highway", "urban"]
     assert not any(k.startswith("expert") for k in meta["state_dict"])  # gates only; experts from their files

@@ -67,6 +67,15 @@ def _targets(suite: Any, only: Sequence[str] | None) -> tuple[list[Any], list[An
     return [e for e in experts if e.name in only], [m for m in models if m.name in only]
 
 
+#: meta the trainer reports but does not save: the same seed must give the same checkpoint bytes
+_NOT_SAVED = ("seconds",)
+
+
+def _save(path: Path, state: dict, meta: dict) -> None:
+    """Write a checkpoint whose meta leaves out what differs between two identical trainings (wall time)."""
+    save_checkpoint(path, state, {k: v for k, v in meta.items() if k not in _NOT_SAVED})
+
+
 def _target_path(checkpoint: Path | None, name: str, out: Path | None, where: str) -> Path:
     """Where a trained model is written; checked before any training, so that a bad path fails at once."""
     if out is not None:
@@ -161,7 +170,7 @@ def train_suite(suite: Any, only: Sequence[str] | None = None, out: Path | None 
         stats = _segmenter(data, e.name, model, e.pretrained, e.train, e.val, stage, device, quiet, f"experts.{e.name}")
         results[e.name] = _meta(suite, data, "expert", e.name, stage, e.train, stats, backbone=e.backbone,
                                 normalize=e.normalize)
-        save_checkpoint(path, model.state_dict(), results[e.name])
+        _save(path, model.state_dict(), results[e.name])
         trained[e.name] = model
         log(f"{e.name}: wrote {path}")
     if any(m.kind == "mc_dropout" for m in models) and not suite.train.splits:
@@ -176,7 +185,7 @@ def train_suite(suite: Any, only: Sequence[str] | None = None, out: Path | None 
         results[m.name] = _meta(suite, data, "mc_dropout", m.name, stage, suite.train.splits, stats,
                                 backbone=m.backbone, dropout=m.dropout, passes=m.passes,
                                 normalize=m.normalize)
-        save_checkpoint(path, model.state_dict(), results[m.name])
+        _save(path, model.state_dict(), results[m.name])
         log(f"{m.name}: wrote {path}")
     moes = [m for m in models if m.kind == "moe"]
     if moes:
@@ -199,6 +208,6 @@ def _train_moes(suite: Any, data: Splits, moes: Sequence[Any], trained: dict[str
         results[m.name] = _meta(suite, data, "moe", m.name, stage, suite.train.splits, stats[m.name], gate=m.gate,
                                 final_conv=m.final_conv, combine=m.combine, gate_grid=list(job.head.grid),
                                 experts=list(m.experts))
-        save_checkpoint(paths[m.name], job.head.state_dict(), results[m.name])
+        _save(paths[m.name], job.head.state_dict(), results[m.name])
         log(f"{m.name}: wrote {paths[m.name]}")
     return results
