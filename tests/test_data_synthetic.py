@@ -80,7 +80,7 @@ def test_dataset_numpy_integers():
 
 @pytest.mark.parametrize("size", [(8, 64), (64,), "128x256", (64.5, 128)])
 def test_bad_size(size):
-    with pytest.raises(ShiftbenchError, match="is not \\(H, W\\) with integers >= 16"):
+    with pytest.raises(ShiftbenchError, match="is not \\(H, W\\) with integers 16..8192"):
         generate("urban", 0, size=size)
 
 

@@ -165,7 +165,11 @@ def test_train_command_errors_are_one_line(tmp_path, fake_data, capsys):
         assert main(["train", str(path), "--device", "cuda"]) == 2
         assert "--device cuda: no CUDA device is available; use --device cpu" in capsys.readouterr().err
     assert main(["train", str(path), "--threads", "0"]) == 2
-    assert "--threads: 0 is not a positive integer" in capsys.readouterr().err
+    assert "--threads: 0 is not an integer in 1.." in capsys.readouterr().err
+    assert main(["train", str(path), "--threads", "100000"]) == 2
+    assert "--threads: 100000 is not an integer in 1.." in capsys.readouterr().err
+    assert main(["train", str(path), "--out", ""]) == 2  # not the suite's own checkpoint paths
+    assert "--out: empty path; give the folder to write the checkpoints into" in capsys.readouterr().err
     assert main(["train", str(path), "--quiet", "--out", str(path)]) == 2  # checked before anything trains
     assert f"--out {path}: {path} is a file, not a folder to write expert_highway.pt into" in capsys.readouterr().err
     assert not (tmp_path / "ck").exists()

@@ -16,6 +16,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
+    import os
     import time
     from pathlib import Path
 
@@ -27,8 +28,9 @@ def main(args: argparse.Namespace) -> int:
 
     suite = load_suite(args.suite)
     if args.threads is not None:
-        if args.threads < 1:
-            raise ShiftbenchError(f"--threads: {args.threads} is not a positive integer")
+        cores = os.cpu_count() or 1
+        if not 1 <= args.threads <= cores:
+            raise ShiftbenchError(f"--threads: {args.threads} is not an integer in 1..{cores} (this machine's CPUs)")
         torch.set_num_threads(args.threads)
     device = args.device or suite.run.device
     if device == "auto":
@@ -41,7 +43,11 @@ def main(args: argparse.Namespace) -> int:
         if not only:
             raise ShiftbenchError("--only: empty; give comma-separated expert or model names")
     start = time.perf_counter()
-    results = train_suite(suite, only=only, out=Path(args.out) if args.out else None, device=device, quiet=args.quiet)
+    if args.out == "":
+        raise ShiftbenchError("--out: empty path; give the folder to write the checkpoints into, or leave --out out "
+                              "to write the suite's checkpoint paths")
+    results = train_suite(suite, only=only, out=Path(args.out) if args.out is not None else None, device=device,
+                          quiet=args.quiet)
     print(f"{'model':<24} {'kind':<11} {'val mIoU':>9} {'seconds':>8}")
     for name, meta in results.items():
         val = meta["val_miou"][-1] if meta["val_miou"] else float("nan")

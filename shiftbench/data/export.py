@@ -111,9 +111,13 @@ def export(fmt: str, out: str | os.PathLike, domains: tuple[str, ...] = DOMAINS,
         raise ShiftbenchError(f"seed {seed!r} is not an integer")
     count, seed = int(count), int(seed)
     size = check_scene_size(size)  # every check before the writer creates anything
+    if not os.fspath(out):
+        raise ShiftbenchError("output folder: empty path; give the folder to write the tree into")
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise ShiftbenchError(f"{out}: exists and is not a folder")
+    if out.is_dir() and any(out.iterdir()):  # another export's files would mix with this one's
+        raise ShiftbenchError(f"{out}: exists and is not empty; write the tree into a new or empty folder")
     jobs = [(d, s, i) for d in domains for s in SPLITS[d] for i in range(count)]
     from tqdm import tqdm
 

@@ -41,6 +41,7 @@ DOMAINS = ("highway", "urban", "ambiguous")
 SPLITS = {"highway": ("train", "val", "test"), "urban": ("train", "val", "test"), "ambiguous": ("test",)}
 DEFAULT_SIZE = (128, 256)
 MIN_SIZE = 16
+MAX_SIZE = 8192  # per side, as a suite's dataset.size
 
 #: Scene priors: parameter -> (highway, urban). A pair of numbers is a range sampled
 #: uniformly (integers if both ends are ints), a single number a probability. The
@@ -135,11 +136,11 @@ def check_scene_size(size) -> tuple[int, int]:
     """``size`` as (H, W), both integers >= MIN_SIZE; else a one-line error."""
     try:
         H, W = (int(s) for s in size)
-        ok = H == size[0] and W == size[1] and min(H, W) >= MIN_SIZE
+        ok = H == size[0] and W == size[1] and min(H, W) >= MIN_SIZE and max(H, W) <= MAX_SIZE
     except (TypeError, ValueError):
         ok = False
     if not ok:
-        raise ShiftbenchError(f"synthetic size {size!r} is not (H, W) with integers >= {MIN_SIZE}")
+        raise ShiftbenchError(f"synthetic size {size!r} is not (H, W) with integers {MIN_SIZE}..{MAX_SIZE}")
     return H, W
 
 
