@@ -238,6 +238,18 @@ def test_preview_writes_a_labelled_19x5_grid(tmp_path, capsys):
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
 
 
+
+@pytest.mark.parametrize("hw", [(40, 40), (48, 64), (128, 256)])
+def test_preview_labels_fit_the_canvas(tmp_path, capsys, hw):
+    """The labels sit in the margins at any image size: no ink on the canvas's left or top edge (labels
+    placed in image pixels ran off it for small images: "aussian_noise")."""
+    Image.fromarray(photo("rocket", hw)).save(tmp_path / "i.png")
+    assert _run(capsys, "corruptions", "preview", str(tmp_path / "i.png"), str(tmp_path / "g.png"))[0] == 0
+    with Image.open(tmp_path / "g.png") as im:
+        grey = np.asarray(im.convert("L"))
+    assert grey[:, :3].min() > 200 and grey[:3, :].min() > 200, hw
+
+
 def test_preview_errors(tmp_path, capsys):
     code, _, err = _run(capsys, "corruptions", "preview", str(tmp_path / "none.png"), str(tmp_path / "g.png"))
     assert code == 2 and "does not exist" in err

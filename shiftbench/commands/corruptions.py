@@ -68,16 +68,19 @@ def render(cells, path) -> None:
     n_rows, n_cols, h, w, _ = cells.shape
     image = mosaic(cells)
     scale = 2.2 / w  # inches per pixel: 2.2 inch wide cells
-    left, top = 1.4, 0.35  # inches for the labels
+    left, top = 1.6, 0.35  # inches for the labels
     width, height = left + image.shape[1] * scale, top + image.shape[0] * scale
     fig = plt.figure(figsize=(width, height))
     ax = fig.add_axes((left / width, 0, 1 - left / width, 1 - top / height))
     ax.imshow(image.numpy(), interpolation="nearest")
     ax.set_axis_off()
+    # labels offset in points from the grid's edge, not in image pixels (which shrink to nothing for small images)
     for r, name in enumerate(CORRUPTIONS[:n_rows]):
-        ax.text(-8, r * (h + 3) + h / 2, name, ha="right", va="center", fontsize=10)
+        ax.annotate(name, (-0.5, r * (h + 3) + h / 2), xytext=(-6, 0), textcoords="offset points", ha="right",
+                    va="center", fontsize=10, annotation_clip=False)
     for c, severity in enumerate(SEVERITIES[:n_cols]):
-        ax.text(c * (w + 3) + w / 2, -6, f"severity {severity}", ha="center", va="bottom", fontsize=11)
+        ax.annotate(f"severity {severity}", (c * (w + 3) + w / 2, -0.5), xytext=(0, 4), textcoords="offset points",
+                    ha="center", va="bottom", fontsize=11, annotation_clip=False)
     with io.atomic_path(path) as tmp:
         fig.savefig(tmp, dpi=100, format="png")
     plt.close(fig)
