@@ -36,7 +36,8 @@ def main(args: argparse.Namespace) -> int:
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cuda" and not torch.cuda.is_available():
-        raise ShiftbenchError("--device cuda: no CUDA device is available; use --device cpu")
+        where = "--device cuda" if args.device else "run.device: cuda (the suite's; --device overrides it)"
+        raise ShiftbenchError(f"{where}: no CUDA device is available; use --device cpu")
     only = None
     if args.only is not None:
         only = [n.strip() for n in args.only.split(",") if n.strip()]
