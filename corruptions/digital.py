@@ -31,12 +31,14 @@ ELASTIC_TRUNCATE = 3.0  # the reference's truncate of the field's gaussian
 def brightness(x: Tensor, severity: int, rng: Rng) -> Tensor:
     """HSV value V' = min(V + c, 1) with hue and saturation kept (skimage rgb2hsv -> hsv2rgb).
 
-    With V = max_c x_c, keeping H and S means scaling the pixel: x' = x * V' / V; a black
-    pixel (V = 0, so S = 0) becomes grey V'.
+    With V = max_c x_c, keeping H and S means scaling the pixel: x' = x * V' / V (exact down to the
+    smallest normal float32, V = 1.2e-38); a black pixel (V = 0, so S = 0) becomes grey V'.
     """
     v = x.amax(dim=1, keepdim=True)
     v_new = (v + BRIGHTNESS[severity - 1]).clamp(max=1.0)
-    return torch.where(v > 0, x / torch.where(v > 0, v, 1.0) * v_new, v_new)  # x <= v: no overflow
+    # V'/V on [B,1,H,W], then one full-size product; V below the smallest normal float (denormals) is
+    # taken as that, so that V'/V stays finite
+    return torch.where(v > 0, x * (v_new / v.clamp(min=torch.finfo(x.dtype).tiny)), v_new)
 
 
 @register
