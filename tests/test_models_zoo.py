@@ -330,3 +330,22 @@ def test_normalize_comes_from_the_suite_and_must_match_the_checkpoint(suite, tmp
                     {"kind": "mc_dropout", "normalize": "none"})
     assert "baseline.pt was trained with normalize: none, the suite says models.baseline.normalize: imagenet" in _error(
         write_suite(tmp_path, [MODELS[0]]))
+
+
+def test_a_gate_trained_on_other_expert_weights_is_refused(suite, tmp_path):
+    """Our MoE files record a digest of the weights each expert had while the gate trained: an expert retrained
+    in place since then (the gate would weigh a model it never saw) is refused; the same weights re-saved pass."""
+    from shiftbench.models.checkpoints import read_checkpoint, weights_digest
+
+    states = {n: read_checkpoint(tmp_path / f"expert_{n}.pt")["state_dict"] for n in ("highway", "urban")}
+    head = MoEHead("simple", 2, 64, K, GRID, False, "probs")
+    save_checkpoint(tmp_path / "ours.pt", head.state_dict(),
+                    {"kind": "moe", "gate": "simple", "gate_grid": GRID, "experts": ["highway", "urban"],
+                     "expert_digests": [weights_digest(states["highway"]), weights_digest(states["urban"])]})
+    moe = {"name": "m", "kind": "moe", "experts": ["highway", "urban"], "gate": "simple", "checkpoint": "ours.pt"}
+    save_checkpoint(tmp_path / "expert_urban.pt", states["urban"], {"kind": "expert", "note": "re-saved"})
+    assert ModelZoo.from_suite(write_suite(tmp_path, [moe])).kinds == {"m": "moe"}  # other bytes, same weights
+    retrained = {k: v + 1 if v.is_floating_point() else v for k, v in states["urban"].items()}
+    save_checkpoint(tmp_path / "expert_urban.pt", retrained, {"kind": "expert"})
+    assert ("ours.pt: its gate was trained on other weights of expert 'urban' (position 2) than the suite loads now "
+            "(retrained since?); retrain the gate (shiftbench train --only m)") in _error(write_suite(tmp_path, [moe]))

@@ -141,6 +141,10 @@ def test_train_command_writes_checkpoints_the_zoo_loads(tmp_path, fake_data, cap
         assert again.read_bytes() == (tmp_path / "ck" / again.name).read_bytes(), again.name
     meta = read_checkpoint(tmp_path / "ck" / "moe_classwise_conv.pt")
     assert meta["meta"]["gate_grid"] == [2, 4] and meta["meta"]["experts"] == ["highway", "urban"]
+    from shiftbench.models.checkpoints import weights_digest
+
+    assert meta["meta"]["expert_digests"] == [
+        weights_digest(read_checkpoint(tmp_path / "ck" / f"expert_{e}.pt")["state_dict"]) for e in ("highway", "urban")]
     assert not any(k.startswith("expert") for k in meta["state_dict"])  # gates only; experts from their files
     preds = ModelZoo.from_suite(suite)(torch.rand(2, 3, 32, 64), [0, 1])
     assert set(preds) == {"baseline", "ensemble", "moe_simple", "moe_classwise_conv"}

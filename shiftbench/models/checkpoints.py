@@ -125,6 +125,19 @@ def versions() -> dict[str, str]:
             "torchvision": str(torchvision.__version__)}
 
 
+def weights_digest(state: Mapping[str, Tensor]) -> str:
+    """sha256 of a state dict's names, dtypes, shapes and values (BatchNorm statistics included): the same
+    weights give the same digest however the file holding them was written."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for name in sorted(state):
+        t = state[name].detach().cpu().contiguous()
+        h.update(f"\0{name}\0{t.dtype}\0{tuple(t.shape)}\0".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
 def save_checkpoint(path: str | Path, state: Mapping[str, Tensor], meta: Mapping[str, Any]) -> None:
     """Write ``{"state_dict", "meta"}`` atomically; ``meta`` must hold plain types only."""
     io.torch_save({"state_dict": {k: v.detach().cpu().clone() for k, v in state.items()},

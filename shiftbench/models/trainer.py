@@ -19,7 +19,7 @@ from torch.utils.data import ConcatDataset, Dataset
 from shiftbench.data import open_split
 from shiftbench.errors import ShiftbenchError
 from shiftbench.models.backbones import backbone_spec, feature_grid, load_imagenet
-from shiftbench.models.checkpoints import read_checkpoint, save_checkpoint
+from shiftbench.models.checkpoints import read_checkpoint, save_checkpoint, weights_digest
 from shiftbench.models.deeplab import DeepLabV3Plus
 from shiftbench.models.moe import MoEHead
 from shiftbench.models.training import GateJob, InMemory, Stage, init_seed, train_gates, train_segmenter
@@ -200,6 +200,7 @@ def _train_moes(suite: Any, data: Splits, moes: Sequence[Any], trained: dict[str
     paths = {m.name: _target_path(m.checkpoint, m.name, out, f"models.{m.name}") for m in moes}
     names = dict.fromkeys(e for m in moes for e in m.experts)
     experts = {n: trained.get(n) or load_expert(suite.experts[n], suite.dataset.classes, []) for n in names}
+    digests = {n: weights_digest(e.state_dict()) for n, e in experts.items()}  # what each gate was trained on
     jobs = _gate_jobs(suite, moes, experts)
     stage = _stage(suite, "gates")
     stats = train_gates(experts, jobs, data(suite.train.splits), data(suite.train.val), stage, device, quiet)
@@ -207,7 +208,7 @@ def _train_moes(suite: Any, data: Splits, moes: Sequence[Any], trained: dict[str
     for m, job in zip(moes, jobs):
         results[m.name] = _meta(suite, data, "moe", m.name, stage, suite.train.splits, stats[m.name], gate=m.gate,
                                 final_conv=m.final_conv, combine=m.combine, gate_grid=list(job.head.grid),
-                                experts=list(m.experts))
+                                experts=list(m.experts), expert_digests=[digests[e] for e in m.experts])
         _save(paths[m.name], job.head.state_dict(), results[m.name])
         log(f"{m.name}: wrote {paths[m.name]}")
     return results

@@ -22,7 +22,7 @@ from torch import Tensor, nn
 from shiftbench.errors import ShiftbenchError
 from shiftbench.models import checks
 from shiftbench.models.backbones import backbone_spec
-from shiftbench.models.checkpoints import check_classes, load_strict, read_checkpoint
+from shiftbench.models.checkpoints import check_classes, load_strict, read_checkpoint, weights_digest
 from shiftbench.models.deeplab import DeepLabV3Plus
 from shiftbench.models.gates import grid_from_state
 from shiftbench.models.moe import MoEHead
@@ -123,6 +123,7 @@ class ModelZoo(nn.Module):
         self.members: dict[str, tuple[str, ...]] = {}
         self.passes: dict[str, int] = {}
         self.notes: list[str] = []
+        self.digests: dict[str, str] = {}  # bank expert -> weights_digest, for the MoE files that record theirs
 
     def autocast(self, x: Tensor) -> torch.autocast:
         dtype = torch.float16 if x.device.type == "cuda" else torch.bfloat16
@@ -304,12 +305,26 @@ def _build_moe(zoo: ModelZoo, spec: Any, file: dict[str, Any] | None) -> None:
         # the gate's i-th weight belongs to the i-th expert it was trained with: a recorded name in another
         # slot is refused; names it does not record are another suite's (a rename), which only the user can map
         _agree({"experts": trained}, {"experts": list(spec.experts)}, source, f"models.{spec.name}")
+    recorded = meta.get("expert_digests")
+    if isinstance(recorded, list) and len(recorded) == len(spec.experts):
+        for i, (e, digest) in enumerate(zip(spec.experts, recorded)):
+            if digest != _digest(zoo, e):
+                raise ShiftbenchError(f"{source}: its gate was trained on other weights of expert {e!r} (position "
+                                      f"{i + 1}) than the suite loads now (retrained since?); retrain the gate "
+                                      f"(shiftbench train --only {spec.name}) or load the expert it was trained on")
     check_classes(state, zoo.classes, source)
     grid = tuple(meta["gate_grid"]) if "gate_grid" in meta else grid_from_state(state, source)
     channels = backbone_spec(zoo.experts[spec.experts[0]].backbone_name).aspp
     head = MoEHead(spec.gate, len(spec.experts), channels, zoo.classes, grid, spec.final_conv, spec.combine)
     load_strict(head, state, source)
     zoo.heads[spec.name] = head
+
+
+def _digest(zoo: ModelZoo, expert: str) -> str:
+    """:func:`weights_digest` of a bank expert, computed once per zoo."""
+    if expert not in zoo.digests:
+        zoo.digests[expert] = weights_digest(zoo.experts[expert].state_dict())
+    return zoo.digests[expert]
 
 
 def _build_mc(zoo: ModelZoo, spec: Any, file: dict[str, Any] | None) -> None:
