@@ -14,6 +14,10 @@ from pathlib import Path
 from typing import Any
 
 
+#: the largest image side a suite or the synthetic generator accepts (A2D2 is 1208x1920, Cityscapes 1024x2048)
+MAX_SIDE = 8192
+
+
 class ShiftbenchError(ValueError):
     """A bad input: the message names the thing, what was given and what is allowed."""
 

@@ -19,7 +19,7 @@ from typing import Any, Callable
 
 import yaml
 
-from shiftbench.errors import ShiftbenchError, file_problem, is_unit_range
+from shiftbench.errors import MAX_SIDE, ShiftbenchError, file_problem, is_unit_range
 
 DATASETS = ("synthetic", "a2d2", "cityscapes")
 CLASSES = {"synthetic": (11,), "a2d2": (38, 11), "cityscapes": (19,)}
@@ -27,7 +27,6 @@ BACKBONES = ("tiny", "resnet18", "resnet50", "resnet101")
 MODEL_KINDS = ("mc_dropout", "ensemble", "moe", "expert", "custom")
 GATES = ("simple", "classwise")
 COMBINE = ("probs", "logits")
-MAX_SIDE = 8192  # pixels per image side: A2D2 is 1208x1920, Cityscapes 1024x2048
 NORMALIZE = ("imagenet", "none")  # shiftbench.models.deeplab.NORMALIZATIONS
 A2D2_LABELS = ("official", "authors")  # shiftbench.data.a2d2.LABELS
 DEVICES = ("auto", "cpu", "cuda")

@@ -31,7 +31,7 @@ from torch.utils.data import Dataset
 from shiftbench.data._render import (BLOCKER, BUILDINGS, DRIVABLE, GROUND_SURFACE, INFO, LANES, NATURE,
                                      NONDRIVABLE, SKY, SKY_SURFACE, Camera, Canvas, Thing, frac, lookup, paint_plane,
                                      paint_thing, sensor_noise, smooth_noise, texture)
-from shiftbench.errors import ShiftbenchError, is_int
+from shiftbench.errors import MAX_SIDE, ShiftbenchError, is_int
 from shiftbench.seeding import key
 
 CLASSES_11 = ("Person", "Car", "Truck", "Drivable", "Nondrivable", "Blocker", "Info", "Sky", "Buildings", "Nature",
@@ -41,7 +41,6 @@ DOMAINS = ("highway", "urban", "ambiguous")
 SPLITS = {"highway": ("train", "val", "test"), "urban": ("train", "val", "test"), "ambiguous": ("test",)}
 DEFAULT_SIZE = (128, 256)
 MIN_SIZE = 16
-MAX_SIZE = 8192  # per side, as a suite's dataset.size
 
 #: Scene priors: parameter -> (highway, urban). A pair of numbers is a range sampled
 #: uniformly (integers if both ends are ints), a single number a probability. The
@@ -133,14 +132,14 @@ def check_split(domain: str, split: str) -> None:
 
 
 def check_scene_size(size) -> tuple[int, int]:
-    """``size`` as (H, W), both integers >= MIN_SIZE; else a one-line error."""
+    """``size`` as (H, W), both integers in MIN_SIZE..MAX_SIDE; else a one-line error."""
     try:
         H, W = (int(s) for s in size)
-        ok = H == size[0] and W == size[1] and min(H, W) >= MIN_SIZE and max(H, W) <= MAX_SIZE
+        ok = H == size[0] and W == size[1] and min(H, W) >= MIN_SIZE and max(H, W) <= MAX_SIDE
     except (TypeError, ValueError):
         ok = False
     if not ok:
-        raise ShiftbenchError(f"synthetic size {size!r} is not (H, W) with integers {MIN_SIZE}..{MAX_SIZE}")
+        raise ShiftbenchError(f"synthetic size {size!r} is not (H, W) with integers {MIN_SIZE}..{MAX_SIDE}")
     return H, W
 
 
