@@ -70,6 +70,16 @@ def write_json(path: str | os.PathLike, obj: Any) -> None:
     write_text(path, json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n")
 
 
+def read_json_object(path: str | os.PathLike) -> dict[str, Any] | str:
+    """The JSON object in ``path`` (a manifest), or why it cannot be read: the exception's name or
+    ``"not a JSON object"``."""
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        return type(exc).__name__
+    return data if isinstance(data, dict) else "not a JSON object"
+
+
 def torch_save(obj: Any, path: str | os.PathLike) -> None:
     """``torch.save`` through a temporary file (checkpoints, accumulator states).
 

@@ -215,7 +215,6 @@ def open_output(out: Path, made_with: dict, folders: list[Path]) -> None:
     images of two settings must not mix. Removes the temporaries a killed run left in ``folders`` (the
     <corruption>/<severity> folders this run writes) more than :data:`STALE_S` ago, so that a ``corrupt``
     writing other conditions into the same OUT at the same time keeps its own."""
-    import json
     import time
 
     from shiftbench import io
@@ -223,13 +222,10 @@ def open_output(out: Path, made_with: dict, folders: list[Path]) -> None:
 
     manifest = out / MANIFEST
     if manifest.is_file():
-        try:
-            old = json.loads(manifest.read_text(encoding="utf-8"))
-        except (OSError, ValueError) as exc:
-            old = type(exc).__name__
-        if not isinstance(old, dict):
-            raise ShiftbenchError(f"{manifest}: unreadable ({old if isinstance(old, str) else 'not a JSON object'}); "
-                                  "remove it if OUT holds nothing else of value, or use another OUT")
+        old = io.read_json_object(manifest)
+        if isinstance(old, str):
+            raise ShiftbenchError(f"{manifest}: unreadable ({old}); remove it if OUT holds nothing else of value, "
+                                  "or use another OUT")
         diff = [f"--{k} {old.get(k)}" for k, v in made_with.items() if old.get(k) != v]
         if diff:
             now = ", ".join(f"--{k} {made_with[k]}" for k in made_with)

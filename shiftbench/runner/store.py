@@ -1,9 +1,9 @@
 """The run directory: a manifest, one atomic state file per finished condition, and the outputs.
 
 ```
-OUT/manifest.json              suite name, identity digest, inputs digest (checkpoint bytes, amp, device) and the
-                               states' format: a different suite, other inputs or an older format is refused
-                               unless --force
+OUT/manifest.json              suite name, identity digest (and its contents, seed, limit), the inputs of
+                               :func:`run_inputs` and the states' format: a different suite, other inputs or an
+                               older format is refused unless --force
 OUT/states/<split>/<corruption>/<severity>.pt   accumulator states + per-condition meta, written atomically
 OUT/maps/<split>/<sample>.npz  saved uncertainty maps (gallery)
 OUT/results.csv|.parquet, curves.parquet, summary.json, run.log
@@ -89,15 +89,6 @@ def _scope_words(values: dict[str, Any], keys: Iterable[str]) -> str:
     return ", ".join(f"{k} {'none' if values.get(k) is None else values.get(k)}" for k in keys)
 
 
-def _read_manifest(path: Path) -> dict[str, Any] | str:
-    """The manifest's JSON object, or why it cannot be read."""
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        return type(exc).__name__
-    return data if isinstance(data, dict) else "not a JSON object"
-
-
 class RunStore:
     def __init__(self, root: str | Path):
         self.root = Path(root)
@@ -114,7 +105,7 @@ class RunStore:
         if manifest.exists() and not self.holds_results():
             self.discard()  # a run that stopped before finishing anything (a bad checkpoint, say): nothing to keep
         elif manifest.exists():
-            old = _read_manifest(manifest)
+            old = io.read_json_object(manifest)
             if isinstance(old, str):
                 problem = f"{manifest}: unreadable ({old}); use another --out, or --force to discard the run it holds"
             elif old.get("digest") != digest and scope and contents and old.get("contents") == contents:
