@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import functools
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
@@ -149,16 +150,27 @@ def jpeg_compression(x: Tensor, severity: int, rng: Rng) -> Tensor:
     Encoding always runs on the CPU (libjpeg-turbo, 4:2:0 chroma subsampling like the reference's
     Pillow): torchvision's nvJPEG encoder is fixed to 4:4:4, which keeps far more colour and misses
     the reference by 3-7 gray levels on average. Decoding runs on the images' device (nvJPEG on CUDA).
+    libjpeg-turbo codes one image on one core, so the images are coded on ``torch.get_num_threads()``
+    threads (the codec releases the GIL; the bytes do not depend on the thread count).
     """
     from torchvision.io import decode_jpeg, encode_jpeg
 
     q = JPEG_QUALITY[severity - 1]
     images = list(x.mul(255).round_().to(torch.uint8).cpu())
+    on_cpu = x.device.type == "cpu"
+
+    def code(image: Tensor) -> Tensor:  # CPU: encode and decode; else encode only, decoded in one batch below
+        encoded = encode_jpeg(image, quality=q)
+        return decode_jpeg(encoded) if on_cpu else encoded
+
     with warnings.catch_warnings():  # torchvision 0.29 deprecates its codecs in favour of TorchCodec
         warnings.simplefilter("ignore", UserWarning)
         warnings.simplefilter("ignore", DeprecationWarning)
-        encoded = encode_jpeg(images, quality=q)
-        decoded = decode_jpeg(encoded, device=x.device)
+        # a pool per call, as for the CPU's Poisson draws in _core (idle torch threads slow later ops)
+        with ThreadPoolExecutor(max(1, min(len(images), torch.get_num_threads())),
+                                thread_name_prefix="corruptions-jpeg") as pool:
+            coded = list(pool.map(code, images))
+        decoded = coded if on_cpu else decode_jpeg(coded, device=x.device)
     out = torch.empty_like(x)
     for b, image in enumerate(decoded):
         out[b].copy_(image)
