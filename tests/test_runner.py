@@ -466,6 +466,45 @@ def test_a_temporary_state_left_by_a_kill_does_not_block_a_takeover(tmp_path):
     assert not list(out.rglob(".*.tmp*"))
 
 
+def test_a_folder_another_run_is_writing_is_refused_and_free_again_after_it(tmp_path, capsys):
+    """Two runs into one --out (a second terminal, or ranks left running by a killed torchrun launcher) would
+    discard or clean under each other: the second is refused in one line naming the first's pid. A process
+    that holds the lock: a child, since flock also refuses a second descriptor of this process."""
+    path = make_suite(tmp_path / "suite", **SMALL)
+    out = tmp_path / "run"
+    out.mkdir()
+    holder = subprocess.Popen([sys.executable, "-c", "import sys; sys.path.insert(0, sys.argv[1]); "
+                               "from shiftbench.runner.store import RunStore; s = RunStore(sys.argv[2]); s.lock(); "
+                               "print('locked', flush=True); sys.stdin.read()", str(ROOT), str(out)],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        assert run(path, out, "--corruptions", "none") == 2
+        err = capsys.readouterr().err.strip()
+        assert err == (f"shiftbench: error: {out}: another shiftbench run (pid {holder.pid}) is writing this folder; "
+                       "wait for it to end, stop it (under torchrun stop its ranks too), or use another --out"), err
+        assert run(path, out, "--corruptions", "none", "--force") == 2  # --force does not take a live run's folder
+        assert not (out / "manifest.json").exists()
+    finally:
+        holder.kill()  # killed: the system drops its lock
+        holder.wait(timeout=30)
+    assert run(path, out, "--corruptions", "none") == 0  # a lock file left by a killed run does not block
+    assert run(path, out, "--corruptions", "none") == 0  # nor does this process's own finished run
+
+
+def test_a_refused_open_releases_the_lock(tmp_path):
+    from shiftbench.runner.store import RunStore
+
+    (tmp_path / "manifest.json").write_text("{broken")
+    (tmp_path / "results.csv").write_text("a result to keep")
+    first = RunStore(tmp_path)
+    with pytest.raises(ShiftbenchError, match="unreadable"):
+        first.open("tiny", "d" * 64)
+    second = RunStore(tmp_path)
+    second.lock()  # would be refused had the failed open kept its lock
+    second.unlock()
+
+
 def test_gallery_ids_not_in_the_data_are_named(tmp_path, capsys):
     data = suite_dict(**SMALL)
     data["metrics"]["gallery"] = ["highway/test/000000", "urban/test/999999"]

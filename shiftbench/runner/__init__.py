@@ -87,14 +87,15 @@ def run_suite(suite, force: bool = False, progress: bool = True) -> dict[str, An
     store = RunStore(suite.run.out)
     digest = suite.digest()
     threads = thread_split(suite.run.overlap, device)
-    if world.is_main:
-        store.open(suite.name, digest, force=force, inputs=run_inputs(suite, device.type, threads, world.size),
-                   scope={"seed": suite.run.seed, "limit": suite.run.limit}, contents=suite.digest(scope=False))
-        io.write_text(store.root / "suite.yaml", yaml.safe_dump(suite.raw, sort_keys=False))
-    dist.barrier(world, "opening the run folder")
-    handler = _setup_log(store.root / "run.log", world.is_main)
-    timer = Timer(device)
+    handler = None
     try:
+        if world.is_main:  # the main rank holds the folder's lock until the run ends
+            store.open(suite.name, digest, force=force, inputs=run_inputs(suite, device.type, threads, world.size),
+                       scope={"seed": suite.run.seed, "limit": suite.run.limit}, contents=suite.digest(scope=False))
+            io.write_text(store.root / "suite.yaml", yaml.safe_dump(suite.raw, sort_keys=False))
+        dist.barrier(world, "opening the run folder")
+        handler = _setup_log(store.root / "run.log", world.is_main)
+        timer = Timer(device)
         log.info("suite %s (%s) on %s, world size %d", suite.name, digest[:12], device, world.size)
         zoo = ModelZoo.from_suite(suite, device)
         for note in zoo.notes:
@@ -149,6 +150,7 @@ def run_suite(suite, force: bool = False, progress: bool = True) -> dict[str, An
         if handler is not None:
             log.removeHandler(handler)
             handler.close()
+        store.unlock()
         dist.shutdown(world)
 
 

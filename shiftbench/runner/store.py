@@ -9,13 +9,16 @@ OUT/maps/<split>/<sample>.npz  saved uncertainty maps (gallery)
 OUT/results.csv|.parquet, curves.parquet, summary.json, run.log
 ```
 A condition whose state file exists is finished; a killed run leaves at most temporary
-files (``.*.tmp*``), which are ignored and cleaned on the next start.
+files (``.*.tmp*``), which are ignored and cleaned on the next start. ``OUT/.shiftbench.lock`` holds an
+advisory lock (``flock``) while a run writes the folder, so a second run into it is refused instead of
+discarding or cleaning under the first; the system drops the lock when its process ends, killed or not.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
 from pathlib import Path
 from typing import Any, Iterable
@@ -27,6 +30,7 @@ from shiftbench.errors import ShiftbenchError
 from shiftbench.runner.conditions import Condition
 
 MANIFEST = "manifest.json"
+LOCK = ".shiftbench.lock"
 #: version of the saved accumulator states, raised whenever a state changes shape (2: ConditionalMetrics' hist
 #: gained its column of patches above the last threshold); a folder of another format is refused at the start,
 #: not when its tables are written after the sweep. Manifests without the field are format 1.
@@ -93,6 +97,34 @@ class RunStore:
     def __init__(self, root: str | Path):
         self.root = Path(root)
         self._saved: dict[str, dict[str, Any]] = {}  # condition key -> payload written by this process
+        self._lock_fd: int | None = None
+
+    # ----------------------------------------------------------------- lock
+    def lock(self) -> None:
+        """Take the folder's advisory lock (held until :meth:`unlock` or the end of the process), or refuse
+        with the pid of the run that holds it. Without ``fcntl`` (Windows) there is no lock."""
+        try:
+            import fcntl
+        except ImportError:
+            return
+        path = self.root / LOCK
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            holder = os.read(fd, 32).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            raise ShiftbenchError(f"{self.root}: another shiftbench run (pid {holder}) is writing this folder; "
+                                  "wait for it to end, stop it (under torchrun stop its ranks too), or use "
+                                  "another --out") from None
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        self._lock_fd = fd
+
+    def unlock(self) -> None:
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)  # closing the descriptor drops the flock
+            self._lock_fd = None
 
     # ----------------------------------------------------------------- manifest
     def open(self, suite_name: str, digest: str, force: bool = False, inputs: dict[str, Any] | None = None,
@@ -102,6 +134,20 @@ class RunStore:
         (``{"seed", "limit"}``, both part of the digest) and ``contents`` (the digest without them) let the
         refusal name the seed and limit when only they changed."""
         manifest = self.root / MANIFEST
+        if (not manifest.exists() and self.root.exists() and not force
+                and any(p.name != LOCK for p in self.root.iterdir())):
+            raise ShiftbenchError(f"{self.root}: exists and is not a shiftbench run directory; "
+                                  "use another --out, or --force to write into it")
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.lock()
+        try:
+            self._open_locked(manifest, suite_name, digest, force, inputs, scope, contents)
+        except BaseException:
+            self.unlock()
+            raise
+
+    def _open_locked(self, manifest: Path, suite_name: str, digest: str, force: bool, inputs: dict[str, Any] | None,
+                     scope: dict[str, Any] | None, contents: str | None) -> None:
         if manifest.exists() and not self.holds_results():
             self.discard()  # a run that stopped before finishing anything (a bad checkpoint, say): nothing to keep
         elif manifest.exists():
@@ -131,10 +177,6 @@ class RunStore:
                 if not force:
                     raise ShiftbenchError(problem)
                 self.discard()
-        elif self.root.exists() and any(self.root.iterdir()) and not force:
-            raise ShiftbenchError(f"{self.root}: exists and is not a shiftbench run directory; "
-                                  "use another --out, or --force to write into it")
-        self.root.mkdir(parents=True, exist_ok=True)
         self.clean_temporaries()
         io.write_json(manifest, {"suite": suite_name, "digest": digest, **({"contents": contents} if contents else {}),
                                  **(scope or {}),
