@@ -91,3 +91,14 @@ def test_cli_usage_error_is_one_line_exit_2(capsys):
 def test_python_dash_m_entry_point():
     out = subprocess.run([sys.executable, "-m", "shiftbench", "--version"], capture_output=True, text=True)
     assert out.returncode == 0 and out.stdout.startswith("shiftbench ")
+
+
+@pytest.mark.parametrize("missing", ["torch", "yaml"])
+def test_python_dash_m_without_a_dependency_is_one_line_exit_2(missing):
+    """The system python run from the checkout (not the .venv) fails its first heavy import: one line naming the
+    package and the environment to use, not a traceback. Simulated by hiding the package from the import system."""
+    code = ("import runpy, sys; sys.modules[sys.argv[1]] = None; sys.argv = ['shiftbench', 'run', 'suites/demo.yaml']; "
+            "runpy.run_module('shiftbench', run_name='__main__')")
+    out = subprocess.run([sys.executable, "-c", code, missing], capture_output=True, text=True)
+    assert out.returncode == 2, out.stderr
+    assert out.stderr.count("\n") == 1 and f"lacks the package {missing!r}" in out.stderr and ".venv" in out.stderr
