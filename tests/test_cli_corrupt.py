@@ -167,6 +167,17 @@ def test_out_made_with_another_seed_is_refused_and_a_kills_temporaries_are_remov
     assert code == 2 and f"{out / 'corrupt.json'}: unreadable (not a JSON object)" in err
 
 
+def test_a_shiftbench_run_folder_is_refused_as_out(tree, tmp_path, capsys):
+    """A run's --out given as corrupt's OUT would gain <corruption>/ folders beside its states: refused, untouched."""
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "manifest.json").write_text('{"suite": "demo"}')
+    code, _, err = _run(capsys, "corrupt", str(tree), str(run), "--corruption", "fog", "--severity", "1", "--quiet")
+    assert code == 2 and err.strip() == (f"shiftbench: error: {run}: holds a 'shiftbench run' (its manifest.json); "
+                                         "corrupted images would mix with its results: give another OUT")
+    assert sorted(p.name for p in run.iterdir()) == ["manifest.json"]
+
+
 def test_single_file_input_and_output_inside_input(tree, capsys):
     out = tree / "corrupted"  # OUT inside IN: a re-run must not corrupt its own outputs
     for _ in range(2):

@@ -23,6 +23,7 @@ IMAGE_SUFFIXES = {".png": "png", ".jpg": "jpeg", ".jpeg": "jpeg"}
 _CODEC_DEPRECATION = "The image decoding and encoding capabilities of TorchVision are deprecated"
 JPEG_QUALITY = 95  # when writing a .jpg/.jpeg output (PNG outputs are lossless)
 MANIFEST = "corrupt.json"  # in OUT: what its images were made with
+RUN_MANIFEST = "manifest.json"  # a 'shiftbench run' folder's (shiftbench.runner.store.MANIFEST): not an OUT
 STALE_S = 60  # a temporary older than this is a killed run's (one image takes well under a second to write)
 
 
@@ -221,6 +222,9 @@ def open_output(out: Path, made_with: dict, folders: list[Path]) -> None:
     from shiftbench.errors import ShiftbenchError
 
     manifest = out / MANIFEST
+    if not manifest.is_file() and (out / RUN_MANIFEST).is_file():
+        raise ShiftbenchError(f"{out}: holds a 'shiftbench run' (its {RUN_MANIFEST}); corrupted images would mix "
+                              "with its results: give another OUT")
     if manifest.is_file():
         old = io.read_json_object(manifest)
         if isinstance(old, str):
