@@ -85,9 +85,9 @@ def cpu_table(args: argparse.Namespace) -> None:
                 write_json(args.reference_cache, cache)
         ref[name] = cache[key]
         ours[name] = ours_seconds(name, x)
-        print(f"| {name} | {ours[name]:.3f} | {ref[name]:.2f} | {ref[name] / ours[name]:.1f}x |", flush=True)
+        print(f"| {name} | {ours[name]:.3g} | {ref[name]:.3g} | {ref[name] / ours[name]:.1f}x |", flush=True)
     total_ours, total_ref = sum(ours.values()), sum(ref.values())
-    print(f"| **all {len(ours) * len(SEVERITIES)} pairs** | {total_ours:.2f} | {total_ref:.1f} | "
+    print(f"| **all {len(ours) * len(SEVERITIES)} pairs** | {total_ours:.3g} | {total_ref:.4g} | "  # 3-4 digits
           f"{total_ref / total_ours:.1f}x |")
     print(f"\nmedian per-corruption speed-up: {median_ratio(ref, ours):.1f}x")
 
