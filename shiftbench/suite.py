@@ -294,7 +294,7 @@ def _unit(value: float) -> str | None:
     return None if 0.0 <= value < 1.0 else "must be in [0, 1)"
 
 
-_ENV = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
+ENV_VARIABLE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")  # ${VAR} in a path field
 
 
 def _expand(value: str, where: str, dataset: str | None = None) -> str:
@@ -306,7 +306,7 @@ def _expand(value: str, where: str, dataset: str | None = None) -> str:
                              f"needs, as the suite file's header says{source}")
         return os.environ[var]
 
-    return _ENV.sub(repl, value)
+    return ENV_VARIABLE.sub(repl, value)
 
 
 def _path(sec: _Section, key: str, base: Path, dataset: str | None = None) -> Path | None:

@@ -243,6 +243,26 @@ def test_bad_models_give_one_line_errors(suite, tmp_path):
     assert "baseline.pt does not fit the model: missing keys" in _error(write_suite(tmp_path, bad))
 
 
+def test_missing_checkpoints_are_named_together_with_the_variable_they_came_from(suite, tmp_path, monkeypatch):
+    """A checkpoint folder variable set to a wrong folder: one line with how many files are missing, the first
+    ones in suite order (experts before models) and the variable's value, not the first MoE file read."""
+    monkeypatch.setenv("ZOO_CK", str(tmp_path / "nowhere"))
+    experts = {n: {"backbone": "tiny", "checkpoint": f"${{ZOO_CK}}/expert_{n}.pt"} for n in ("highway", "urban")}
+    models = [dict(m, checkpoint="${ZOO_CK}/" + m["checkpoint"]) if "checkpoint" in m else m for m in MODELS[:4]]
+    message = _error(write_suite(tmp_path, models, experts))
+    nowhere = tmp_path / "nowhere"
+    assert message == (f"4 of 4 checkpoint files cannot be read: experts.highway.checkpoint "
+                       f"({nowhere / 'expert_highway.pt'}: not found), experts.urban.checkpoint "
+                       f"({nowhere / 'expert_urban.pt'}: not found), models.baseline.checkpoint "
+                       f"({nowhere / 'baseline.pt'}: not found) and 1 more (the paths come from ZOO_CK={nowhere}: "
+                       "is it the checkpoints' folder?)")
+    monkeypatch.setenv("ZOO_CK", str(tmp_path))
+    (tmp_path / "moe_simple.pt").unlink()
+    assert _error(write_suite(tmp_path, models, experts)) == (
+        f"models.moe_simple.checkpoint: checkpoint {tmp_path / 'moe_simple.pt'} not found (the paths come from "
+        f"ZOO_CK={tmp_path}: is it the checkpoints' folder?)")
+
+
 def test_custom_model_with_wrong_output_is_refused(suite, tmp_path):
     (tmp_path / "zoo_bad_models.py").write_text("from torch import nn\ndef build():\n    return nn.Conv2d(3, 5, 1)\n")
     s = write_suite(tmp_path, [{"name": "bad", "kind": "custom", "factory": "zoo_bad_models:build"}])

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import os
 import re
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
@@ -19,13 +20,14 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import Tensor, nn
 
-from shiftbench.errors import ShiftbenchError
+from shiftbench.errors import ShiftbenchError, file_problem
 from shiftbench.models import checks
 from shiftbench.models.backbones import backbone_spec
 from shiftbench.models.checkpoints import check_classes, load_strict, read_checkpoint, weights_digest
 from shiftbench.models.deeplab import DeepLabV3Plus
 from shiftbench.models.gates import grid_from_state
 from shiftbench.models.moe import MoEHead
+from shiftbench.suite import ENV_VARIABLE
 from shiftbench.uncertainty import Prediction
 
 
@@ -175,6 +177,7 @@ class ModelZoo(nn.Module):
         """Build the suite's models (or ``names``) and load their checkpoints onto ``device``."""
         zoo = cls(suite.dataset.classes, suite.run.amp if amp is None else amp)
         specs = [suite.model(n) for n in names] if names is not None else list(suite.models)
+        _check_files(suite, specs)
         moe_files = {m.name: _read(m.checkpoint, f"models.{m.name}.checkpoint") for m in specs if m.kind == "moe"}
         embedded = _embedded_experts(specs, moe_files)
         for e in dict.fromkeys(e for m in specs if m.kind in ("expert", "ensemble", "moe") for e in m.experts):
@@ -185,6 +188,36 @@ class ModelZoo(nn.Module):
             if m.kind == "moe":
                 zoo.members[m.name] = _own_copies(zoo, m, moe_files[m.name]["state_dict"], suite.dataset.classes)
         return zoo.to(device).eval().requires_grad_(False)
+
+
+def _check_files(suite: Any, specs: Sequence[Any]) -> None:
+    """Every checkpoint the ``specs`` load must be a readable file: one line naming all that are not, in suite
+    order, with the environment variable their path came from (``${A2D2_CHECKPOINTS}``) and its value."""
+    experts = dict.fromkeys(e for m in specs for e in m.experts if m.kind in ("expert", "ensemble", "moe"))
+    index = {m.name: i for i, m in enumerate(suite.models)}
+    fields = [(f"experts.{e}.checkpoint", suite.experts[e].checkpoint, ("experts", e)) for e in experts]
+    fields += [(f"models.{m.name}.checkpoint", m.checkpoint, ("models", index[m.name])) for m in specs]
+    bad = [(where, path, why, raw) for where, path, raw in fields
+           if path is not None and isinstance(path, (str, os.PathLike)) and (why := file_problem(path))]
+    if not bad:
+        return
+    variables = {}
+    for *_, (section, key) in bad:
+        try:
+            text = getattr(suite, "raw", {})[section][key]["checkpoint"]
+        except (KeyError, IndexError, TypeError):
+            continue
+        names = ENV_VARIABLE.findall(text) if isinstance(text, str) else []
+        variables.update((v, os.environ.get(v, "")) for v in names)
+    came_from = "; ".join(f"{v}={value}" for v, value in variables.items())
+    hint = f" (the paths come from {came_from}: is it the checkpoints' folder?)" if came_from else ""
+    if len(bad) == 1:
+        where, path, why, _ = bad[0]
+        raise ShiftbenchError(f"{where}: checkpoint {path} {why}{hint}")
+    named = ", ".join(f"{where} ({path}: {why})" for where, path, why, _ in bad[:3])
+    more = f" and {len(bad) - 3} more" if len(bad) > 3 else ""
+    raise ShiftbenchError(f"{len(bad)} of {len(fields) - sum(p is None for _, p, _ in fields)} checkpoint files cannot "
+                          f"be read: {named}{more}{hint}")
 
 
 def _read(path: Any, where: str) -> dict[str, Any]:
