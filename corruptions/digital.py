@@ -8,6 +8,7 @@ from __future__ import annotations
 import functools
 import warnings
 from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Callable, Iterable
 
 import numpy as np
 import torch
@@ -151,30 +152,42 @@ def jpeg_compression(x: Tensor, severity: int, rng: Rng) -> Tensor:
     Pillow): torchvision's nvJPEG encoder is fixed to 4:4:4, which keeps far more colour and misses
     the reference by 3-7 gray levels on average. Decoding runs on the images' device (nvJPEG on CUDA).
     libjpeg-turbo codes one image on one core, so the images are coded on ``torch.get_num_threads()``
-    threads (the codec releases the GIL; the bytes do not depend on the thread count).
+    threads (the codec releases the GIL; the bytes do not depend on the thread count); on the CPU each
+    thread also converts its image to 8 bits and back, in cache rather than over the whole batch.
     """
     from torchvision.io import decode_jpeg, encode_jpeg
 
     q = JPEG_QUALITY[severity - 1]
-    images = list(x.mul(255).round_().to(torch.uint8).cpu())
-    on_cpu = x.device.type == "cpu"
-
-    def code(image: Tensor) -> Tensor:  # CPU: encode and decode; else encode only, decoded in one batch below
-        encoded = encode_jpeg(image, quality=q)
-        return decode_jpeg(encoded) if on_cpu else encoded
-
+    out = torch.empty_like(x)
     with warnings.catch_warnings():  # torchvision 0.29 deprecates its codecs in favour of TorchCodec
         warnings.simplefilter("ignore", UserWarning)
         warnings.simplefilter("ignore", DeprecationWarning)
-        # a pool per call, as for the CPU's Poisson draws in _core (idle torch threads slow later ops)
-        with ThreadPoolExecutor(max(1, min(len(images), torch.get_num_threads())),
-                                thread_name_prefix="corruptions-jpeg") as pool:
-            coded = list(pool.map(code, images))
-        decoded = coded if on_cpu else decode_jpeg(coded, device=x.device)
-    out = torch.empty_like(x)
-    for b, image in enumerate(decoded):
-        out[b].copy_(image)
-    return out.div_(255)
+        if x.device.type == "cpu":  # each image whole on one thread: 8-bit, encode, decode, back to float
+
+            def code(b: int) -> None:
+                image = x[b].mul(255).round_().to(torch.uint8)
+                out[b].copy_(decode_jpeg(encode_jpeg(image, quality=q))).div_(255)
+
+            _on_threads(code, range(len(x)))
+        else:  # 8-bit on the device, one copy to the host, encoded on its threads, decoded in one nvJPEG batch
+            images = list(x.mul(255).round_().to(torch.uint8).cpu())
+            encoded = _on_threads(lambda image: encode_jpeg(image, quality=q), images)
+            for b, image in enumerate(decode_jpeg(encoded, device=x.device)):
+                out[b].copy_(image)
+            out.div_(255)
+    return out
+
+
+def _on_threads(fn: Callable[[Any], Any], items: Iterable[Any]) -> list[Any]:
+    """``[fn(item) for item in items]`` on up to ``torch.get_num_threads()`` threads (in order), for work that
+    runs one item per core and releases the GIL (libjpeg-turbo). A pool per call, as for the CPU's Poisson
+    draws in _core: idle threads that ran torch ops slow the main thread's later ops down."""
+    items = list(items)
+    workers = min(len(items), torch.get_num_threads())
+    if workers <= 1:
+        return [fn(item) for item in items]
+    with ThreadPoolExecutor(workers, thread_name_prefix="corruptions-jpeg") as pool:
+        return list(pool.map(fn, items))
 
 
 def _symmetric_gaussian(field: Tensor, sigma: tuple[float, float]) -> Tensor:
