@@ -205,3 +205,38 @@ def test_in_memory_copy_returns_the_same_samples(eight_bit):
     ds.x[35, 0, 0, 0] = 2 / 255
     if eight_bit:
         assert InMemory(ds).x.dtype == torch.uint8 and torch.equal(InMemory(ds)[35][0], ds[35][0])
+
+
+@pytest.mark.parametrize("where", ["/proc", "read-only --out", "read-only suite path"])
+def test_an_output_folder_that_cannot_be_written_fails_before_any_training(tmp_path, fake_data, monkeypatch, capsys,
+                                                                           where):
+    """Not only a file in the way: a folder that cannot be created or written is refused up front, in one line,
+    and the folders the check created are removed again."""
+    import os
+
+    import shiftbench.models.trainer as trainer
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("training started before the output folder was checked")
+
+    def read_only(*args, **kwargs):  # as root a folder's mode stops no write: refuse the probe as the kernel would
+        raise OSError(30, "Read-only file system")
+
+    monkeypatch.setattr(trainer, "train_segmenter", no_training)
+    monkeypatch.setattr(trainer, "train_gates", no_training)
+    path = tmp_path / "suite.yaml"
+    path.write_text(yaml.safe_dump(SUITE, sort_keys=False))
+    out = None if where == "read-only suite path" else str(tmp_path / "new" / "ck")
+    if where == "/proc":
+        if not os.path.isdir("/proc/self"):
+            pytest.skip("no /proc")
+        out = "/proc/shiftbench_test/ck"
+    else:
+        monkeypatch.setattr(trainer.tempfile, "mkstemp", read_only)
+    assert main(["train", str(path), "--only", "highway", "--quiet"] + (["--out", out] if out else [])) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1, err
+    named, folder = (f"--out {out}", out) if out else ("experts.highway.checkpoint", tmp_path / "ck")
+    assert err.startswith(f"shiftbench: error: {named}: cannot write expert_highway.pt into {folder} (")
+    assert err.endswith("); give a folder that can be created and written")
+    assert [p.name for p in tmp_path.iterdir()] == ["suite.yaml"]  # the folders the check made are gone

@@ -9,7 +9,10 @@ from the expert checkpoints.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import os
+import tempfile
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -77,7 +80,8 @@ def _save(path: Path, state: dict, meta: dict) -> None:
 
 
 def _target_path(checkpoint: Path | None, name: str, out: Path | None, where: str) -> Path:
-    """Where a trained model is written; checked before any training, so that a bad path fails at once."""
+    """Where a trained model is written; checked (its folder can be created and written) before any training, so
+    that a bad path fails at once."""
     if out is not None:
         path, named = out / (checkpoint.name if checkpoint is not None else f"{name}.pt"), f"--out {out}"
     elif checkpoint is None:
@@ -89,7 +93,26 @@ def _target_path(checkpoint: Path | None, name: str, out: Path | None, where: st
     folder = next(p for p in path.parents if p.exists())
     if not folder.is_dir():
         raise ShiftbenchError(f"{named}: {folder} is a file, not a folder to write {path.name} into")
+    _check_writable(path.parent, named, path.name)
     return path
+
+
+def _check_writable(folder: Path, named: str, name: str) -> None:
+    """Create ``folder`` as the save will, and write and remove a probe file in it; the folders created for the
+    check are removed again, so a call that fails later leaves nothing behind."""
+    missing = [p for p in (folder, *folder.parents) if not p.exists()]  # deepest first
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".probe.", dir=folder)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        raise ShiftbenchError(f"{named}: cannot write {name} into {folder} ({exc.strerror or exc}); give a folder "
+                              "that can be created and written") from None
+    finally:
+        for p in missing:
+            with contextlib.suppress(OSError):
+                p.rmdir()
 
 
 def _stage(suite: Any, name: str) -> Stage:
