@@ -24,6 +24,14 @@ class ShiftbenchError(ValueError):
     exit_code = 2
 
 
+def file_error(path: str | os.PathLike, reason: str) -> ShiftbenchError:
+    """A ShiftbenchError ``"<path>: <reason>"`` about one file, keeping both parts as ``.path`` and ``.reason``
+    (the runner records a skipped image as {file, reason}); attributes, so that it pickles as any exception."""
+    exc = ShiftbenchError(f"{path}: {reason}")
+    exc.path, exc.reason = os.fspath(path), reason
+    return exc
+
+
 def is_int(value: Any) -> bool:
     """An integer, Python's or numpy's (``np.int64`` from ``np.arange`` or a DataFrame), but not a bool."""
     return isinstance(value, numbers.Integral) and not isinstance(value, bool)

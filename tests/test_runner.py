@@ -623,7 +623,9 @@ def test_unreadable_image_is_skipped_and_named(tmp_path, monkeypatch, mode):
     assert len(summary["skipped_files"]) == 1
     assert summary["data"]["cached"] == {"id": mode == "cached"}
     assert summary["data"]["workers"] == data["run"]["workers"]
-    assert victim.name in summary["skipped_files"][0]["file"] + summary["skipped_files"][0]["reason"]
+    # the file's path as the dataset lists it, and the reason alone
+    assert summary["skipped_files"] == [{"file": str(victim), "reason": summary["skipped_files"][0]["reason"]}]
+    assert summary["skipped_files"][0]["reason"].startswith("not a readable PNG, truncated or corrupt (")
     results = pd.read_csv(out / "results.csv")
     assert set(results.corruption) == {"clean", "fog"} and results.n_images.eq(5).all()
     if mode != "cached":  # the split really was streamed, twice, and the file is named once

@@ -1,7 +1,8 @@
 """PNG reading and writing for the dataset loaders and exporters, and the shared resize.
 
 PNGs go through Pillow. Any read failure (missing file, truncated or corrupt PNG) becomes a
-one-line :class:`ShiftbenchError` naming the file. Writing is atomic (:mod:`shiftbench.io`).
+one-line :class:`ShiftbenchError` naming the file (kept apart as ``.path`` and ``.reason``).
+Writing is atomic (:mod:`shiftbench.io`).
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from shiftbench.errors import ShiftbenchError
+from shiftbench.errors import ShiftbenchError, file_error
 from shiftbench.io import atomic_path
 
 #: our mode names -> Pillow modes
@@ -26,16 +27,15 @@ def read_png(path: str | os.PathLike, mode: str = "rgb") -> np.ndarray:
 
     path = Path(path)
     if not path.is_file():
-        raise ShiftbenchError(f"{path}: no such file")
+        raise file_error(path, "no such file")
     try:
         with Image.open(path, formats=["PNG"]) as im:
             im.load()
             pixels = np.asarray(im if im.mode == _MODES[mode] else im.convert(_MODES[mode]))
     except UnidentifiedImageError:
-        raise ShiftbenchError(f"{path}: not a PNG image (empty, corrupt or another format)") from None
+        raise file_error(path, "not a PNG image (empty, corrupt or another format)") from None
     except (OSError, SyntaxError, ValueError) as exc:
-        raise ShiftbenchError(f"{path}: not a readable PNG, truncated or corrupt ({' '.join(str(exc).split())})") \
-            from None
+        raise file_error(path, f"not a readable PNG, truncated or corrupt ({' '.join(str(exc).split())})") from None
     return pixels[None] if pixels.ndim == 2 else pixels.transpose(2, 0, 1)
 
 

@@ -35,7 +35,7 @@ import yaml
 from torch.utils.data import Dataset
 
 from shiftbench.data._io import check_size, read_png, to_sample
-from shiftbench.errors import ShiftbenchError
+from shiftbench.errors import ShiftbenchError, file_error
 
 IGNORE_INDEX = 255
 SCHEMES = (38, 11)
@@ -239,7 +239,7 @@ class A2D2Dataset(Dataset):
         image = read_png(image_path, "rgb")
         colours = read_png(label_path, "rgb")
         if image.shape[1:] != colours.shape[1:]:
-            raise ShiftbenchError(f"{label_path}: label is {colours.shape[2]}x{colours.shape[1]} but its image "
-                                  f"{image_path.name} is {image.shape[2]}x{image.shape[1]} (W x H)")
+            raise file_error(label_path, f"label is {colours.shape[2]}x{colours.shape[1]} but its image "
+                             f"{image_path.name} is {image.shape[2]}x{image.shape[1]} (W x H)")
         x, y = to_sample(image, self.table.decode(colours, self.scheme, self.labels), self.size)
         return x, y, self.sample_id(index)

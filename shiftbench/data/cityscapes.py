@@ -18,7 +18,7 @@ import torch
 from torch.utils.data import Dataset
 
 from shiftbench.data._io import check_size, read_png, to_sample
-from shiftbench.errors import ShiftbenchError
+from shiftbench.errors import ShiftbenchError, file_error
 
 IGNORE_INDEX = 255
 SPLITS = ("train", "val", "test")
@@ -80,7 +80,7 @@ class CityscapesDataset(Dataset):
         image = read_png(image_path, "rgb")
         label_ids = read_png(label_path, "gray")[0]
         if image.shape[1:] != label_ids.shape:
-            raise ShiftbenchError(f"{label_path}: label is {label_ids.shape[1]}x{label_ids.shape[0]} but its image "
-                                  f"{image_path.name} is {image.shape[2]}x{image.shape[1]} (W x H)")
+            raise file_error(label_path, f"label is {label_ids.shape[1]}x{label_ids.shape[0]} but its image "
+                             f"{image_path.name} is {image.shape[2]}x{image.shape[1]} (W x H)")
         x, y = to_sample(image, TRAIN_ID[label_ids], self.size)
         return x, y, self.sample_id(index)

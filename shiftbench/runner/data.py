@@ -58,13 +58,17 @@ class SplitData:
 
     def load(self, k: int) -> tuple[Tensor, Tensor, str] | dict[str, str]:
         """Image k as (uint8 image, label (uint8 where the ids fit), sample id), or, if it cannot be read, the
-        record of the skip ({file, reason}); pure, so that DataLoader workers can call it (what they skip comes
-        back in the batch; a 1208x1920 sample crosses from a worker in 9 MB of shared memory, not 25)."""
+        record of the skip ({file, reason}: the path of the file that cannot be read, the image or its label, as the
+        dataset lists it); pure, so that DataLoader workers can call it (what they skip comes back in the batch; a
+        1208x1920 sample crosses from a worker in 9 MB of shared memory, not 25)."""
         d, i = self.index[k]
         try:
             image, label, sid = self.datasets[d][i]
         except ShiftbenchError as exc:  # unreadable image: skip it, name it
-            return {"file": f"{self.name}:{d}:{i}", "reason": str(exc)}
+            path = getattr(exc, "path", None)  # set by errors.file_error; else the image's place in the group
+            if path is None:
+                return {"file": f"{self.name}:{d}:{i}", "reason": str(exc)}
+            return {"file": path, "reason": exc.reason}
         image = image.mul(255).round_().to(torch.uint8) if image.is_floating_point() else image
         return image, label.to(_label_dtype(label)), sid
 
