@@ -595,7 +595,7 @@ def test_nan_images_or_model_output_fail_only_that_condition(suite, tmp_path, mo
 
 
 @pytest.mark.parametrize("mode", ["cached", "streamed", "streamed by a worker"])
-def test_unreadable_image_is_skipped_and_named(tmp_path, monkeypatch, mode):
+def test_unreadable_image_is_skipped_and_named(tmp_path, monkeypatch, capsys, mode):
     """Named once in summary.json, whether the split is cached, or streamed again for every condition,
     in this process or in DataLoader workers."""
     from runner_fixture import write_checkpoints
@@ -617,16 +617,20 @@ def test_unreadable_image_is_skipped_and_named(tmp_path, monkeypatch, mode):
     write_checkpoints(tmp_path)
     path = tmp_path / "a2d2.yaml"
     path.write_text(yaml.safe_dump(data))
-    out = tmp_path / "run"
-    assert run(path, out, "--corruptions", "fog", "--severities", "1") == 0  # two conditions stream the split
-    summary = json.loads((out / "summary.json").read_text())
+    out_dir = tmp_path / "run"
+    assert run(path, out_dir, "--corruptions", "fog", "--severities", "1") == 0  # two conditions stream the split
+    summary = json.loads((out_dir / "summary.json").read_text())
     assert len(summary["skipped_files"]) == 1
     assert summary["data"]["cached"] == {"id": mode == "cached"}
     assert summary["data"]["workers"] == data["run"]["workers"]
     # the file's path as the dataset lists it, and the reason alone
     assert summary["skipped_files"] == [{"file": str(victim), "reason": summary["skipped_files"][0]["reason"]}]
     assert summary["skipped_files"][0]["reason"].startswith("not a readable PNG, truncated or corrupt (")
-    results = pd.read_csv(out / "results.csv")
+    out, err = capsys.readouterr()
+    assert "0 failed" in out and err.strip().splitlines()[-1] == (  # not silent: a warning line names it
+        f"shiftbench: warning: 1 unreadable image(s) skipped (listed in {out_dir / 'summary.json'} skipped_files), "
+        f"the first: {victim}: {summary['skipped_files'][0]['reason']}")
+    results = pd.read_csv(out_dir / "results.csv")
     assert set(results.corruption) == {"clean", "fog"} and results.n_images.eq(5).all()
     if mode != "cached":  # the split really was streamed, twice, and the file is named once
         from shiftbench.runner.data import open_split

@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import platform
 import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -143,7 +144,7 @@ def run_suite(suite, force: bool = False, progress: bool = True) -> dict[str, An
             summary["gallery_missing"] = _gallery_missing(suite, store, groups)
             summary["data"] = data
             io.write_json(store.root / "summary.json", summary)
-            _print_end(summary)
+            _print_end(summary, store.root)
         summary = dist.broadcast_object(summary, world, "sharing the summary of the run")
         return summary
     finally:
@@ -233,19 +234,31 @@ def _class_names(suite) -> list[str]:
     return list(class_names(suite.dataset.name, suite.dataset.classes))
 
 
-def _print_end(summary: dict[str, Any]) -> None:
+def _print_end(summary: dict[str, Any], root: Path) -> None:
+    """The end line (stdout) and the warnings: gallery ids without maps (stdout), skipped unreadable images
+    (stderr)."""
     t, done = summary["time_s"], summary["conditions"]["already_done"]
     if summary["conditions"]["run"] == 0:  # a finished run run again: the tables are rewritten from its states
-        print(f"shiftbench: nothing left to run ({done} condition(s) already done); tables rewritten from the "
-              f"saved states in {summary['wall_time_s']:.1f} s")
-        return
-    along = " alongside them on a worker thread" if summary["threads"]["metrics"] else ""
-    print(f"shiftbench: {summary['conditions']['run']} condition(s) run, {done} already done, "
-          f"{len(summary['failed'])} failed; wall {summary['wall_time_s']:.1f} s "
-          f"(data {t['data']:.1f}, corruption {t['corruption']:.1f}, forward {t['forward']:.1f}, "
-          f"estimators+metrics {t['estimators_metrics']:.1f}{along}, io {t['io']:.1f}); "
-          f"{100 * summary['outside_forward_share']:.0f}% outside model forwards")
+        _say(f"nothing left to run ({done} condition(s) already done); tables rewritten from the saved states in "
+             f"{summary['wall_time_s']:.1f} s")
+    else:
+        along = " alongside them on a worker thread" if summary["threads"]["metrics"] else ""
+        _say(f"{summary['conditions']['run']} condition(s) run, {done} already done, "
+             f"{len(summary['failed'])} failed; wall {summary['wall_time_s']:.1f} s "
+             f"(data {t['data']:.1f}, corruption {t['corruption']:.1f}, forward {t['forward']:.1f}, "
+             f"estimators+metrics {t['estimators_metrics']:.1f}{along}, io {t['io']:.1f}); "
+             f"{100 * summary['outside_forward_share']:.0f}% outside model forwards")
     missing = summary.get("gallery_missing") or []
     if missing:
-        print(f"shiftbench: warning: metrics.gallery: {len(missing)} sample id(s) not among the evaluated images, "
-              f"so no uncertainty maps for them: {', '.join(missing)} (check the ids and --limit)")
+        _say(f"warning: metrics.gallery: {len(missing)} sample id(s) not among the evaluated images, so no "
+             f"uncertainty maps for them: {', '.join(missing)} (check the ids and --limit)")
+    skipped = summary.get("skipped_files") or []
+    if skipped:
+        first = skipped[0]
+        _say(f"warning: {len(skipped)} unreadable image(s) skipped (listed in {root / 'summary.json'} "
+             f"skipped_files), the first: {first['file']}: {first['reason']}", stream=sys.stderr)
+
+
+def _say(line: str, stream=None) -> None:
+    """``shiftbench: <line>`` on ``stream`` (default stdout)."""
+    print(f"shiftbench: {line}", file=stream or sys.stdout)
