@@ -65,6 +65,8 @@ def test_outputs_follow_the_run_format(base):
     assert summary["classes"][0] == "Person" and summary["models"]["moe_simple"] == "moe"
     assert summary["torch_threads"] == torch.get_num_threads()
     assert summary["gallery_missing"] == []
+    log = (base / "run.log").read_text()  # the end line too, not only the start
+    assert re.search(r" INFO 4 condition\(s\) run, 0 already done, 0 failed; wall ", log), log
     maps = np.load(base / "maps" / "id" / "highway__test__000000.npz")
     assert maps["image"].shape == (48, 64, 3) and maps["image"].dtype == np.uint8
     assert maps["unc__moe_simple__gate_entropy"].dtype == np.float16
@@ -514,6 +516,28 @@ def test_gallery_ids_not_in_the_data_are_named(tmp_path, capsys):
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["gallery_missing"] == ["urban/test/999999"]
     assert "warning: metrics.gallery: 1 sample id(s) not among the evaluated images" in capsys.readouterr().out
+    assert " WARNING metrics.gallery: 1 sample id(s) not among" in (tmp_path / "run" / "run.log").read_text()
+
+
+@pytest.mark.parametrize("stop, rc, logged", [
+    (KeyboardInterrupt(), 130, "ERROR interrupted; the finished conditions are kept, the same command resumes"),
+    (ShiftbenchError("x.csv: cannot be written"), 2, "ERROR stopped by an error: x.csv: cannot be written"),
+    (RuntimeError("boom"), None, "ERROR stopped by an error: RuntimeError: boom"),
+], ids=["interrupted", "one-line error", "other error"])
+def test_what_ended_a_run_early_is_in_its_log(tmp_path, monkeypatch, capsys, stop, rc, logged):
+    path = make_suite(tmp_path / "suite", **SMALL)
+
+    def stopped(*args, **kwargs):
+        raise stop
+
+    monkeypatch.setattr("shiftbench.runner.results.write_results", stopped)
+    if rc is None:  # a bug: the traceback is the CLI's to show
+        with pytest.raises(type(stop)):
+            run(path, tmp_path / "run", "--corruptions", "none")
+    else:
+        assert run(path, tmp_path / "run", "--corruptions", "none") == rc
+    assert (tmp_path / "run" / "run.log").read_text().splitlines()[-1].split(" ", 2)[2] == logged
+    assert len(capsys.readouterr().err.strip().splitlines()) <= 1  # the log adds no line on the terminal
 
 
 @pytest.mark.parametrize("args, expected", [
@@ -626,6 +650,7 @@ def test_unreadable_image_is_skipped_and_named(tmp_path, monkeypatch, capsys, mo
     # the file's path as the dataset lists it, and the reason alone
     assert summary["skipped_files"] == [{"file": str(victim), "reason": summary["skipped_files"][0]["reason"]}]
     assert summary["skipped_files"][0]["reason"].startswith("not a readable PNG, truncated or corrupt (")
+    assert " WARNING 1 unreadable image(s) skipped " in (out_dir / "run.log").read_text()
     out, err = capsys.readouterr()
     assert "0 failed" in out and err.strip().splitlines()[-1] == (  # not silent: a warning line names it
         f"shiftbench: warning: 1 unreadable image(s) skipped (listed in {out_dir / 'summary.json'} skipped_files), "

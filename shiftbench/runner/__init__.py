@@ -22,7 +22,7 @@ import yaml
 from tqdm import tqdm
 
 from shiftbench import io
-from shiftbench.errors import ShiftbenchError
+from shiftbench.errors import ShiftbenchError, one_line
 from shiftbench.runner import dist
 from shiftbench.runner.conditions import Condition, enumerate_conditions
 from shiftbench.runner.data import cache_budget, loader_workers, open_splits
@@ -147,6 +147,10 @@ def run_suite(suite, force: bool = False, progress: bool = True) -> dict[str, An
             _print_end(summary, store.root)
         summary = dist.broadcast_object(summary, world, "sharing the summary of the run")
         return summary
+    except BaseException as exc:  # what ended the run, in its log too
+        if handler is not None:
+            log.error(_stopped(exc))
+        raise
     finally:
         if handler is not None:
             log.removeHandler(handler)
@@ -236,7 +240,7 @@ def _class_names(suite) -> list[str]:
 
 def _print_end(summary: dict[str, Any], root: Path) -> None:
     """The end line (stdout) and the warnings: gallery ids without maps (stdout), skipped unreadable images
-    (stderr)."""
+    (stderr); each also in run.log."""
     t, done = summary["time_s"], summary["conditions"]["already_done"]
     if summary["conditions"]["run"] == 0:  # a finished run run again: the tables are rewritten from its states
         _say(f"nothing left to run ({done} condition(s) already done); tables rewritten from the saved states in "
@@ -251,14 +255,24 @@ def _print_end(summary: dict[str, Any], root: Path) -> None:
     missing = summary.get("gallery_missing") or []
     if missing:
         _say(f"warning: metrics.gallery: {len(missing)} sample id(s) not among the evaluated images, so no "
-             f"uncertainty maps for them: {', '.join(missing)} (check the ids and --limit)")
+             f"uncertainty maps for them: {', '.join(missing)} (check the ids and --limit)", logging.WARNING)
     skipped = summary.get("skipped_files") or []
     if skipped:
         first = skipped[0]
         _say(f"warning: {len(skipped)} unreadable image(s) skipped (listed in {root / 'summary.json'} "
-             f"skipped_files), the first: {first['file']}: {first['reason']}", stream=sys.stderr)
+             f"skipped_files), the first: {first['file']}: {first['reason']}", logging.WARNING, sys.stderr)
 
 
-def _say(line: str, stream=None) -> None:
-    """``shiftbench: <line>`` on ``stream`` (default stdout)."""
+def _say(line: str, level: int = logging.INFO, stream=None) -> None:
+    """``shiftbench: <line>`` on ``stream`` (default stdout), and ``line`` in run.log at ``level`` (which names a
+    warning already)."""
     print(f"shiftbench: {line}", file=stream or sys.stdout)
+    log.log(level, line.removeprefix("warning: "))
+
+
+def _stopped(exc: BaseException) -> str:
+    """The run.log line of what ended a run early."""
+    if isinstance(exc, KeyboardInterrupt):
+        return "interrupted; the finished conditions are kept, the same command resumes"
+    what = "" if isinstance(exc, ShiftbenchError) else f"{type(exc).__name__}: "
+    return f"stopped by an error: {what}{one_line(str(exc))}"
