@@ -299,6 +299,30 @@ def test_cli_report_of_a_run_without_curves_and_maps(tmp_path, capsys):
     assert (tmp_path / "o" / "figures" / "conditional_vs_severity_id.png").is_file()
 
 
+@pytest.mark.parametrize("missing, suite_yaml, reason", [
+    (["a/1", "b/2"], "metrics: {gallery: [a/1, b/2]}\n",
+     "none of the metrics.gallery ids was among the evaluated images: a/1, b/2; check the ids and --limit"),
+    ([f"x/{i}" for i in range(5)], "metrics: {gallery: [x/0, x/1, x/2, x/3, x/4]}\n",
+     "images: x/0, x/1, x/2 and 2 more; check"),
+    ([], "metrics: {gallery: []}\n", "(metrics.gallery is empty)"),
+    ([], "name: fixture\n", "(metrics.gallery is empty)"),  # the suite's default
+    (None, "metrics: {gallery: [a/1]}\n", "(maps/ is missing or empty)"),  # maps deleted, or an older run
+])
+def test_the_gallery_note_says_why_there_are_no_maps(tmp_path, missing, suite_yaml, reason):
+    import json
+
+    from shiftbench.report.figures import Context, gallery
+
+    run = make_run(tmp_path / "r", models={"baseline": MODELS["baseline"]}, splits=("id",), corruptions=(),
+                   n_patches=100, curves=False, maps=False)
+    if missing is not None:
+        summary = json.loads((run / "summary.json").read_text())
+        (run / "summary.json").write_text(json.dumps({**summary, "gallery_missing": missing}))
+    (run / "suite.yaml").write_text(suite_yaml)
+    [note] = gallery(Context(load_run(run), colours={}))
+    assert note.text.startswith("Gallery: the run saved no uncertainty maps (") and reason in note.text, note.text
+
+
 @pytest.mark.parametrize("fmt", ["pdf", "svg"])
 def test_a_report_is_the_same_bytes_twice_and_leaves_no_stale_files(tmp_path, fmt):
     """No creation date and no random ids in the vector figures; a smaller run reported into the same folder

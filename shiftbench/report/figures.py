@@ -394,7 +394,7 @@ def _reliability_panel(ax, ctx: Context, rows: pd.DataFrame, model: str) -> None
 def gallery(ctx: Context) -> Iterator[Rendered | Note]:
     """Input, ground truth, and per method its prediction and PE / MI / EV maps, one shared colour scale."""
     if not ctx.run.maps:
-        yield Note("Gallery: the run saved no uncertainty maps (metrics.gallery is empty).")
+        yield Note(f"Gallery: the run saved no uncertainty maps ({_no_maps_reason(ctx.run)}).")
         return
     samples = [_load_npz(p) for p in ctx.run.maps]
     columns = _gallery_columns(ctx, samples)
@@ -432,6 +432,20 @@ def gallery(ctx: Context) -> Iterator[Rendered | Note]:
                    "Gallery samples (clean): input, ground truth, and per method its prediction and uncertainty "
                    f"maps (PE / MI / EV families), all on one colour scale [0, {vmax:.2f}] (the "
                    f"{ctx.gallery_quantile:.0%} quantile of the shown maps; cf. the paper's Table 1).", fig)
+
+
+def _no_maps_reason(run: Run, shown: int = 3) -> str:
+    """Why a run has no maps, from summary.json's ``gallery_missing``, suite.yaml and the clean rows."""
+    missing = [str(s) for s in run.summary.get("gallery_missing") or []]
+    if missing:
+        more = f" and {len(missing) - shown} more" if len(missing) > shown else ""
+        return (f"none of the metrics.gallery ids was among the evaluated images: {', '.join(missing[:shown])}"
+                f"{more}; check the ids and --limit")
+    if run.gallery == []:
+        return "metrics.gallery is empty"
+    if run.clean.empty:
+        return "no clean conditions; maps are saved on clean data only"
+    return "maps/ is missing or empty"
 
 
 def _shared_vmax(maps: list[np.ndarray], quantile: float) -> float:

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
+import yaml
 
 from shiftbench.errors import ShiftbenchError
 from shiftbench.report.schema import CLEAN, REQUIRED_CURVE_COLUMNS, REQUIRED_RESULT_COLUMNS
@@ -71,6 +72,21 @@ class Run:
     @property
     def classes(self) -> list[str]:
         return list(self.summary.get("classes") or [])
+
+    @property
+    def gallery(self) -> list[str] | None:
+        """``metrics.gallery`` of the suite as run (``suite.yaml``); None when that file cannot say."""
+        try:
+            suite = yaml.safe_load((self.root / "suite.yaml").read_text(encoding="utf-8"))
+        except (OSError, ValueError, yaml.YAMLError):
+            return None
+        if not isinstance(suite, dict):
+            return None
+        metrics = suite.get("metrics") or {}
+        ids = metrics.get("gallery", []) if isinstance(metrics, dict) else None
+        if isinstance(ids, str):
+            return [ids]
+        return [str(i) for i in ids] if isinstance(ids, list) else None
 
 
 def load_run(path: str | Path, curves: bool = True, maps: bool = True) -> Run:
