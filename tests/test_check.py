@@ -244,6 +244,9 @@ def test_malformed_values_are_refused(tmp_path):
 def test_missing_paths_and_bad_tolerances(run_dir, tmp_path, baseline, capsys):
     assert check(tmp_path / "absent", baseline) == 2
     _one_line_error(capsys, "does not exist")
+    (tmp_path / "empty").mkdir()
+    assert check(tmp_path / "empty", baseline) == 2
+    _one_line_error(capsys, "not a shiftbench run directory (no manifest.json)")
     assert check(run_dir, tmp_path / "absent.json") == 2
     _one_line_error(capsys, "absent.json' not found", "--write-baseline")
     assert check(run_dir, tmp_path) == 2

@@ -395,7 +395,13 @@ def test_missing_or_broken_run_dir(tmp_path, capsys):
     assert "does not exist" in capsys.readouterr().err
     (tmp_path / "empty").mkdir()
     assert cli(["report", str(tmp_path / "empty")]) == 2
-    assert "no results.csv" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert f"{tmp_path / 'empty'}: not a shiftbench run directory (no manifest.json); give the --out folder" in err
+    assert len(err.strip().splitlines()) == 1
+    (tmp_path / "unfinished").mkdir()
+    (tmp_path / "unfinished" / "manifest.json").write_text('{"suite": "demo", "digest": "0"}')
+    assert cli(["report", str(tmp_path / "unfinished")]) == 2
+    assert "no results.csv or results.parquet; the run has not finished" in capsys.readouterr().err
     run = make_run(tmp_path / "cols", models={"baseline": MODELS["baseline"]}, splits=("id",), corruptions=(),
                    n_patches=100, curves=False, maps=False)
     pd.read_csv(run / "results.csv").drop(columns=["ece"]).to_csv(run / "results.csv", index=False)

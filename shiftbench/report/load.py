@@ -116,6 +116,9 @@ def _read_results(root: Path) -> pd.DataFrame:
             df = _read_csv(csv)
         elif parquet.exists():
             df = pd.read_parquet(parquet)
+        elif not (root / "manifest.json").exists():  # a run writes it first: this folder never held one
+            raise ShiftbenchError(f"{root}: not a shiftbench run directory (no manifest.json); give the --out "
+                                  "folder of `shiftbench run`")
         else:
             raise ShiftbenchError(f"{root}: no results.csv or results.parquet; the run has not finished "
                                   "(run `shiftbench run` again to complete it)")
