@@ -30,7 +30,17 @@ COMMANDS: dict[str, tuple[str, str]] = {
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str):  # argparse's own usage errors: one line, exit 2
-        self.exit(2, f"{self.prog}: error: {one_line(message)}\n")
+        self.exit(2, f"{self.prog}: error: {one_line(self._with_choices(message))}\n")
+
+    def _with_choices(self, message: str) -> str:
+        """A missing sub-command names its choices, as a mistyped one does."""
+        head = "the following arguments are required: "
+        if not message.startswith(head):
+            return message
+        choices = {a.metavar or a.dest: a.choices for a in self._actions if isinstance(a, argparse._SubParsersAction)}
+        names = [f"{n} (choose from {', '.join(map(repr, choices[n]))})" if n in choices else n
+                 for n in message[len(head):].split(", ")]
+        return head + ", ".join(names)
 
 
 def build_parser() -> argparse.ArgumentParser:

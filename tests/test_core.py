@@ -88,6 +88,19 @@ def test_cli_usage_error_is_one_line_exit_2(capsys):
     assert len(err.splitlines()) == 1 and "invalid choice" in err
 
 
+@pytest.mark.parametrize("argv, expected", [
+    ([], "shiftbench: error: the following arguments are required: COMMAND (choose from 'run', 'train', 'data', "
+         "'corrupt', 'corruptions', 'report', 'check')"),
+    (["corruptions"], "shiftbench corruptions: error: the following arguments are required: ACTION "
+                      "(choose from 'preview', 'list')"),
+    (["report"], "shiftbench report: error: the following arguments are required: RUN_DIR"),
+])
+def test_a_missing_command_names_the_choices(capsys, argv, expected):
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    assert exc.value.code == 2 and capsys.readouterr().err == expected + "\n"
+
+
 def test_python_dash_m_entry_point():
     out = subprocess.run([sys.executable, "-m", "shiftbench", "--version"], capture_output=True, text=True)
     assert out.returncode == 0 and out.stdout.startswith("shiftbench ")
