@@ -210,7 +210,8 @@ def test_bad_arguments_are_one_line_exit_2(tree, tmp_path, capsys, argv, message
 
 def test_missing_or_non_image_input(tmp_path, tree, capsys):
     code, _, err = _run(capsys, "corrupt", str(tmp_path / "nope"), str(tmp_path / "out"))
-    assert code == 2 and "does not exist" in err and len(err.strip().splitlines()) == 1
+    assert code == 2 and "does not exist; give an image file or a folder of PNG/JPEG images" in err
+    assert len(err.strip().splitlines()) == 1
     code, _, err = _run(capsys, "corrupt", str(tree / "notes.txt"), str(tmp_path / "out"))
     assert code == 2 and "is not a readable PNG/JPEG image" in err and len(err.strip().splitlines()) == 1
     (tmp_path / "texts").mkdir()
@@ -262,8 +263,9 @@ def test_preview_labels_fit_the_canvas(tmp_path, capsys, hw):
 
 
 def test_preview_errors(tmp_path, capsys):
-    code, _, err = _run(capsys, "corruptions", "preview", str(tmp_path / "none.png"), str(tmp_path / "g.png"))
-    assert code == 2 and "does not exist" in err
+    for image, problem in ((tmp_path / "none.png", "does not exist"), (tmp_path, "is a folder")):
+        code, _, err = _run(capsys, "corruptions", "preview", str(image), str(tmp_path / "g.png"))
+        assert code == 2 and err == f"shiftbench: error: IMAGE {str(image)!r} {problem}; give one PNG or JPEG image\n"
     Image.fromarray(photo("rocket", (48, 64))).save(tmp_path / "r.png")
     code, _, err = _run(capsys, "corruptions", "preview", str(tmp_path / "r.png"), str(tmp_path / "g.jpg"))
     assert code == 2 and "must end in .png" in err

@@ -100,6 +100,8 @@ def main(args: argparse.Namespace) -> int:
         raise ShiftbenchError(f"OUT {args.out!r} must end in .png")
     if args.max_side < 0 or 0 < args.max_side < 32:
         raise ShiftbenchError(f"--max-side {args.max_side} is not allowed; use 0 (keep the size) or >= 32")
+    if not Path(args.image).exists():  # discover's own line offers folders, which preview refuses
+        raise ShiftbenchError(f"IMAGE {args.image!r} does not exist; give one PNG or JPEG image")
     if Path(args.image).is_dir():
         raise ShiftbenchError(f"IMAGE {args.image!r} is a folder; give one PNG or JPEG image")
     sources, _ = discover(Path(args.image), what="IMAGE")
