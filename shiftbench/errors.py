@@ -59,3 +59,8 @@ def file_problem(path: str | os.PathLike) -> str | None:
 def one_line(message: str) -> str:
     """Collapse a message to a single line (the CLI's contract)."""
     return " ".join(str(message).split())
+
+
+def counted(n: int, noun: str) -> str:
+    """``n`` and ``noun`` in agreement: ``1 table``, ``2 tables``, ``0 tables``."""
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"

@@ -119,7 +119,7 @@ def test_rerun_skips_finished_files_and_fills_gaps(tree, tmp_path, capsys):
     stamp = (out / "contrast" / "1" / "a.png").stat().st_mtime_ns
     (out / "contrast" / "1" / "sub" / "b.jpg").unlink()
     code, stdout, _ = _run(capsys, *args)
-    assert code == 0 and "wrote 1 images" in stdout and "2 already there" in stdout
+    assert code == 0 and "wrote 1 image to" in stdout and "(3 inputs x 1 condition; 2 already there" in stdout
     assert (out / "contrast" / "1" / "a.png").stat().st_mtime_ns == stamp
     assert (out / "contrast" / "1" / "sub" / "b.jpg").exists()
 

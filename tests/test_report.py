@@ -299,6 +299,13 @@ def test_cli_report_of_a_run_without_curves_and_maps(tmp_path, capsys):
     assert (tmp_path / "o" / "figures" / "conditional_vs_severity_id.png").is_file()
 
 
+def test_cli_report_counts_in_the_singular(tmp_path, capsys):
+    run = make_run(tmp_path / "r", models={"baseline": MODELS["baseline"]}, splits=("id",), corruptions=(),
+                   n_patches=100, curves=False, maps=False)
+    assert cli(["report", str(run), "--format", "png", "--out", str(tmp_path / "o")]) == 0
+    assert capsys.readouterr().out.splitlines()[-1] == f"report: 0 figures, 1 table -> {tmp_path / 'o' / 'report.html'}"
+
+
 @pytest.mark.parametrize("missing, suite_yaml, reason", [
     (["a/1", "b/2"], "metrics: {gallery: [a/1, b/2]}\n",
      "none of the metrics.gallery ids was among the evaluated images: a/1, b/2; check the ids and --limit"),

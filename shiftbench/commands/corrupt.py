@@ -255,7 +255,7 @@ def main(args: argparse.Namespace) -> int:
 
     from corruptions import corrupt
     from shiftbench import io
-    from shiftbench.errors import ShiftbenchError
+    from shiftbench.errors import ShiftbenchError, counted
     from shiftbench.seeding import sample_seeds
 
     names, severities = parse_corruptions(args.corruption), parse_severities(args.severity)
@@ -300,6 +300,7 @@ def main(args: argparse.Namespace) -> int:
                     io.write_bytes(target[(name, severity, batch[i].rel)], encode(result[k], batch[i].path.suffix))
                 written += len(idx)
                 bar.update(len(idx))
-    print(f"shiftbench: wrote {written} images to {out} ({len(sources)} inputs x {len(conditions)} conditions; "
-          f"{existing} already there, {len(skipped)} files skipped)")
+    print(f"shiftbench: wrote {counted(written, 'image')} to {out} ({counted(len(sources), 'input')} x "
+          f"{counted(len(conditions), 'condition')}; {existing} already there, "
+          f"{counted(len(skipped), 'file')} skipped)")
     return 0

@@ -39,6 +39,7 @@ def main(args: argparse.Namespace) -> int:
     import matplotlib
 
     matplotlib.use("Agg")
+    from shiftbench.errors import counted
     from shiftbench.report.build import build_report
 
     report = build_report(args.run_dir, out=args.out, fmt=args.format, threshold=args.threshold,
@@ -47,5 +48,6 @@ def main(args: argparse.Namespace) -> int:
         print(f"warning: {warning}")
     for note in report.notes:
         print(f"note: {note}")
-    print(f"report: {len(report.figures)} figures, {len(report.tables)} tables -> {report.out / 'report.html'}")
+    print(f"report: {counted(len(report.figures), 'figure')}, {counted(len(report.tables), 'table')} -> "
+          f"{report.out / 'report.html'}")
     return 0
