@@ -507,6 +507,14 @@ def test_a_refused_open_releases_the_lock(tmp_path):
     second.unlock()
 
 
+def test_a_rank_without_run_log_prints_no_bare_log_lines():
+    """Ranks other than the main one keep no run.log; their records (a failed condition) must not reach Python's
+    last-resort handler, which would print them bare on stderr (a fresh process: pytest's own handlers hide it)."""
+    code = "from shiftbench.runner import log; log.error('condition %s failed: %s', 'id/fog/1', 'a reason')"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
+    assert out.returncode == 0 and out.stderr == ""
+
+
 def test_gallery_ids_not_in_the_data_are_named(tmp_path, capsys):
     data = suite_dict(**SMALL)
     data["metrics"]["gallery"] = ["highway/test/000000", "urban/test/999999"]

@@ -30,6 +30,9 @@ from shiftbench.runner.store import RunStore, run_inputs
 from shiftbench.runner.sweep import MetricWorker, Timer, sweep_conditions, thread_split
 
 log = logging.getLogger("shiftbench.run")
+# run.log is the main rank's (see _setup_log); without a handler the other ranks' records would reach Python's
+# last-resort handler and print bare lines on their stderr (a failed condition is gathered into summary.json)
+log.addHandler(logging.NullHandler())
 
 
 def resolve_device(name: str) -> torch.device:
