@@ -330,6 +330,21 @@ def test_the_gallery_note_says_why_there_are_no_maps(tmp_path, missing, suite_ya
     assert note.text.startswith("Gallery: the run saved no uncertainty maps (") and reason in note.text, note.text
 
 
+def test_gallery_ids_that_were_not_evaluated_are_noted_beside_the_figure(tmp_path):
+    import json
+
+    from shiftbench.report.figures import Context, Note, Rendered, gallery
+
+    run = make_run(tmp_path / "r", models={"baseline": MODELS["baseline"]}, splits=("id",), corruptions=(),
+                   n_patches=100, curves=False)
+    summary = json.loads((run / "summary.json").read_text())
+    (run / "summary.json").write_text(json.dumps({**summary, "gallery_missing": ["z/9"]}))
+    note, figure = gallery(Context(load_run(run), colours={}, gallery_models=["baseline"]))
+    assert isinstance(note, Note) and isinstance(figure, Rendered)
+    assert note.text == ("Gallery: 1 metrics.gallery id not among the evaluated images, so not shown: z/9; "
+                         "check the ids and --limit.")
+
+
 @pytest.mark.parametrize("fmt", ["pdf", "svg"])
 def test_a_report_is_the_same_bytes_twice_and_leaves_no_stale_files(tmp_path, fmt):
     """No creation date and no random ids in the vector figures; a smaller run reported into the same folder

@@ -19,6 +19,7 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.patches import Patch
 
+from shiftbench.errors import counted
 from shiftbench.report import aggregate
 from shiftbench.report.load import Run
 from shiftbench.report.schema import CALIBRATION, CLEAN, CONDITIONAL, METRICS
@@ -396,6 +397,9 @@ def gallery(ctx: Context) -> Iterator[Rendered | Note]:
     if not ctx.run.maps:
         yield Note(f"Gallery: the run saved no uncertainty maps ({_no_maps_reason(ctx.run)}).")
         return
+    if missing := [str(s) for s in ctx.run.summary.get("gallery_missing") or []]:
+        yield Note(f"Gallery: {counted(len(missing), 'metrics.gallery id')} not among the evaluated images, "
+                   f"so not shown: {_some(missing)}; check the ids and --limit.")
     samples = [_load_npz(p) for p in ctx.run.maps]
     columns = _gallery_columns(ctx, samples)
     if not columns:
@@ -438,14 +442,18 @@ def _no_maps_reason(run: Run, shown: int = 3) -> str:
     """Why a run has no maps, from summary.json's ``gallery_missing``, suite.yaml and the clean rows."""
     missing = [str(s) for s in run.summary.get("gallery_missing") or []]
     if missing:
-        more = f" and {len(missing) - shown} more" if len(missing) > shown else ""
-        return (f"none of the metrics.gallery ids was among the evaluated images: {', '.join(missing[:shown])}"
-                f"{more}; check the ids and --limit")
+        return (f"none of the metrics.gallery ids was among the evaluated images: {_some(missing, shown)}; check the "
+                "ids and --limit")
     if run.gallery == []:
         return "metrics.gallery is empty"
     if run.clean.empty:
         return "no clean conditions; maps are saved on clean data only"
     return "maps/ is missing or empty"
+
+
+def _some(ids: list[str], shown: int = 3) -> str:
+    """``a/1, b/2, c/3 and 2 more``"""
+    return ", ".join(ids[:shown]) + (f" and {len(ids) - shown} more" if len(ids) > shown else "")
 
 
 def _shared_vmax(maps: list[np.ndarray], quantile: float) -> float:
