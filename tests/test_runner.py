@@ -494,6 +494,22 @@ def test_a_folder_another_run_is_writing_is_refused_and_free_again_after_it(tmp_
     assert run(path, out, "--corruptions", "none") == 0  # nor does this process's own finished run
 
 
+def test_a_file_system_without_flock_runs_unlocked(tmp_path, monkeypatch):
+    """flock failing for another reason than a holder (ENOLCK on some network file systems) is no refusal."""
+    import errno
+    import fcntl
+
+    from shiftbench.runner.store import RunStore
+
+    def no_locks(fd, op):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    store = RunStore(tmp_path)
+    store.lock()
+    assert store._lock_fd is None
+
+
 def test_a_refused_open_releases_the_lock(tmp_path):
     from shiftbench.runner.store import RunStore
 

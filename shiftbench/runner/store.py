@@ -102,7 +102,8 @@ class RunStore:
     # ----------------------------------------------------------------- lock
     def lock(self) -> None:
         """Take the folder's advisory lock (held until :meth:`unlock` or the end of the process), or refuse
-        with the pid of the run that holds it. Without ``fcntl`` (Windows) there is no lock."""
+        with the pid of the run that holds it. Without ``fcntl`` (Windows), or on a file system without flock,
+        there is no lock."""
         try:
             import fcntl
         except ImportError:
@@ -111,12 +112,15 @@ class RunStore:
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
+        except BlockingIOError:  # held by another process
             holder = os.read(fd, 32).decode(errors="replace").strip() or "unknown"
             os.close(fd)
             raise ShiftbenchError(f"{self.root}: another shiftbench run (pid {holder}) is writing this folder; "
                                   "wait for it to end, stop it (under torchrun stop its ranks too), or use "
                                   "another --out") from None
+        except OSError:  # a file system without flock (ENOLCK, EOPNOTSUPP): run unlocked, as before the lock existed
+            os.close(fd)
+            return
         os.ftruncate(fd, 0)
         os.write(fd, f"{os.getpid()}\n".encode())
         self._lock_fd = fd
