@@ -240,7 +240,11 @@ def test_bad_models_give_one_line_errors(suite, tmp_path):
     bad = [dict(MODELS[0], checkpoint="k19.pt")]
     assert "k19.pt predicts 19 classes, the suite's dataset has 11" in _error(write_suite(tmp_path, bad))
     bad = [dict(MODELS[0], backbone="resnet18")]
-    assert "baseline.pt does not fit the model: missing keys" in _error(write_suite(tmp_path, bad))
+    assert _error(write_suite(tmp_path, bad)).startswith(  # the suite entry first, as for a missing file
+        f"models.baseline: {tmp_path / 'baseline.pt'} does not fit the model: missing keys")
+    experts = {n: {"backbone": "resnet18", "checkpoint": f"expert_{n}.pt"} for n in ("highway", "urban")}
+    assert _error(write_suite(tmp_path, [MODELS[1]], experts)).startswith(
+        f"experts.highway: {tmp_path / 'expert_highway.pt'} does not fit the model: missing keys")
 
 
 def test_missing_checkpoints_are_named_together_with_the_variable_they_came_from(suite, tmp_path, monkeypatch):
@@ -268,6 +272,56 @@ def test_custom_model_with_wrong_output_is_refused(suite, tmp_path):
     s = write_suite(tmp_path, [{"name": "bad", "kind": "custom", "factory": "zoo_bad_models:build"}])
     with pytest.raises(ShiftbenchError, match=r"model 'bad' returned \[1, 5, 32, 64\]; a custom model must map"):
         ModelZoo.from_suite(s)(torch.rand(1, 3, 32, 64), [0])
+
+
+DICT_MODELS = textwrap.dedent("""
+    import torch
+    from torch import nn
+
+    class Dict(nn.Module):  # torchvision's segmentation models return {"out": ..., "aux": ...}
+        def __init__(self, key):
+            super().__init__()
+            self.conv, self.key = nn.Conv2d(3, 11, 1), key
+
+        def forward(self, x):
+            z = self.conv(x)
+            return {self.key: z, "aux": z * 0}
+
+    def build(key="out", seed=0):
+        torch.manual_seed(seed)
+        return Dict(key)
+
+    class Pair(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 11, 1)
+
+        def forward(self, x):
+            return self.conv(x), None
+
+    def build_tuple():
+        return Pair()
+""")
+
+
+def test_custom_models_may_return_torchvision_s_dict_and_nothing_else(tmp_path, monkeypatch):
+    """{"out": logits} is torchvision's segmentation output; another dict or a tuple is one line naming it. The
+    factory's module sits beside the suite file, not in the current folder or on sys.path."""
+    (tmp_path / "zoo_dict_models.py").write_text(DICT_MODELS)
+    monkeypatch.chdir(tmp_path.parent)
+    models = [{"name": "out", "kind": "custom", "factory": "zoo_dict_models:build"},
+              {"name": "logits", "kind": "custom", "factory": "zoo_dict_models:build", "kwargs": {"key": "logits"}},
+              {"name": "pair", "kind": "custom", "factory": "zoo_dict_models:build_tuple"}]
+    zoo = ModelZoo.from_suite(write_suite(tmp_path, models))
+    x = torch.rand(1, 3, 32, 64)
+    out = zoo(x, [0], names=["out"])["out"].probs
+    assert torch.equal(out, torch.softmax(zoo.singles["out"].conv(x), dim=1))
+    with pytest.raises(ShiftbenchError, match=r"^model 'logits' returned a dict with keys 'logits', 'aux'; a custom "
+                                              r"model must return logits \[B,11,H,W\] \(or a dict holding them "
+                                              r"under 'out', as torchvision's do\)$"):
+        zoo(x, [0], names=["logits"])
+    with pytest.raises(ShiftbenchError, match=r"^model 'pair' returned a tuple; a custom model must return logits"):
+        zoo(x, [0], names=["pair"])
 
 
 @pytest.mark.parametrize("x, seeds, names, match", [

@@ -325,7 +325,9 @@ def test_a_run_that_finished_nothing_does_not_block_its_folder(tmp_path, capsys)
     assert run(bad_path, out, "--corruptions", "none") == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "models.baseline.checkpoint: checkpoint" in err and "nope.pt not found" in err
-    assert (out / "manifest.json").exists()  # the failed run's manifest and log, but no finished condition
+    assert not out.exists()  # the models are built before the run folder is made
+    out.mkdir()
+    (out / "manifest.json").write_text(json.dumps({"suite": "tiny", "digest": "0" * 64}))  # a run that finished nothing
     assert run(path, out, "--corruptions", "none") == 0  # the mended suite (another digest) takes the folder
     assert (out / "results.csv").exists()
 
@@ -425,6 +427,29 @@ def test_a_checkpoint_retrained_in_place_or_amp_toggled_is_not_resumed(tmp_path,
 
     inexact = dataclasses.replace(suite, run=dataclasses.replace(suite.run, exact=False))
     assert run_inputs(inexact, "cpu", world_size=1) != run_inputs(inexact, "cpu", world_size=2)  # other batches
+
+
+def test_a_custom_model_whose_factory_makes_other_weights_is_not_resumed(tmp_path, capsys):
+    """A custom model without a checkpoint takes its weights from its factory (a seed, a file of its own): the
+    run records their digest, so a factory changed between two runs is refused, not mixed in."""
+    path = make_suite(tmp_path / "suite", **SMALL)
+    (path.parent / "own_weights.py").write_text(
+        "import torch\nfrom torch import nn\n\ndef build(seed=0):\n    torch.manual_seed(seed)\n"
+        "    return nn.Conv2d(3, 11, 1)\n")
+    data = yaml.safe_load(path.read_text())
+    data["models"] = [{"name": "own", "kind": "custom", "factory": "own_weights:build", "kwargs": {"seed": 0}}]
+    path.write_text(yaml.safe_dump(data))
+    out = tmp_path / "run"
+    assert run(path, out, "--corruptions", "none") == 0
+    (path.parent / "own_weights.py").write_text(  # the suite file unchanged, the factory's seed changed
+        "import torch\nfrom torch import nn\n\ndef build(seed=0):\n    torch.manual_seed(seed + 1)\n"
+        "    return nn.Conv2d(3, 11, 1)\n")
+    capsys.readouterr()
+    code = subprocess.run([sys.executable, "-m", "shiftbench", "run", str(path), "--out", str(out), "--quiet",
+                           "--corruptions", "none"], capture_output=True, text=True, cwd=tmp_path,
+                          env=dict(os.environ, PYTHONPATH=str(ROOT)))  # a fresh process imports the new factory
+    assert code.returncode == 2, code.stderr
+    assert "was run with other weights from the factories of custom models without a checkpoint;" in code.stderr
 
 
 def test_another_thread_split_or_exactness_is_not_resumed(tmp_path, capsys, monkeypatch):

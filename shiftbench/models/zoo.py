@@ -10,12 +10,15 @@ float32 even under autocast.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import inspect
+import sys
 import os
 import re
 from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence
+from pathlib import Path
+from typing import Any, Callable, Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -88,6 +91,12 @@ def _predict_mc(zoo: "ModelZoo", name: str, x: Tensor, seeds: list[int], shared:
 def _predict_custom(zoo: "ModelZoo", name: str, x: Tensor, seeds: list[int], shared: _Shared) -> Prediction:
     with zoo.autocast(x):
         logits = zoo.singles[name](x)
+    if isinstance(logits, Mapping) and "out" in logits:  # torchvision's segmentation models: {"out", "aux"}
+        logits = logits["out"]
+    if not isinstance(logits, Tensor):
+        keys = f" with keys {', '.join(map(repr, logits))}" if isinstance(logits, Mapping) else ""
+        raise ShiftbenchError(f"model {name!r} returned a {type(logits).__name__}{keys}; a custom model must return "
+                              f"logits [B,{zoo.classes},H,W] (or a dict holding them under 'out', as torchvision's do)")
     if logits.dim() != 4 or logits.shape[1] != zoo.classes or logits.shape[-2:] != x.shape[-2:]:
         raise ShiftbenchError(f"model {name!r} returned {list(logits.shape)}; a custom model must map "
                               f"[B,3,H,W] images to logits [B,{zoo.classes},H,W]")
@@ -126,6 +135,8 @@ class ModelZoo(nn.Module):
         self.passes: dict[str, int] = {}
         self.notes: list[str] = []
         self.digests: dict[str, str] = {}  # bank expert -> weights_digest, for the MoE files that record theirs
+        self.folder: Path | None = None  # the suite file's folder, where custom factories may live
+        self.factory_digests: dict[str, str] = {}  # custom model without a checkpoint -> weights_digest
 
     def autocast(self, x: Tensor) -> torch.autocast:
         dtype = torch.float16 if x.device.type == "cuda" else torch.bfloat16
@@ -176,18 +187,32 @@ class ModelZoo(nn.Module):
                    amp: bool | None = None) -> "ModelZoo":
         """Build the suite's models (or ``names``) and load their checkpoints onto ``device``."""
         zoo = cls(suite.dataset.classes, suite.run.amp if amp is None else amp)
+        zoo.folder = Path(suite.path).parent if getattr(suite, "path", None) else None
         specs = [suite.model(n) for n in names] if names is not None else list(suite.models)
         _check_files(suite, specs)
         moe_files = {m.name: _read(m.checkpoint, f"models.{m.name}.checkpoint") for m in specs if m.kind == "moe"}
         embedded = _embedded_experts(specs, moe_files)
         for e in dict.fromkeys(e for m in specs if m.kind in ("expert", "ensemble", "moe") for e in m.experts):
-            zoo.experts[e] = load_expert(suite.experts[e], suite.dataset.classes, embedded.get(e, []))
+            with _naming(f"experts.{e}"):
+                zoo.experts[e] = load_expert(suite.experts[e], suite.dataset.classes, embedded.get(e, []))
         for m in specs:
             zoo.kinds[m.name], zoo.members[m.name] = m.kind, tuple(m.experts)
-            BUILDERS[m.kind](zoo, m, moe_files.get(m.name))
+            with _naming(f"models.{m.name}"):
+                BUILDERS[m.kind](zoo, m, moe_files.get(m.name))
             if m.kind == "moe":
                 zoo.members[m.name] = _own_copies(zoo, m, moe_files[m.name]["state_dict"], suite.dataset.classes)
         return zoo.to(device).eval().requires_grad_(False)
+
+
+@contextlib.contextmanager
+def _naming(entry: str):
+    """Errors raised while building suite entry ``entry`` (``models.moe_simple``) start with it."""
+    try:
+        yield
+    except ShiftbenchError as exc:
+        if str(exc).startswith(("models.", "experts.")):
+            raise
+        raise ShiftbenchError(f"{entry}: {exc}") from None
 
 
 def _check_files(suite: Any, specs: Sequence[Any]) -> None:
@@ -370,13 +395,23 @@ def _build_mc(zoo: ModelZoo, spec: Any, file: dict[str, Any] | None) -> None:
     zoo.singles[spec.name], zoo.passes[spec.name] = model, spec.passes
 
 
-def import_factory(path: str) -> Callable[..., nn.Module]:
-    """``package.module:function`` -> the function; one-line errors when it does not import."""
+def import_factory(path: str, folder: str | os.PathLike | None = None) -> Callable[..., nn.Module]:
+    """``package.module:function`` -> the function; one-line errors when it does not import. A module found
+    neither on ``sys.path`` nor in the current folder is looked for in ``folder`` (the suite file's)."""
     module_name, _, attr = path.partition(":")
     if not module_name or not attr:
         raise ShiftbenchError(f"factory {path!r} is not of the form package.module:function")
     try:
-        module = importlib.import_module(module_name)
+        try:
+            module = importlib.import_module(module_name)
+        except ModuleNotFoundError as exc:
+            if folder is None or exc.name != module_name.split(".")[0]:
+                raise
+            sys.path.append(os.fspath(folder))  # last, so that it shadows no installed package
+            try:
+                module = importlib.import_module(module_name)
+            finally:
+                sys.path.remove(os.fspath(folder))
     except Exception as exc:  # any import-time failure is the user's module
         raise ShiftbenchError(f"factory {path!r}: cannot import {module_name!r} "
                               f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})") from None
@@ -387,7 +422,7 @@ def import_factory(path: str) -> Callable[..., nn.Module]:
 
 
 def _build_custom(zoo: ModelZoo, spec: Any, file: dict[str, Any] | None) -> None:
-    factory = import_factory(spec.factory)
+    factory = import_factory(spec.factory, zoo.folder)
     try:
         inspect.signature(factory).bind(**spec.kwargs)
     except TypeError as exc:
@@ -403,6 +438,8 @@ def _build_custom(zoo: ModelZoo, spec: Any, file: dict[str, Any] | None) -> None
         raise ShiftbenchError(f"factory {spec.factory!r} returned {type(model).__name__}, not a torch.nn.Module")
     if spec.checkpoint is not None:
         load_strict(model, _read(spec.checkpoint, f"models.{spec.name}.checkpoint")["state_dict"], str(spec.checkpoint))
+    else:  # weights from the factory itself: recorded, so that a run is not resumed with other ones
+        zoo.factory_digests[spec.name] = weights_digest(model.state_dict())
     zoo.singles[spec.name] = model
 
 

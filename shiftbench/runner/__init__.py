@@ -93,15 +93,16 @@ def run_suite(suite, force: bool = False, progress: bool = True) -> dict[str, An
     threads = thread_split(suite.run.overlap, device)
     handler = None
     try:
+        zoo = ModelZoo.from_suite(suite, device)  # before the folder: a bad checkpoint leaves nothing behind
         if world.is_main:  # the main rank holds the folder's lock until the run ends
-            store.open(suite.name, digest, force=force, inputs=run_inputs(suite, device.type, threads, world.size),
+            inputs = run_inputs(suite, device.type, threads, world.size, zoo.factory_digests)
+            store.open(suite.name, digest, force=force, inputs=inputs,
                        scope={"seed": suite.run.seed, "limit": suite.run.limit}, contents=suite.digest(scope=False))
             io.write_text(store.root / "suite.yaml", yaml.safe_dump(suite.raw, sort_keys=False))
         dist.barrier(world, "opening the run folder")
         handler = _setup_log(store.root / "run.log", world.is_main)
         timer = Timer(device)
         log.info("suite %s (%s) on %s, world size %d", suite.name, digest[:12], device, world.size)
-        zoo = ModelZoo.from_suite(suite, device)
         for note in zoo.notes:
             log.info(note)
         plan = estimator_plan(suite)

@@ -38,11 +38,13 @@ STATE_FORMAT = 2
 OUTPUTS = ("results.csv", "results.parquet", "curves.parquet", "summary.json")
 
 
-def run_inputs(suite, device_type: str = "cpu", threads: tuple[int, int] = (1, 0), world_size: int = 1
-               ) -> dict[str, Any]:
+def run_inputs(suite, device_type: str = "cpu", threads: tuple[int, int] = (1, 0), world_size: int = 1,
+               factory_weights: dict[str, str] | None = None) -> dict[str, Any]:
     """What changes a condition's result besides the suite file; a run is only resumed with the same:
 
     checkpoints  sha256 of the bytes of every checkpoint (a model retrained in place)
+    factory_weights  the weights digest of each custom model without a checkpoint (its factory makes its
+                 weights: another seed or file there), ``ModelZoo.factory_digests``; None when there is none
     amp, device  ``run.amp`` and the device type (CPU and CUDA draw other random streams)
     exact        ``run.exact``, and when it is false the batch size and the number of processes (they make up
                  the batches, and batched convolutions round differently)
@@ -60,14 +62,16 @@ def run_inputs(suite, device_type: str = "cpu", threads: tuple[int, int] = (1, 0
         except OSError:
             h.update(b"missing")  # the model zoo says what is wrong with it
     forward, metrics = threads
-    return {"checkpoints": h.hexdigest(), "amp": suite.run.amp, "device": device_type, "exact": suite.run.exact,
+    return {"checkpoints": h.hexdigest(), "factory_weights": factory_weights or None, "amp": suite.run.amp, "device": device_type, "exact": suite.run.exact,
             "batch_size": None if suite.run.exact else suite.run.batch_size,
             "processes": None if suite.run.exact else world_size,
             "threads": [forward, metrics or forward] if device_type == "cpu" else None}
 
 
 #: how a changed input is named in the refusal, and what sets it
-_INPUT_WORDS = {"checkpoints": "checkpoint files (a model retrained in place?)", "amp": "run.amp",
+_INPUT_WORDS = {"checkpoints": "checkpoint files (a model retrained in place?)",
+                "factory_weights": "weights from the factories of custom models without a checkpoint",
+                "amp": "run.amp",
                 "device": "device type", "exact": "run.exact", "batch_size": "batch size (with run.exact false)",
                 "processes": "number of processes (with run.exact false)",
                 "threads": "torch threads [forwards, metrics] (--overlap, OMP_NUM_THREADS)"}
@@ -79,7 +83,7 @@ def changed_inputs(old: dict[str, Any], new: dict[str, Any]) -> str | None:
     diffs = []
     for key, value in new.items():
         if key in old and old[key] != value:
-            diffs.append(_INPUT_WORDS[key] if key == "checkpoints"
+            diffs.append(_INPUT_WORDS[key] if key in ("checkpoints", "factory_weights")
                          else f"{_INPUT_WORDS[key]} {_json(old.get(key))}, now {_json(value)}")
     return "; ".join(diffs) or None
 
