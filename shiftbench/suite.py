@@ -188,6 +188,17 @@ class Suite:
         blob = json.dumps(ident, sort_keys=True, default=str).encode()
         return hashlib.sha256(blob).hexdigest()
 
+    def comparable(self) -> dict[str, Any]:
+        """What two runs must share for ``shiftbench check`` to compare their values key by key: the dataset
+        (its paths as written), the metrics settings but the gallery, and the run's seed and limit. Not the
+        models, experts or estimators (values are matched by name), nor the conditions swept (checked apart)."""
+        dataset = asdict(self.dataset)
+        raw = self.raw.get("dataset") if isinstance(self.raw.get("dataset"), dict) else {}
+        dataset.update(root=raw.get("root"), split_dir=raw.get("split_dir"))  # not expanded: same on every machine
+        metrics = {k: v for k, v in asdict(self.metrics).items() if k != "gallery"}
+        ident = {"dataset": dataset, "metrics": metrics, "seed": self.run.seed, "limit": self.run.limit}
+        return json.loads(json.dumps(ident, sort_keys=True, default=str))
+
     def checkpoints(self) -> list[Path]:
         """Every checkpoint file the sweep loads (experts, then models), each once, in suite order."""
         paths = [e.checkpoint for e in self.experts.values()] + [m.checkpoint for m in self.models]

@@ -41,6 +41,9 @@ N_BINS, N_THRESHOLDS, N_HIST = 15, 101, 20
 CLASSES = ("Person", "Car", "Truck", "Drivable", "Nondrivable", "Blocker", "Info", "Sky", "Buildings",
            "Nature", "Lanes")
 GALLERY = {"id": "highway/test/000000", "ood": "ambiguous/test/000000"}
+#: the manifest's ``comparable`` (``Suite.comparable``) of a fabricated run
+COMPARABLE = {"dataset": {"name": "synthetic", "classes": len(CLASSES), "size": [128, 256]},
+              "metrics": {"n_bins": N_BINS, "thresholds": N_THRESHOLDS, "patch_size": 4}, "seed": 0, "limit": None}
 
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -71,8 +74,10 @@ def ci_sweep(out: Path) -> Path:
 def make_run(root: str | Path, *, splits: tuple[str, ...] = SPLITS, corrupted: tuple[str, ...] = ("id",),
              corruptions: tuple[str, ...] = CORRUPTIONS, severities: tuple[int, ...] = SEVERITIES,
              models: dict = MODELS, n_patches: int = 1200, seed: int = 0, suite: str = "fixture",
-             digest: str = "f" * 64, curves: bool = True, maps: bool = True) -> Path:
-    """Write a complete run directory under ``root`` and return its path."""
+             digest: str = "f" * 64, curves: bool = True, maps: bool = True,
+             comparable: dict | None = COMPARABLE) -> Path:
+    """Write a complete run directory under ``root`` and return its path (``comparable=None``: a manifest of
+    an older shiftbench, without it)."""
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
@@ -95,7 +100,7 @@ def make_run(root: str | Path, *, splits: tuple[str, ...] = SPLITS, corrupted: t
         pd.concat(curve_frames, ignore_index=True).to_parquet(root / "curves.parquet", index=False)
     if maps:
         _write_maps(root, splits, models, rng)
-    _write_meta(root, suite, digest, models, splits, corrupted, corruptions, severities, seed)
+    _write_meta(root, suite, digest, models, splits, corrupted, corruptions, severities, seed, comparable)
     return root
 
 
@@ -181,10 +186,12 @@ def _write_maps(root, splits, models, rng):
         np.savez_compressed(path, **arrays)
 
 
-def _write_meta(root, suite, digest, models, splits, corrupted, corruptions, severities, seed):
+def _write_meta(root, suite, digest, models, splits, corrupted, corruptions, severities, seed, comparable):
     from shiftbench.runner.store import STATE_FORMAT
 
-    (root / "manifest.json").write_text(json.dumps({"suite": suite, "digest": digest, "format": STATE_FORMAT}))
+    manifest = {"suite": suite, "digest": digest, **({"comparable": comparable} if comparable else {}),
+                "format": STATE_FORMAT}
+    (root / "manifest.json").write_text(json.dumps(manifest))
     (root / "suite.yaml").write_text(f"name: {suite}\n# fabricated by tests/run_fixture.py\n")
     n_cond = len(list(_conditions(splits, corrupted, corruptions, severities)))
     summary = {

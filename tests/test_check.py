@@ -11,12 +11,13 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+import yaml
 
 from shiftbench.cli import main as cli
 from shiftbench.errors import ShiftbenchError
 from shiftbench.report import baseline as bl
 from shiftbench.report.load import load_run
-from tests.run_fixture import MODELS, make_run
+from tests.run_fixture import COMPARABLE, MODELS, make_run
 
 SMALL = {k: MODELS[k] for k in ("baseline", "moe_simple")}
 
@@ -197,10 +198,72 @@ def test_baseline_of_another_suite_is_refused(run_dir, tmp_path, baseline, capsy
     other = make_run(tmp_path / "other", models=SMALL, n_patches=300, curves=False, maps=False, suite="other")
     capsys.readouterr()
     assert check(other, baseline) == 2
-    _one_line_error(capsys, "baseline is of suite 'fixture'", "'other'")
-    changed = make_run(tmp_path / "digest", models=SMALL, n_patches=300, curves=False, maps=False, digest="e" * 64)
+    _one_line_error(capsys, "baseline is of suite 'fixture', the run of suite 'other'")
+
+
+def _without_model(run_dir, tmp_path, model="moe_simple"):
+    """A copy of the run without ``model``'s rows, and its baseline."""
+    small = Path(shutil.copytree(run_dir, tmp_path / "small"))
+    df = pd.read_csv(small / "results.csv")
+    df[df["model"] != model].to_csv(small / "results.csv", index=False)
+    assert cli(["check", str(small), "--write-baseline", str(tmp_path / "small.json")]) == 0
+    return tmp_path / "small.json"
+
+
+def _set_manifest(run_dir, **fields):
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    manifest.update(fields)
+    (run_dir / "manifest.json").write_text(json.dumps(manifest))
+
+
+def test_a_suite_digest_changed_by_its_models_alone_is_compared(run_dir, tmp_path, capsys):
+    """Adding a model changes the suite digest but not what makes the values comparable: the old values are
+    still gated and the new model's are listed as new."""
+    small = _without_model(run_dir, tmp_path)
+    _set_manifest(run_dir, digest="e" * 64)  # the suite with moe_simple added
+    capsys.readouterr()
+    assert check(run_dir, small, "--verbose") == 0
+    out = capsys.readouterr().out
+    assert status_of(out, "id", "moe_simple", "expert_variance", "clean", "ece") == "new"
+    assert status_of(out, "id", "baseline", "predictive_entropy", "clean", "ece") == "same"
+    edit_results(run_dir, clean_row(), "ece", lambda v: v + 0.05)
+    assert check(run_dir, small) == 1  # the old rows are still gated
+
+
+@pytest.mark.parametrize("change, fragment", [
+    (lambda c: c["metrics"].update(n_bins=10), "the run's metrics.n_bins is 10, the baseline's 15"),
+    (lambda c: c.update(limit=8), "the run's limit is 8, the baseline's null"),
+    (lambda c: c["dataset"].pop("size"), "the run's dataset.size is absent, the baseline's [128, 256]"),
+])
+def test_a_run_whose_values_are_not_comparable_is_refused(tmp_path, baseline, capsys, change, fragment):
+    comparable = json.loads(json.dumps(COMPARABLE))
+    change(comparable)
+    other = make_run(tmp_path / "other", models=SMALL, n_patches=300, curves=False, maps=False,
+                     comparable=comparable)
+    capsys.readouterr()
+    assert check(other, baseline) == 2
+    _one_line_error(capsys, fragment, "models and estimators may differ", "--write-baseline")
+
+
+def test_without_a_comparable_record_the_whole_suite_digest_must_match(run_dir, tmp_path, baseline, capsys):
+    """Baselines and runs of an older shiftbench (no ``comparable``) keep the old rule: the same suite digest."""
+    legacy = make_run(tmp_path / "legacy", models=SMALL, n_patches=300, curves=False, maps=False, comparable=None)
+    capsys.readouterr()
+    assert check(legacy, baseline) == 0  # the same digest
+    changed = make_run(tmp_path / "digest", models=SMALL, n_patches=300, curves=False, maps=False, digest="e" * 64,
+                       comparable=None)
     assert check(changed, baseline) == 2
-    _one_line_error(capsys, "digest ffffffffffff", "digest eeeeeeeeeeee")
+    _one_line_error(capsys, "digest ffffffffffff", "digest eeeeeeeeeeee", "the run was written by an older shiftbench")
+    small = _without_model(run_dir, tmp_path)
+    data = json.loads(small.read_text())
+    assert data["suite"]["comparable"] == COMPARABLE
+    del data["suite"]["comparable"]
+    small.write_text(json.dumps(data))
+    capsys.readouterr()
+    assert check(run_dir, small) == 0  # the same digest: the new model's values are new
+    _set_manifest(run_dir, digest="e" * 64)
+    assert check(run_dir, small) == 2
+    _one_line_error(capsys, "the baseline was written by an older shiftbench", "--write-baseline from a run of this")
 
 
 def test_other_corruptions_are_refused(tmp_path, baseline, capsys):
@@ -295,3 +358,34 @@ def test_old_baselines_without_conditions_mean_every_pair(run_dir, baseline, cap
     capsys.readouterr()
     assert check(run_dir, baseline) == 2
     _one_line_error(capsys, "e.g. contrast/1")
+
+
+# ------------------------------------------------------------------ end to end: `shiftbench run`, then check
+def test_a_model_added_to_the_suite_is_new_and_other_metrics_settings_are_refused(tmp_path, capsys):
+    """The gate across suite edits, through real runs of a tiny suite: one model more passes with its values
+    listed as new; another n_bins is refused."""
+    from runner_fixture import make_suite
+
+    path = make_suite(tmp_path / "suite", count=2, size=(48, 64), corruptions=("fog",), severities=(2,))
+    full = yaml.safe_load(path.read_text())
+
+    def run(suite: dict, name: str) -> Path:
+        file = path.with_name(f"{name}.yaml")
+        file.write_text(yaml.safe_dump(suite, sort_keys=False))
+        assert cli(["run", str(file), "--out", str(tmp_path / name), "--quiet"]) == 0
+        return tmp_path / name
+
+    one = run({**full, "models": full["models"][:1]}, "one")
+    baseline = tmp_path / "baseline.json"
+    assert cli(["check", str(one), "--write-baseline", str(baseline)]) == 0
+    two = run({**full, "models": full["models"][:2]}, "two")
+    capsys.readouterr()
+    assert check(two, baseline, "--verbose") == 0
+    out = capsys.readouterr().out
+    assert status_of(out, "ood", "ensemble", "mutual_information", "clean", "ece") == "new"
+    assert status_of(out, "id", "baseline", "predictive_entropy", "severity 2", "nll") == "same"
+    assert "REGRESSED" not in out and re.search(r"PASS: \d+ values compared \(\d+ same, \d+ new\)", out), out
+    bins = run({**full, "models": full["models"][:2], "metrics": {**full["metrics"], "n_bins": 10}}, "bins")
+    capsys.readouterr()
+    assert check(bins, baseline) == 2
+    _one_line_error(capsys, "the run's metrics.n_bins is 10, the baseline's 15")

@@ -148,6 +148,26 @@ def test_digest_ignores_run_settings_but_not_models(demo):
     assert a.digest() == b.digest() != c.digest()
 
 
+def test_comparable_ignores_models_experts_and_gallery_but_not_metrics_data_or_scope(demo):
+    """What ``shiftbench check`` needs equal: not the models (matched by name), but every setting of the numbers."""
+    a = parse(demo).comparable()
+    grown = copy.deepcopy(demo)
+    grown["models"].append({"name": "mine", "kind": "custom", "factory": "mypkg.models:build", "kwargs": {"k": 1}})
+    grown["models"][0]["passes"] = 5
+    grown["experts"]["highway"]["backbone"] = "resnet18"
+    grown["metrics"]["gallery"] = []
+    grown["metrics"].pop("patch_size")  # the default, written out or not
+    assert parse(grown).comparable() == a and parse(grown).digest() != parse(demo).digest()
+    for edit in (lambda d: d["metrics"].__setitem__("n_bins", 10), lambda d: d["dataset"].__setitem__("seed", 1),
+                 lambda d: d["dataset"]["eval"].pop("ood"), lambda d: d["run"].__setitem__("limit", 8),
+                 lambda d: d["run"].__setitem__("seed", 1),
+                 lambda d: d["metrics"].__setitem__("calibration_average", "images")):
+        changed = copy.deepcopy(demo)
+        edit(changed)
+        assert parse(changed).comparable() != a
+    assert a["metrics"]["n_bins"] == 15 and a["limit"] == 32 and "gallery" not in a["metrics"]
+
+
 def test_unreadable_yaml_is_one_line(tmp_path):
     p = tmp_path / "bad.yaml"
     p.write_text("name: [unclosed\n")

@@ -119,11 +119,14 @@ def check_complete(run: Run) -> None:
 # ------------------------------------------------------------------ baseline files
 def make_baseline(run: Run) -> dict[str, Any]:
     """The baseline of a run: suite identity, coverage and the values, nested split/model/estimator/condition."""
+    suite = {"name": run.suite_name, "digest": run.digest}
+    if run.comparable is not None:
+        suite["comparable"] = run.comparable
     values: dict[str, Any] = {}
     for (split, model, est, cond, metric), v in run_values(run).items():
         values.setdefault(split, {}).setdefault(model, {}).setdefault(est, {}).setdefault(cond, {})[metric] = _dump(v)
     return {"format": FORMAT, "version": VERSION,
-            "suite": {"name": run.suite_name, "digest": run.digest},
+            "suite": suite,
             "coverage": coverage(run),
             "source": {"run": str(run.root), "git_commit": run.summary.get("git_commit"),
                        "versions": run.summary.get("versions")},
@@ -209,13 +212,29 @@ def parse_tolerances(text: str | None) -> dict[str, float]:
 
 
 def check_identity(run: Run, baseline: dict[str, Any]) -> None:
-    """Refuse a baseline of another suite or of other corruptions / severities."""
+    """Refuse a baseline of another suite, of values that are not comparable (another dataset, metrics settings,
+    seed or limit: ``comparable``; models and estimators may differ) or of other corruptions / severities.
+    A baseline or run without ``comparable`` (an older shiftbench) must match the whole suite digest."""
     suite = baseline["suite"]
-    if suite.get("name") != run.suite_name or suite.get("digest") != run.digest:
+    if suite.get("name") != run.suite_name:
+        raise ShiftbenchError(f"baseline is of suite {suite.get('name')!r}, the run of suite {run.suite_name!r}; "
+                              "compare runs of the same suite, or write a new baseline with --write-baseline")
+    theirs, ours = suite.get("comparable"), run.comparable
+    if isinstance(theirs, dict) and ours is not None:
+        if theirs != ours:
+            where, old, new = _first_difference(theirs, ours)
+            raise ShiftbenchError(f"the run's {where} is {new}, the baseline's {old}: its values are not comparable "
+                                  "(dataset, metrics settings, seed and --limit must match; models and estimators "
+                                  "may differ): run with the baseline's, or write a new baseline with --write-baseline")
+    elif suite.get("digest") != run.digest:
+        recorded = (("the baseline", isinstance(theirs, dict)), ("the run", ours is not None))
+        older = " and ".join(name for name, has in recorded if not has)
         raise ShiftbenchError(f"baseline is of suite {suite.get('name')!r} (digest {str(suite.get('digest'))[:12]}), "
-                              f"the run of suite {run.suite_name!r} (digest {run.digest[:12]}); compare runs of the "
-                              "same suite file, seed and --limit (the digest covers all three), or write a new "
-                              "baseline with --write-baseline")
+                              f"the run of suite {run.suite_name!r} (digest {run.digest[:12]}); {older} was written "
+                              "by an older shiftbench, so the whole suite file, seed and --limit must match (the "
+                              "digest covers all three): compare runs of the same suite, or write a new baseline "
+                              "with --write-baseline from a run of this shiftbench (then models and estimators may "
+                              "differ)")
     have = coverage(run)
     for split, cov in baseline["coverage"].items():
         if split not in have:
@@ -231,6 +250,23 @@ def check_identity(run: Run, baseline: dict[str, Any]) -> None:
                 f"at severities {','.join(map(str, cov.get('severities', []))) or 'none'}; the run has "
                 f"{','.join(have[split]['corruptions']) or 'none'} at "
                 f"{','.join(map(str, have[split]['severities'])) or 'none'}; run the same conditions")
+
+
+def _first_difference(old: Any, new: Any, where: str = "") -> tuple[str, str, str]:
+    """The dotted path of the first (in key order) value that differs between two JSON objects, and both values."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        for key in sorted(set(old) | set(new)):
+            if old.get(key, _ABSENT) != new.get(key, _ABSENT):
+                return _first_difference(old.get(key, _ABSENT), new.get(key, _ABSENT), f"{where}.{key}".lstrip("."))
+    return where or "identity", _show(old), _show(new)
+
+
+_ABSENT = object()
+
+
+def _show(value: Any) -> str:
+    text = "absent" if value is _ABSENT else json.dumps(value, sort_keys=True)
+    return text if len(text) <= 60 else text[:57] + "..."
 
 
 def compare(current: dict[Key, float], reference: dict[Key, float], tolerances: dict[str, float]) -> list[Change]:

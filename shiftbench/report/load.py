@@ -37,6 +37,12 @@ class Run:
         return str(self.manifest.get("digest") or self.summary.get("suite", {}).get("digest", ""))
 
     @property
+    def comparable(self) -> dict[str, Any] | None:
+        """What makes the run's values comparable (``Suite.comparable``); None for a run of an older shiftbench."""
+        value = self.manifest.get("comparable")
+        return value if isinstance(value, dict) else None
+
+    @property
     def models(self) -> dict[str, str]:
         """``{model: kind}`` in suite order (summary.json), else in order of appearance."""
         kinds = dict(zip(self.results["model"], self.results["kind"]))

@@ -97,7 +97,8 @@ def run_suite(suite, force: bool = False, progress: bool = True) -> dict[str, An
         if world.is_main:  # the main rank holds the folder's lock until the run ends
             inputs = run_inputs(suite, device.type, threads, world.size, zoo.factory_digests)
             store.open(suite.name, digest, force=force, inputs=inputs,
-                       scope={"seed": suite.run.seed, "limit": suite.run.limit}, contents=suite.digest(scope=False))
+                       scope={"seed": suite.run.seed, "limit": suite.run.limit}, contents=suite.digest(scope=False),
+                       comparable=suite.comparable())
             io.write_text(store.root / "suite.yaml", yaml.safe_dump(suite.raw, sort_keys=False))
         dist.barrier(world, "opening the run folder")
         handler = _setup_log(store.root / "run.log", world.is_main)

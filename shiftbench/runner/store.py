@@ -1,9 +1,9 @@
 """The run directory: a manifest, one atomic state file per finished condition, and the outputs.
 
 ```
-OUT/manifest.json              suite name, identity digest (and its contents, seed, limit), the inputs of
-                               :func:`run_inputs` and the states' format: a different suite, other inputs or an
-                               older format is refused unless --force
+OUT/manifest.json              suite name, identity digest (and its contents, seed, limit), what makes its values
+                               comparable (``Suite.comparable``), the inputs of :func:`run_inputs` and the states'
+                               format: a different suite, other inputs or an older format is refused unless --force
 OUT/states/<split>/<corruption>/<severity>.pt   accumulator states + per-condition meta, written atomically
 OUT/maps/<split>/<sample>.npz  saved uncertainty maps (gallery)
 OUT/results.csv|.parquet, curves.parquet, summary.json, run.log
@@ -136,11 +136,13 @@ class RunStore:
 
     # ----------------------------------------------------------------- manifest
     def open(self, suite_name: str, digest: str, force: bool = False, inputs: dict[str, Any] | None = None,
-             scope: dict[str, Any] | None = None, contents: str | None = None) -> None:
+             scope: dict[str, Any] | None = None, contents: str | None = None,
+             comparable: dict[str, Any] | None = None) -> None:
         """Create the run directory, or check that it belongs to the same suite (``digest``) run with the
         same checkpoints, precision, device and threads (``inputs``, see :func:`run_inputs`). ``scope``
         (``{"seed", "limit"}``, both part of the digest) and ``contents`` (the digest without them) let the
-        refusal name the seed and limit when only they changed."""
+        refusal name the seed and limit when only they changed. ``comparable`` (``Suite.comparable``) is only
+        recorded, for ``shiftbench check``."""
         manifest = self.root / MANIFEST
         if (not manifest.exists() and self.root.exists() and not force
                 and any(p.name != LOCK for p in self.root.iterdir())):
@@ -149,13 +151,14 @@ class RunStore:
         self.root.mkdir(parents=True, exist_ok=True)
         self.lock()
         try:
-            self._open_locked(manifest, suite_name, digest, force, inputs, scope, contents)
+            self._open_locked(manifest, suite_name, digest, force, inputs, scope, contents, comparable)
         except BaseException:
             self.unlock()
             raise
 
     def _open_locked(self, manifest: Path, suite_name: str, digest: str, force: bool, inputs: dict[str, Any] | None,
-                     scope: dict[str, Any] | None, contents: str | None) -> None:
+                     scope: dict[str, Any] | None, contents: str | None,
+                     comparable: dict[str, Any] | None = None) -> None:
         if manifest.exists() and not self.holds_results():
             self.discard()  # a run that stopped before finishing anything (a bad checkpoint, say): nothing to keep
         elif manifest.exists():
@@ -187,7 +190,7 @@ class RunStore:
                 self.discard()
         self.clean_temporaries()
         io.write_json(manifest, {"suite": suite_name, "digest": digest, **({"contents": contents} if contents else {}),
-                                 **(scope or {}),
+                                 **(scope or {}), **({"comparable": comparable} if comparable else {}),
                                  **({"inputs": inputs} if inputs else {}), "format": STATE_FORMAT})
 
     def holds_results(self) -> bool:
