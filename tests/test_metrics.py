@@ -201,6 +201,14 @@ def _shard_accumulators(rank: int):
     return [seg, cal, cond]
 
 
+def test_all_reduce_outside_torchrun_is_a_no_op():
+    assert not torch.distributed.is_initialized()
+    for acc in _shard_accumulators(0):
+        before = acc.state_dict()
+        assert acc.all_reduce() is acc
+        assert all(torch.equal(acc.state_dict()[k], v) for k, v in before.items()), type(acc).__name__
+
+
 def test_all_reduce_over_two_gloo_processes(tmp_path):
     out = str(tmp_path / "state")
     # fork: the children need not import torch again (spawn costs seconds per process)

@@ -88,8 +88,14 @@ class Accumulator:
         return self
 
     def all_reduce(self, group: Any = None) -> Accumulator:
-        """Reduce the states over a torch.distributed process group, in place (one collective per dtype)."""
+        """Reduce the states over a torch.distributed process group, in place (one collective per dtype).
+
+        A no-op when torch.distributed is not available or its default process group is not initialised
+        (a single process, not under torchrun), as torchmetrics syncs only when distributed."""
         import torch.distributed as dist
+
+        if not (dist.is_available() and dist.is_initialized()):
+            return self
 
         buckets: dict[tuple[str, torch.dtype], list[str]] = {}
         for name, reduce in self._reduce.items():
