@@ -287,6 +287,28 @@ def test_merge_equals_one_accumulator_updated_with_both(tmp_path):
     assert loaded.compute()["ece"] == both.compute()["ece"]
 
 
+@pytest.mark.parametrize("average", ["pixels", "images"])
+def test_merge_in_another_grouping_counts_exactly_and_sums_up_to_rounding(average):
+    """Float64 addition is not associative: a merge of (1) and (2, 3) equals one accumulator updated with 1, 2, 3
+    in every count, and in every float sum and result to ~1e-16 relative (docs/metrics.md)."""
+    batches = [_random(seed=s) for s in (21, 22, 23)]
+    first, rest, every = (CalibrationMetrics(5, average=average) for _ in range(3))
+    first.update(*batches[0])
+    for probs, target in batches[1:]:
+        rest.update(probs, target)
+    for probs, target in batches:
+        every.update(probs, target)
+    merged = first.merge(rest)
+    for name, value in every.state_dict().items():
+        got = merged.state_dict()[name]
+        if value.is_floating_point():
+            torch.testing.assert_close(got, value, rtol=1e-15, atol=0)
+        else:
+            assert torch.equal(got, value), name
+    for key in ("ece", "mce", "brier", "nll"):
+        assert merged.compute()[key] == pytest.approx(every.compute()[key], rel=1e-15, abs=0), key
+
+
 def test_mixing_confidence_modes_is_refused():
     probs, target = _random()
     m = CalibrationMetrics(5)
