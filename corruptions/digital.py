@@ -153,7 +153,9 @@ def jpeg_compression(x: Tensor, severity: int, rng: Rng) -> Tensor:
     the reference by 3-7 gray levels on average. Decoding runs on the images' device (nvJPEG on CUDA).
     libjpeg-turbo codes one image on one core, so the images are coded on ``torch.get_num_threads()``
     threads (the codec releases the GIL; the bytes do not depend on the thread count); on the CPU each
-    thread also converts its image to 8 bits and back, in cache rather than over the whole batch.
+    thread also converts its image to 8 bits and back, in cache rather than over the whole batch. Pool
+    threads run no parallel torch op (each would start a team of threads of its own): their conversions
+    are numpy's, and their pixels HWC, so that the codec's own layout changes are views.
     """
     from torchvision.io import decode_jpeg, encode_jpeg
 
@@ -163,15 +165,23 @@ def jpeg_compression(x: Tensor, severity: int, rng: Rng) -> Tensor:
         warnings.simplefilter("ignore", UserWarning)
         warnings.simplefilter("ignore", DeprecationWarning)
         if x.device.type == "cpu":  # each image whole on one thread: 8-bit, encode, decode, back to float
+            pooled = min(len(x), torch.get_num_threads()) > 1
 
             def code(b: int) -> None:
-                image = x[b].mul(255).round_().to(torch.uint8)
-                out[b].copy_(decode_jpeg(encode_jpeg(image, quality=q))).div_(255)
+                if pooled:  # numpy on this thread alone, where a torch op would start a team of threads; HWC
+                    # pixels, so that the codec's own CHW <-> HWC copies (torch ops) are views
+                    scaled = x[b].numpy().transpose(1, 2, 0) * np.float32(255)
+                    pixels = np.rint(scaled, out=scaled).astype(np.uint8, order="C")
+                    decoded = decode_jpeg(encode_jpeg(torch.from_numpy(pixels).permute(2, 0, 1), quality=q))
+                    np.divide(decoded.numpy(), np.float32(255), out=out[b].numpy())
+                else:  # the same bits (IEEE product and quotient, round half to even) on torch's threads
+                    decoded = decode_jpeg(encode_jpeg(x[b].mul(255).round_().to(torch.uint8), quality=q))
+                    out[b].copy_(decoded).div_(255)
 
             _on_threads(code, range(len(x)))
-        else:  # 8-bit on the device, one copy to the host, encoded on its threads, decoded in one nvJPEG batch
-            images = list(x.mul(255).round_().to(torch.uint8).cpu())
-            encoded = _on_threads(lambda image: encode_jpeg(image, quality=q), images)
+        else:  # 8-bit HWC on the device, one copy to the host, encoded on its threads, decoded in one nvJPEG batch
+            images = x.mul(255).round_().to(torch.uint8).permute(0, 2, 3, 1).contiguous().cpu()
+            encoded = _on_threads(lambda image: encode_jpeg(image.permute(2, 0, 1), quality=q), images)
             for b, image in enumerate(decode_jpeg(encoded, device=x.device)):
                 out[b].copy_(image)
             out.div_(255)
