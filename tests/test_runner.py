@@ -519,6 +519,52 @@ def test_a_folder_another_run_is_writing_is_refused_and_free_again_after_it(tmp_
     assert run(path, out, "--corruptions", "none") == 0  # nor does this process's own finished run
 
 
+def test_the_lock_is_refused_before_models_load_and_not_kept_by_forked_children(tmp_path, monkeypatch, capsys):
+    """A second run into a busy folder loads no model (on a shared GPU it could push the live run out of memory);
+    a forked child (a DataLoader worker) does not keep the folder locked after the run let go of it; a lock
+    whose pid cannot be written (a full disk) is still let go."""
+    import errno
+
+    from shiftbench.models.zoo import ModelZoo
+    from shiftbench.runner import store as store_module
+    from shiftbench.runner.store import RunStore
+
+    path = make_suite(tmp_path / "suite", **SMALL)
+    out = tmp_path / "run"
+    out.mkdir()
+    holder = RunStore(out)
+    holder.lock()
+    ready, started = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: a worker that outlives the parent's hold on the lock
+        os.write(started, b"1")  # its fork hooks have run
+        time.sleep(3)
+        os._exit(0)
+    try:
+        assert os.read(ready, 1) == b"1"
+        holder.unlock()
+        other = RunStore(out)
+        other.lock()  # refused had the child kept the parent's lock
+        monkeypatch.setattr(ModelZoo, "from_suite", classmethod(lambda *a, **k: pytest.fail("models loaded")))
+        assert run(path, out, "--corruptions", "none") == 2  # in-process: flock refuses another descriptor
+        assert "another shiftbench run" in capsys.readouterr().err
+        other.unlock()
+    finally:
+        os.waitpid(pid, 0)
+        os.close(ready)
+        os.close(started)
+
+    def full(fd, data):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(store_module.os, "write", full)
+    third = RunStore(out)
+    third.lock()
+    monkeypatch.undo()
+    third.unlock()
+    RunStore(out).lock()  # refused had the failed pid write kept the descriptor
+
+
 def test_a_file_system_without_flock_runs_unlocked(tmp_path, monkeypatch):
     """flock failing for another reason than a holder (ENOLCK on some network file systems) is no refusal."""
     import errno

@@ -93,6 +93,8 @@ def run_suite(suite, force: bool = False, progress: bool = True) -> dict[str, An
     threads = thread_split(suite.run.overlap, device)
     handler = None
     try:
+        if world.is_main and store.root.is_dir():  # a folder in use refuses before any model is loaded
+            store.lock()
         zoo = ModelZoo.from_suite(suite, device)  # before the folder: a bad checkpoint leaves nothing behind
         if world.is_main:  # the main rank holds the folder's lock until the run ends
             inputs = run_inputs(suite, device.type, threads, world.size, zoo.factory_digests)

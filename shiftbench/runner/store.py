@@ -62,7 +62,8 @@ def run_inputs(suite, device_type: str = "cpu", threads: tuple[int, int] = (1, 0
         except OSError:
             h.update(b"missing")  # the model zoo says what is wrong with it
     forward, metrics = threads
-    return {"checkpoints": h.hexdigest(), "factory_weights": factory_weights or None, "amp": suite.run.amp, "device": device_type, "exact": suite.run.exact,
+    return {"checkpoints": h.hexdigest(), "factory_weights": factory_weights or None, "amp": suite.run.amp,
+            "device": device_type, "exact": suite.run.exact,
             "batch_size": None if suite.run.exact else suite.run.batch_size,
             "processes": None if suite.run.exact else world_size,
             "threads": [forward, metrics or forward] if device_type == "cpu" else None}
@@ -97,6 +98,24 @@ def _scope_words(values: dict[str, Any], keys: Iterable[str]) -> str:
     return ", ".join(f"{k} {'none' if values.get(k) is None else values.get(k)}" for k in keys)
 
 
+#: lock descriptors this process holds. A flock belongs to the open file, which a fork shares: a DataLoader
+#: worker would keep the folder locked after its run ended or was killed, so forked children close them.
+_HELD: set[int] = set()
+
+
+def _close_held_in_child() -> None:
+    for fd in _HELD:
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+    _HELD.clear()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_close_held_in_child)
+
+
 class RunStore:
     def __init__(self, root: str | Path):
         self.root = Path(root)
@@ -105,15 +124,16 @@ class RunStore:
 
     # ----------------------------------------------------------------- lock
     def lock(self) -> None:
-        """Take the folder's advisory lock (held until :meth:`unlock` or the end of the process), or refuse
-        with the pid of the run that holds it. Without ``fcntl`` (Windows), or on a file system without flock,
-        there is no lock."""
+        """Take the folder's advisory lock (held until :meth:`unlock` or the end of the process; forked children
+        such as DataLoader workers close their copy), or refuse with the pid of the run that holds it. Without
+        ``fcntl`` (Windows), or on a file system without flock, there is no lock. Taking it twice is a no-op."""
         try:
             import fcntl
         except ImportError:
             return
-        path = self.root / LOCK
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        if self._lock_fd is not None:
+            return
+        fd = os.open(self.root / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:  # held by another process
@@ -125,12 +145,17 @@ class RunStore:
         except OSError:  # a file system without flock (ENOLCK, EOPNOTSUPP): run unlocked, as before the lock existed
             os.close(fd)
             return
-        os.ftruncate(fd, 0)
-        os.write(fd, f"{os.getpid()}\n".encode())
         self._lock_fd = fd
+        _HELD.add(fd)
+        try:
+            os.ftruncate(fd, 0)
+            os.write(fd, f"{os.getpid()}\n".encode())  # for the refusal's line only
+        except OSError:  # a full disk: the lock holds without the pid
+            pass
 
     def unlock(self) -> None:
         if self._lock_fd is not None:
+            _HELD.discard(self._lock_fd)
             os.close(self._lock_fd)  # closing the descriptor drops the flock
             self._lock_fd = None
 
@@ -160,7 +185,7 @@ class RunStore:
                      scope: dict[str, Any] | None, contents: str | None,
                      comparable: dict[str, Any] | None = None) -> None:
         if manifest.exists() and not self.holds_results():
-            self.discard()  # a run that stopped before finishing anything (a bad checkpoint, say): nothing to keep
+            self.discard()  # a run that stopped before finishing anything (missing data, say): nothing to keep
         elif manifest.exists():
             old = io.read_json_object(manifest)
             if isinstance(old, str):
