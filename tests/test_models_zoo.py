@@ -291,6 +291,23 @@ DICT_MODELS = textwrap.dedent("""
         torch.manual_seed(seed)
         return Dict(key)
 
+    class Extra(nn.Module):  # a module with extra state, which state_dict() holds as any object
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 11, 1)
+
+        def forward(self, x):
+            return {"out": self.conv(x)}
+
+        def get_extra_state(self):
+            return {"calibrated": True}
+
+        def set_extra_state(self, state):
+            pass
+
+    def build_extra():
+        return Extra()
+
     class Pair(nn.Module):
         def __init__(self):
             super().__init__()
@@ -311,7 +328,8 @@ def test_custom_models_may_return_torchvision_s_dict_and_nothing_else(tmp_path, 
     monkeypatch.chdir(tmp_path.parent)
     models = [{"name": "out", "kind": "custom", "factory": "zoo_dict_models:build"},
               {"name": "logits", "kind": "custom", "factory": "zoo_dict_models:build", "kwargs": {"key": "logits"}},
-              {"name": "pair", "kind": "custom", "factory": "zoo_dict_models:build_tuple"}]
+              {"name": "pair", "kind": "custom", "factory": "zoo_dict_models:build_tuple"},
+              {"name": "extra", "kind": "custom", "factory": "zoo_dict_models:build_extra"}]
     zoo = ModelZoo.from_suite(write_suite(tmp_path, models))
     x = torch.rand(1, 3, 32, 64)
     out = zoo(x, [0], names=["out"])["out"].probs
@@ -322,6 +340,8 @@ def test_custom_models_may_return_torchvision_s_dict_and_nothing_else(tmp_path, 
         zoo(x, [0], names=["logits"])
     with pytest.raises(ShiftbenchError, match=r"^model 'pair' returned a tuple; a custom model must return logits"):
         zoo(x, [0], names=["pair"])
+    assert zoo(x, [0], names=["extra"])["extra"].probs.shape == (1, 11, 32, 64)
+    assert len(zoo.factory_digests["extra"]) == 64  # its weights recorded, its extra state left out
 
 
 @pytest.mark.parametrize("x, seeds, names, match", [

@@ -13,9 +13,9 @@ from __future__ import annotations
 import contextlib
 import importlib
 import inspect
-import sys
 import os
 import re
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
@@ -438,8 +438,10 @@ def _build_custom(zoo: ModelZoo, spec: Any, file: dict[str, Any] | None) -> None
         raise ShiftbenchError(f"factory {spec.factory!r} returned {type(model).__name__}, not a torch.nn.Module")
     if spec.checkpoint is not None:
         load_strict(model, _read(spec.checkpoint, f"models.{spec.name}.checkpoint")["state_dict"], str(spec.checkpoint))
-    else:  # weights from the factory itself: recorded, so that a run is not resumed with other ones
-        zoo.factory_digests[spec.name] = weights_digest(model.state_dict())
+    else:  # weights from the factory itself: recorded, so that a run is not resumed with other ones (its tensors;
+        # a module's extra state, get_extra_state, may be any object)
+        state = model.state_dict()
+        zoo.factory_digests[spec.name] = weights_digest({k: v for k, v in state.items() if isinstance(v, Tensor)})
     zoo.singles[spec.name] = model
 
 
