@@ -190,13 +190,18 @@ class Suite:
 
     def comparable(self) -> dict[str, Any]:
         """What two runs must share for ``shiftbench check`` to compare their values key by key: the dataset
-        (its paths as written), the metrics settings but the gallery, and the run's seed and limit. Not the
-        models, experts or estimators (values are matched by name), nor the conditions swept (checked apart)."""
+        (its paths as written; of a synthetic one's counts only those of the evaluated splits), the metrics
+        settings but the gallery, and the run's seed, limit and amp. Not the models, experts or estimators
+        (values are matched by name), nor the conditions swept (checked apart)."""
         dataset = asdict(self.dataset)
         raw = self.raw.get("dataset") if isinstance(self.raw.get("dataset"), dict) else {}
         dataset.update(root=raw.get("root"), split_dir=raw.get("split_dir"))  # not expanded: same on every machine
+        if isinstance(dataset.get("count"), dict):  # the training splits' sizes change no evaluated image
+            kinds = {name.rpartition("_")[2] for names in self.dataset.eval.values() for name in names}
+            dataset["count"] = {k: v for k, v in dataset["count"].items() if k in kinds}
         metrics = {k: v for k, v in asdict(self.metrics).items() if k != "gallery"}
-        ident = {"dataset": dataset, "metrics": metrics, "seed": self.run.seed, "limit": self.run.limit}
+        ident = {"dataset": dataset, "metrics": metrics, "seed": self.run.seed, "limit": self.run.limit,
+                 "amp": self.run.amp}
         return json.loads(json.dumps(ident, sort_keys=True, default=str))
 
     def checkpoints(self) -> list[Path]:

@@ -43,7 +43,8 @@ CLASSES = ("Person", "Car", "Truck", "Drivable", "Nondrivable", "Blocker", "Info
 GALLERY = {"id": "highway/test/000000", "ood": "ambiguous/test/000000"}
 #: the manifest's ``comparable`` (``Suite.comparable``) of a fabricated run
 COMPARABLE = {"dataset": {"name": "synthetic", "classes": len(CLASSES), "size": [128, 256]},
-              "metrics": {"n_bins": N_BINS, "thresholds": N_THRESHOLDS, "patch_size": 4}, "seed": 0, "limit": None}
+              "metrics": {"n_bins": N_BINS, "thresholds": N_THRESHOLDS, "patch_size": 4}, "seed": 0, "limit": None,
+              "amp": False}
 
 
 ROOT = Path(__file__).resolve().parents[1]

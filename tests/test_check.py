@@ -17,7 +17,7 @@ from shiftbench.cli import main as cli
 from shiftbench.errors import ShiftbenchError
 from shiftbench.report import baseline as bl
 from shiftbench.report.load import load_run
-from tests.run_fixture import COMPARABLE, MODELS, make_run
+from tests.run_fixture import COMPARABLE, MODELS, ROOT, make_run
 
 SMALL = {k: MODELS[k] for k in ("baseline", "moe_simple")}
 
@@ -233,7 +233,8 @@ def test_a_suite_digest_changed_by_its_models_alone_is_compared(run_dir, tmp_pat
 @pytest.mark.parametrize("change, fragment", [
     (lambda c: c["metrics"].update(n_bins=10), "the run's metrics.n_bins is 10, the baseline's 15"),
     (lambda c: c.update(limit=8), "the run's limit is 8, the baseline's null"),
-    (lambda c: c["dataset"].pop("size"), "the run's dataset.size is absent, the baseline's [128, 256]"),
+    (lambda c: c["dataset"].update(size=[64, 128]), "the run's dataset.size is [64, 128], the baseline's [128, 256]"),
+    (lambda c: c.update(amp=True), "the run's amp is true, the baseline's false"),
 ])
 def test_a_run_whose_values_are_not_comparable_is_refused(tmp_path, baseline, capsys, change, fragment):
     comparable = json.loads(json.dumps(COMPARABLE))
@@ -243,6 +244,42 @@ def test_a_run_whose_values_are_not_comparable_is_refused(tmp_path, baseline, ca
     capsys.readouterr()
     assert check(other, baseline) == 2
     _one_line_error(capsys, fragment, "models and estimators may differ", "--write-baseline")
+
+
+@pytest.mark.parametrize("change", [
+    lambda c: c["dataset"].pop("size"),  # a setting only one shiftbench records
+    lambda c: c["dataset"].update(eval={"id": ["highway_test"], "ood": ["ambiguous_test"]}),  # a group added
+])
+def test_settings_recorded_on_one_side_only_are_no_difference(tmp_path, capsys, change):
+    """Only the settings both files record are compared: a newer shiftbench's extra field or an eval group
+    one run lacks does not refuse the check (the group's rows are new, or missing and named so)."""
+    comparable = json.loads(json.dumps(COMPARABLE))
+    comparable["dataset"].update(eval={"id": ["highway_test"]})
+    base_run = make_run(tmp_path / "base", models=SMALL, n_patches=300, curves=False, maps=False,
+                        comparable=comparable)
+    assert cli(["check", str(base_run), "--write-baseline", str(tmp_path / "b.json")]) == 0
+    changed = json.loads(json.dumps(comparable))
+    change(changed)
+    other = make_run(tmp_path / "other", models=SMALL, n_patches=300, curves=False, maps=False, comparable=changed)
+    capsys.readouterr()
+    assert check(other, tmp_path / "b.json") == 0, capsys.readouterr().err
+
+
+def test_a_synthetic_suites_record_leaves_the_training_splits_sizes_out(tmp_path):
+    """Training on more synthetic images changes no evaluated image: the train count is not part of the record."""
+    from shiftbench.suite import load_suite
+
+    raw = yaml.safe_load((ROOT / "suites" / "demo.yaml").read_text())
+    records = []
+    for train in (16, 512):
+        raw["dataset"].setdefault("count", {})["train"] = train
+        path = tmp_path / f"s{train}.yaml"
+        path.write_text(yaml.safe_dump(raw))
+        records.append(load_suite(path).comparable())
+    assert records[0] == records[1] and "train" not in records[0]["dataset"]["count"]
+    raw.setdefault("run", {})["amp"] = True  # while mixed precision changes every value
+    (tmp_path / "amp.yaml").write_text(yaml.safe_dump(raw))
+    assert load_suite(tmp_path / "amp.yaml").comparable()["amp"] is True and records[0]["amp"] is False
 
 
 def test_without_a_comparable_record_the_whole_suite_digest_must_match(run_dir, tmp_path, baseline, capsys):

@@ -221,10 +221,11 @@ def check_identity(run: Run, baseline: dict[str, Any]) -> None:
                               "compare runs of the same suite, or write a new baseline with --write-baseline")
     theirs, ours = suite.get("comparable"), run.comparable
     if isinstance(theirs, dict) and ours is not None:
+        theirs, ours = _shared(theirs, ours)
         if theirs != ours:
             where, old, new = _first_difference(theirs, ours)
             raise ShiftbenchError(f"the run's {where} is {new}, the baseline's {old}: its values are not comparable "
-                                  "(dataset, metrics settings, seed and --limit must match; models and estimators "
+                                  "(dataset, metrics settings, seed, --limit and amp must match; models and estimators "
                                   "may differ): run with the baseline's, or write a new baseline with --write-baseline")
     elif suite.get("digest") != run.digest:
         recorded = (("the baseline", isinstance(theirs, dict)), ("the run", ours is not None))
@@ -250,6 +251,16 @@ def check_identity(run: Run, baseline: dict[str, Any]) -> None:
                 f"at severities {','.join(map(str, cov.get('severities', []))) or 'none'}; the run has "
                 f"{','.join(have[split]['corruptions']) or 'none'} at "
                 f"{','.join(map(str, have[split]['severities'])) or 'none'}; run the same conditions")
+
+
+def _shared(old: Any, new: Any) -> tuple[Any, Any]:
+    """Both JSON values restricted, at every level of nesting, to the keys both hold: a setting one shiftbench
+    records and another does not, or an eval group one run has and the other lacks (its rows are new or
+    missing, and said so), is not a difference of the shared values."""
+    if not (isinstance(old, dict) and isinstance(new, dict)):
+        return old, new
+    pairs = {k: _shared(old[k], new[k]) for k in old.keys() & new.keys()}
+    return {k: a for k, (a, _) in pairs.items()}, {k: b for k, (_, b) in pairs.items()}
 
 
 def _first_difference(old: Any, new: Any, where: str = "") -> tuple[str, str, str]:
