@@ -308,7 +308,7 @@ def test_other_corruptions_are_refused(tmp_path, baseline, capsys):
                      corruptions=("fog", "contrast"))
     capsys.readouterr()
     assert check(other, baseline) == 2
-    _one_line_error(capsys, "the run lacks 2 condition(s) of the baseline on split 'id', e.g. gaussian_noise/1",
+    _one_line_error(capsys, "the run lacks 2 conditions of the baseline on split 'id', e.g. gaussian_noise/1",
                     "run the same conditions")
 
 
@@ -374,12 +374,12 @@ def test_a_run_missing_one_condition_or_with_failed_ones_is_refused(run_dir, bas
     df[~((df["corruption"] == "fog") & (df["severity"] == 2))].to_csv(run_dir / "results.csv", index=False)
     capsys.readouterr()
     assert check(run_dir, baseline) == 2
-    _one_line_error(capsys, "the run lacks 1 condition(s) of the baseline on split 'id', e.g. fog/2")
+    _one_line_error(capsys, "the run lacks 1 condition of the baseline on split 'id', e.g. fog/2")
     summary = json.loads((run_dir / "summary.json").read_text())
     summary["failed"] = [{"condition": "id/fog/2", "reason": "NaN model outputs"}]
     (run_dir / "summary.json").write_text(json.dumps(summary))
     assert check(run_dir, baseline) == 2
-    _one_line_error(capsys, "1 condition(s) failed in its sweep (id/fog/2; summary.json says why)")
+    _one_line_error(capsys, "1 condition failed in its sweep (id/fog/2; summary.json says why)")
     assert cli(["check", str(run_dir), "--write-baseline", str(run_dir / "b.json")]) == 2
     assert not (run_dir / "b.json").exists()
 

@@ -218,7 +218,7 @@ def test_missing_or_non_image_input(tmp_path, tree, capsys):
     (tmp_path / "texts" / "a.txt").write_text("x")
     code, _, err = _run(capsys, "corrupt", str(tmp_path / "texts"), str(tmp_path / "out"))
     assert code == 2 and len(err.strip().splitlines()) == 1
-    assert "holds no readable PNG/JPEG image (1 other file(s), e.g. a.txt (not a .png/.jpg/.jpeg file))" in err
+    assert "holds no readable PNG/JPEG image (1 other file, e.g. a.txt (not a .png/.jpg/.jpeg file))" in err
     (tmp_path / "empty").mkdir()
     code, _, err = _run(capsys, "corrupt", str(tmp_path / "empty"), str(tmp_path / "out"))
     assert code == 2 and "holds no readable PNG/JPEG image; give an image file" in err

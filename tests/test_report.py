@@ -374,13 +374,13 @@ def test_failed_conditions_and_skipped_files_are_warned_about(tmp_path, capsys):
     run = make_run(tmp_path / "r", models={"baseline": MODELS["baseline"]}, splits=("id",), corruptions=("fog",),
                    severities=(1,), n_patches=200, maps=False)
     summary = json.loads((run / "summary.json").read_text())
-    summary["failed"] = [{"condition": "id/snow/1", "reason": "model(s) baseline produced NaN or Inf probabilities"}]
+    summary["failed"] = [{"condition": "id/snow/1", "reason": "model baseline produced NaN or Inf probabilities"}]
     summary["skipped_files"] = [{"file": "x.png", "reason": "not a readable PNG"}]
     (run / "summary.json").write_text(json.dumps(summary))
     assert cli(["report", str(run), "--format", "png", "--out", str(tmp_path / "o")]) == 0
     out = capsys.readouterr().out.splitlines()
-    assert out[0].startswith("warning: 1 condition(s) failed") and "id/snow/1 (model(s) baseline" in out[0]
-    assert out[1].startswith("warning: 1 unreadable image(s) were skipped")
+    assert out[0].startswith("warning: 1 condition failed") and "id/snow/1 (model baseline" in out[0]
+    assert out[1].startswith("warning: 1 unreadable image was skipped")
     md, page = (tmp_path / "o" / "report.md").read_text(), (tmp_path / "o" / "report.html").read_text()
     assert md.count("> **Warning:**") == 2 and "id/snow/1" in md
     assert page.count('<p class="warning">') == 2 and "id/snow/1" in page

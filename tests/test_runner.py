@@ -66,7 +66,7 @@ def test_outputs_follow_the_run_format(base):
     assert summary["torch_threads"] == torch.get_num_threads()
     assert summary["gallery_missing"] == []
     log = (base / "run.log").read_text()  # the end line too, not only the start
-    assert re.search(r" INFO 4 condition\(s\) run, 0 already done, 0 failed; wall ", log), log
+    assert re.search(r" INFO 4 conditions run, 0 already done, 0 failed; wall ", log), log
     maps = np.load(base / "maps" / "id" / "highway__test__000000.npz")
     assert maps["image"].shape == (48, 64, 3) and maps["image"].dtype == np.uint8
     assert maps["unc__moe_simple__gate_entropy"].dtype == np.float16
@@ -102,7 +102,7 @@ def test_multiclass_scores_are_the_models_and_match_a_direct_computation(suite, 
 def test_rerun_skips_finished_conditions(suite, base, capsys):
     before = (base / "results.csv").read_bytes()
     assert run(suite, base) == 0
-    assert "nothing left to run (4 condition(s) already done)" in capsys.readouterr().out
+    assert "nothing left to run (4 conditions already done)" in capsys.readouterr().out
     summary = json.loads((base / "summary.json").read_text())
     assert summary["conditions"]["run"] == 0 and summary["conditions"]["already_done"] == 4
     assert (base / "results.csv").read_bytes() == before
@@ -610,8 +610,8 @@ def test_gallery_ids_not_in_the_data_are_named(tmp_path, capsys):
     assert main(["run", str(path), "--out", str(tmp_path / "run"), "--quiet", "--corruptions", "none"]) == 0
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["gallery_missing"] == ["urban/test/999999"]
-    assert "warning: metrics.gallery: 1 sample id(s) not among the evaluated images" in capsys.readouterr().out
-    assert " WARNING metrics.gallery: 1 sample id(s) not among" in (tmp_path / "run" / "run.log").read_text()
+    assert "warning: metrics.gallery: 1 sample id not among the evaluated images" in capsys.readouterr().out
+    assert " WARNING metrics.gallery: 1 sample id not among" in (tmp_path / "run" / "run.log").read_text()
 
 
 @pytest.mark.parametrize("stop, rc, logged", [
@@ -708,7 +708,7 @@ def test_nan_images_or_model_output_fail_only_that_condition(suite, tmp_path, mo
     assert [f["condition"] for f in summary["failed"]] == ["id/fog/2"]
     reason = summary["failed"][0]["reason"]
     assert reason.startswith("the corrupted images of highway/test/") and "x holds NaN or Inf" in reason \
-        if broken == "images" else reason == "model(s) baseline produced NaN or Inf probabilities"
+        if broken == "images" else reason == "model baseline produced NaN or Inf probabilities"
     res = pd.read_csv(out / "results.csv")
     assert "fog" not in set(res.corruption) and {"clean", "gaussian_noise"} <= set(res.corruption)
 
@@ -745,10 +745,10 @@ def test_unreadable_image_is_skipped_and_named(tmp_path, monkeypatch, capsys, mo
     # the file's path as the dataset lists it, and the reason alone
     assert summary["skipped_files"] == [{"file": str(victim), "reason": summary["skipped_files"][0]["reason"]}]
     assert summary["skipped_files"][0]["reason"].startswith("not a readable PNG, truncated or corrupt (")
-    assert " WARNING 1 unreadable image(s) skipped " in (out_dir / "run.log").read_text()
+    assert " WARNING 1 unreadable image skipped " in (out_dir / "run.log").read_text()
     out, err = capsys.readouterr()
     assert "0 failed" in out and err.strip().splitlines()[-1] == (  # not silent: a warning line names it
-        f"shiftbench: warning: 1 unreadable image(s) skipped (listed in {out_dir / 'summary.json'} skipped_files), "
+        f"shiftbench: warning: 1 unreadable image skipped (listed in {out_dir / 'summary.json'} skipped_files), "
         f"the first: {victim}: {summary['skipped_files'][0]['reason']}")
     results = pd.read_csv(out_dir / "results.csv")
     assert set(results.corruption) == {"clean", "fog"} and results.n_images.eq(5).all()

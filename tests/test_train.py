@@ -128,7 +128,7 @@ def test_train_command_writes_checkpoints_the_zoo_loads(tmp_path, fake_data, cap
     path.write_text(yaml.safe_dump(SUITE, sort_keys=False))
     assert main(["train", str(path), "--quiet"]) == 0
     out = capsys.readouterr().out
-    assert "trained 5 model(s)" in out
+    assert "trained 5 models" in out
     suite = load_suite(path)
     for name in ("expert_highway", "expert_urban", "baseline", "moe_simple", "moe_classwise_conv"):
         meta = read_checkpoint(tmp_path / "ck" / f"{name}.pt")["meta"]

@@ -84,7 +84,7 @@ def discover(root: Path, exclude: Path | None = None, what: str = "input") -> tu
     skipped files with the reason, in sorted path order; ``what`` names ``root`` in the errors."""
     from PIL import Image, UnidentifiedImageError
 
-    from shiftbench.errors import ShiftbenchError
+    from shiftbench.errors import ShiftbenchError, counted
 
     if not root.exists():
         raise ShiftbenchError(f"{what} {str(root)!r} does not exist; give an image file or a folder of PNG/JPEG images")
@@ -109,8 +109,8 @@ def discover(root: Path, exclude: Path | None = None, what: str = "input") -> tu
     if root.is_file() and not sources:  # the one file given was skipped, for ``reason``
         raise not_an_image(what, root, reason)
     if not sources:
-        raise ShiftbenchError(f"{what} {str(root)!r} holds no readable PNG/JPEG image"
-                              f"{f' ({len(skipped)} other file(s), e.g. {skipped[0]})' if skipped else ''}; "
+        others = f" ({counted(len(skipped), 'other file')}, e.g. {skipped[0]})" if skipped else ""
+        raise ShiftbenchError(f"{what} {str(root)!r} holds no readable PNG/JPEG image{others}; "
                               "give an image file or a folder of PNG/JPEG images")
     return sources, skipped
 

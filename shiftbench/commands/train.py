@@ -22,7 +22,7 @@ def main(args: argparse.Namespace) -> int:
 
     import torch
 
-    from shiftbench.errors import ShiftbenchError
+    from shiftbench.errors import ShiftbenchError, counted
     from shiftbench.models.trainer import train_suite
     from shiftbench.suite import load_suite
 
@@ -53,5 +53,5 @@ def main(args: argparse.Namespace) -> int:
     for name, meta in results.items():
         val = meta["val_miou"][-1] if meta["val_miou"] else float("nan")
         print(f"{name:<24} {meta['kind']:<11} {val:>9.4f} {meta['seconds']:>8.1f}")
-    print(f"trained {len(results)} model(s) in {time.perf_counter() - start:.0f} s on {device}")
+    print(f"trained {counted(len(results), 'model')} in {time.perf_counter() - start:.0f} s on {device}")
     return 0

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from shiftbench import io
-from shiftbench.errors import ShiftbenchError, file_problem
+from shiftbench.errors import ShiftbenchError, counted, file_problem
 from shiftbench.report.aggregate import severity_means
 from shiftbench.report.load import Run
 from shiftbench.report.schema import METRICS
@@ -111,7 +111,7 @@ def check_complete(run: Run) -> None:
     failed = run.summary.get("failed") or []
     if failed:
         names = ", ".join(str(f.get("condition", f)) if isinstance(f, dict) else str(f) for f in failed[:3])
-        raise ShiftbenchError(f"{run.root}: {len(failed)} condition(s) failed in its sweep ({names}"
+        raise ShiftbenchError(f"{run.root}: {counted(len(failed), 'condition')} failed in its sweep ({names}"
                               f"{', ...' if len(failed) > 3 else ''}; summary.json says why); its means would "
                               "leave them out: fix and re-run them first")
 
@@ -242,7 +242,7 @@ def check_identity(run: Run, baseline: dict[str, Any]) -> None:
             continue
         lacking = sorted(set(_conditions(cov)) - set(have[split]["conditions"]))
         if lacking:
-            raise ShiftbenchError(f"the run lacks {len(lacking)} condition(s) of the baseline on split {split!r}, "
+            raise ShiftbenchError(f"the run lacks {counted(len(lacking), 'condition')} of the baseline on split {split!r}, "
                                   f"e.g. {lacking[0]}; its means over corruptions would not be comparable: run the "
                                   "same conditions")
         if _conditions(have[split]) != _conditions(cov):
@@ -284,7 +284,7 @@ def compare(current: dict[Key, float], reference: dict[Key, float], tolerances: 
     """Every value of ``current`` against ``reference``; a reference key the run lacks is an error."""
     missing = [k for k in reference if k not in current and k[4] in tolerances]
     if missing:
-        raise ShiftbenchError(f"the run lacks {len(missing)} value(s) of the baseline, e.g. {'/'.join(missing[0])}; "
+        raise ShiftbenchError(f"the run lacks {counted(len(missing), 'value')} of the baseline, e.g. {'/'.join(missing[0])}; "
                               "run the baseline's models, estimators and conditions")
     changes = []
     for key, value in current.items():

@@ -18,7 +18,7 @@ from pathlib import Path
 import matplotlib
 
 from shiftbench import io
-from shiftbench.errors import ShiftbenchError
+from shiftbench.errors import ShiftbenchError, counted
 from shiftbench.report import aggregate, document, figures, tables
 from shiftbench.report.load import Run, load_run
 from shiftbench.report.style import RC, method_colours
@@ -105,11 +105,11 @@ def run_warnings(run: Run) -> list[str]:
     if failed:
         listed = "; ".join(f"{f.get('condition')} ({f.get('reason')})" for f in failed[:5])
         more = f"; and {len(failed) - 5} more (summary.json)" if len(failed) > 5 else ""
-        out.append(f"{len(failed)} condition(s) failed and are left out of every table and figure, including "
+        out.append(f"{counted(len(failed), 'condition')} failed and are left out of every table and figure, including "
                    f"the means over corruptions at their severity: {listed}{more}")
     skipped = run.summary.get("skipped_files") or []
     if skipped:
-        out.append(f"{len(skipped)} unreadable image(s) were skipped in every condition (named in summary.json)")
+        out.append(f"{counted(len(skipped), 'unreadable image')} {'was' if len(skipped) == 1 else 'were'} skipped in every condition (named in summary.json)")
     return out
 
 

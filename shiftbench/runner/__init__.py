@@ -22,7 +22,7 @@ import yaml
 from tqdm import tqdm
 
 from shiftbench import io
-from shiftbench.errors import ShiftbenchError, one_line
+from shiftbench.errors import ShiftbenchError, counted, one_line
 from shiftbench.runner import dist
 from shiftbench.runner.conditions import Condition, enumerate_conditions
 from shiftbench.runner.data import cache_budget, loader_workers, open_splits
@@ -250,23 +250,23 @@ def _print_end(summary: dict[str, Any], root: Path) -> None:
     (stderr); each also in run.log."""
     t, done = summary["time_s"], summary["conditions"]["already_done"]
     if summary["conditions"]["run"] == 0:  # a finished run run again: the tables are rewritten from its states
-        _say(f"nothing left to run ({done} condition(s) already done); tables rewritten from the saved states in "
+        _say(f"nothing left to run ({counted(done, 'condition')} already done); tables rewritten from the saved states in "
              f"{summary['wall_time_s']:.1f} s")
     else:
         along = " alongside them on a worker thread" if summary["threads"]["metrics"] else ""
-        _say(f"{summary['conditions']['run']} condition(s) run, {done} already done, "
+        _say(f"{counted(summary['conditions']['run'], 'condition')} run, {done} already done, "
              f"{len(summary['failed'])} failed; wall {summary['wall_time_s']:.1f} s "
              f"(data {t['data']:.1f}, corruption {t['corruption']:.1f}, forward {t['forward']:.1f}, "
              f"estimators+metrics {t['estimators_metrics']:.1f}{along}, io {t['io']:.1f}); "
              f"{100 * summary['outside_forward_share']:.0f}% outside model forwards")
     missing = summary.get("gallery_missing") or []
     if missing:
-        _say(f"warning: metrics.gallery: {len(missing)} sample id(s) not among the evaluated images, so no "
+        _say(f"warning: metrics.gallery: {counted(len(missing), 'sample id')} not among the evaluated images, so no "
              f"uncertainty maps for them: {', '.join(missing)} (check the ids and --limit)", logging.WARNING)
     skipped = summary.get("skipped_files") or []
     if skipped:
         first = skipped[0]
-        _say(f"warning: {len(skipped)} unreadable image(s) skipped (listed in {root / 'summary.json'} "
+        _say(f"warning: {counted(len(skipped), 'unreadable image')} skipped (listed in {root / 'summary.json'} "
              f"skipped_files), the first: {first['file']}: {first['reason']}", logging.WARNING, sys.stderr)
 
 
