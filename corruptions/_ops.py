@@ -87,15 +87,15 @@ def correlate1d(x: Tensor, weights: Sequence[float], dim: int, mode: str = "near
         for j in range(1, k):
             out.add_(padded[..., j:j + n], alpha=float(weights[j]))
         return out
+    if dim == -1:  # one banded product over all rows: MKL's rounding then depends on its thread count
+        return correlate1d(x.transpose(-1, -2), weights, -2, mode).transpose(-1, -2).contiguous()
     block = min(_BLOCK, n)
     nblocks = -(-n // block)
     length = block + k - 1  # source positions one block of outputs reads
     before, after = k // 2, nblocks * block - n + k - 1 - k // 2
-    padded = pad2d(x, before, after, 0, 0, mode) if dim == -2 else pad2d(x, 0, 0, before, after, mode)
+    padded = pad2d(x, before, after, 0, 0, mode)
     band = _banded(tuple(float(w) for w in weights), block, x.device, x.dtype)
-    windows = padded.unfold(dim, length, block)  # a view: [..., nb, W, L] (H) or [..., H, nb, L] (W)
-    if dim == -1:
-        return (windows @ band.T).flatten(-2)[..., :n]
+    windows = padded.unfold(-2, length, block)  # a view [..., nb, W, L]
     return (band @ windows.transpose(-1, -2)).flatten(-3, -2)[..., :n, :]
 
 

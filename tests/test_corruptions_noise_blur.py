@@ -48,12 +48,12 @@ def test_gaussian_matches_skimage(h, w, sigma):
 
 
 @pytest.mark.parametrize("mode", ["nearest", "reflect", "mirror", "wrap"])
-def test_gaussian_modes_and_anisotropic_sigma_match_scipy(mode):
-    img = _image(40, 33)[..., 0]
-    sigma = (2.5, 0.8)
+@pytest.mark.parametrize("sigma", [(2.5, 0.8), (0.8, 9.0)])  # W kernels of 5 (shifts) and 55 (banded) taps
+def test_gaussian_modes_and_anisotropic_sigma_match_scipy(mode, sigma):
+    img = _image(40, 83)[..., 0]
     expected = ndi.gaussian_filter(img, sigma, mode=mode, truncate=3.0)
     ours = _ops.gaussian(torch.from_numpy(img)[None, None].float(), sigma, truncate=3.0, mode=mode)
-    assert ours.shape == (1, 1, 40, 33)
+    assert ours.shape == (1, 1, 40, 83) and ours.is_contiguous()
     assert np.abs(ours[0, 0].double().numpy() - expected).max() < 1e-6
 
 
