@@ -154,5 +154,6 @@ def corrupt(images: Tensor, name: str, severity: int, seed: int | Tensor = 0) ->
         return images.clone()
     severity = int(severity)
     rng = Rng(seeds, name, severity, images.device)
-    out = _REGISTRY[name](images.float().contiguous(), severity, rng)  # one memory layout: one rounding
+    x = images.detach().float().contiguous()  # detached: no_grad holds on this thread only, not in pools
+    out = _REGISTRY[name](x, severity, rng)  # one memory layout: one rounding
     return out.clamp_(0.0, 1.0).to(images.dtype)

@@ -168,9 +168,15 @@ def test_values_outside_0_1(value, seen):
 
 @pytest.mark.parametrize("name", CORRUPTIONS)
 def test_inputs_that_require_grad_are_corrupted_without_autograd(name):
-    """No corruption is differentiable (jpeg is a codec); defocus_blur's in-place FFT product refused such input."""
-    x = _images(1, 36, 40).requires_grad_(True)
-    y = corrupt(x, name, 3)
+    """No corruption is differentiable (jpeg is a codec); defocus_blur's in-place FFT product refused such input,
+    and jpeg's pool threads (where torch.no_grad does not reach) could not read it. Two images on two threads."""
+    x = _images(2, 36, 40).requires_grad_(True)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        y = corrupt(x, name, 3)
+    finally:
+        torch.set_num_threads(threads)
     assert not y.requires_grad and torch.equal(y, corrupt(x.detach(), name, 3))
 
 
