@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import numpy as np
 import pytest
 import torch
@@ -21,6 +23,17 @@ def _images(b: int, h: int, w: int, seed: int = 0) -> torch.Tensor:
     coarse = torch.rand(b, 3, 5, 7, generator=g)
     x = torch.nn.functional.interpolate(coarse, size=(h, w), mode="bicubic", align_corners=False)
     return (x * 1.2 - 0.1).clamp(0, 1)
+
+
+@contextlib.contextmanager
+def _torch_threads(n: int):
+    """torch's intra-op thread count set to ``n`` for the block."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def test_names_are_imagecorruptions_order():
@@ -65,14 +78,10 @@ def test_the_thread_count_does_not_change_the_output(name):
     filter2d_fft multiplies the spectra in real arithmetic); 97x160 showed neither."""
     x = _images(1, 480, 640, seed=3)
     seeds = torch.tensor([5])
-    threads = torch.get_num_threads()
-    try:
-        outputs = []
-        for n in (1, 2):
-            torch.set_num_threads(n)
+    outputs = []
+    for n in (1, 2):
+        with _torch_threads(n):
             outputs.append([corrupt(x, name, severity, seed=seeds) for severity in SEVERITIES])
-    finally:
-        torch.set_num_threads(threads)
     for severity, one, two in zip(SEVERITIES, *outputs):
         assert torch.equal(one, two), severity
 
@@ -115,7 +124,8 @@ def test_severity_keys_the_stream(name):
 @pytest.mark.parametrize("name", DETERMINISTIC)
 def test_deterministic_corruptions_ignore_the_seed_and_batch(name):
     x = _images(3, 40, 52, seed=2)
-    y = corrupt(x, name, 4, seed=torch.tensor([1, 2, 3]))
+    with _torch_threads(2):  # jpeg_compression's pool (2 threads) against its single-image path
+        y = corrupt(x, name, 4, seed=torch.tensor([1, 2, 3]))
     assert torch.equal(corrupt(x, name, 4, seed=99), y)
     for b in range(3):  # jpeg_compression codes the images on a thread pool: each result in its place
         assert torch.equal(corrupt(x[b:b + 1], name, 4), y[b:b + 1]), b
@@ -171,12 +181,8 @@ def test_inputs_that_require_grad_are_corrupted_without_autograd(name):
     """No corruption is differentiable (jpeg is a codec); defocus_blur's in-place FFT product refused such input,
     and jpeg's pool threads (where torch.no_grad does not reach) could not read it. Two images on two threads."""
     x = _images(2, 36, 40).requires_grad_(True)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(2)
-    try:
+    with _torch_threads(2):
         y = corrupt(x, name, 3)
-    finally:
-        torch.set_num_threads(threads)
     assert not y.requires_grad and torch.equal(y, corrupt(x.detach(), name, 3))
 
 
