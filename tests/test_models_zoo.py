@@ -318,6 +318,12 @@ DICT_MODELS = textwrap.dedent("""
 
     def build_tuple():
         return Pair()
+
+    def build_lazy():
+        return nn.Sequential(nn.LazyConv2d(11, 1))
+
+    def build_meta():
+        return nn.Conv2d(3, 11, 1, device="meta")
 """)
 
 
@@ -342,6 +348,29 @@ def test_custom_models_may_return_torchvision_s_dict_and_nothing_else(tmp_path, 
         zoo(x, [0], names=["pair"])
     assert zoo(x, [0], names=["extra"])["extra"].probs.shape == (1, 11, 32, 64)
     assert len(zoo.factory_digests["extra"]) == 64  # its weights recorded, its extra state left out
+
+
+@pytest.mark.parametrize("factory, match", [
+    ("build_meta", r"^models\.mine: cannot take a digest of the weights its factory made \(.*\); give it a "
+                   r"checkpoint$"),
+    ("build_lazy", r"^models\.mine: factory 'zoo_dict_models:build_lazy' returned a model with uninitialized "
+                   r"\(lazy\) weights \(0\.weight, 0\.bias\); initialize them in the factory"),
+])
+def test_factory_weights_that_cannot_be_recorded_are_one_line(tmp_path, monkeypatch, factory, match):
+    """Weights with no bytes (meta) cannot be digested, lazy ones would be drawn at the first forward."""
+    (tmp_path / "zoo_dict_models.py").write_text(DICT_MODELS)
+    monkeypatch.chdir(tmp_path)
+    models = [{"name": "mine", "kind": "custom", "factory": f"zoo_dict_models:{factory}"}]
+    with pytest.raises(ShiftbenchError, match=match):
+        ModelZoo.from_suite(write_suite(tmp_path, models))
+
+
+def test_weights_digest_reads_sparse_tensors():
+    from shiftbench.models.checkpoints import weights_digest
+
+    dense = torch.tensor([[0.0, 1.5], [0.0, -2.0]])
+    digests = [weights_digest({"w": w}) for w in (dense, dense.to_sparse(), dense * 2, (dense * 2).to_sparse())]
+    assert digests[0] == digests[1] and digests[2] == digests[3] and digests[0] != digests[2]
 
 
 @pytest.mark.parametrize("x, seeds, names, match", [

@@ -132,7 +132,9 @@ def weights_digest(state: Mapping[str, Tensor]) -> str:
 
     h = hashlib.sha256()
     for name in sorted(state):
-        t = state[name].detach().cpu().contiguous()
+        t = state[name].detach()
+        t = t.to_dense() if t.layout != torch.strided else t  # sparse: its values, not how they are stored
+        t = t.cpu().contiguous()
         h.update(f"\0{name}\0{t.dtype}\0{tuple(t.shape)}\0".encode())
         h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     return h.hexdigest()
