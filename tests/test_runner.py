@@ -566,19 +566,49 @@ def test_the_lock_is_refused_before_models_load_and_not_kept_by_forked_children(
 
 
 def test_a_file_system_without_flock_runs_unlocked(tmp_path, monkeypatch):
-    """flock failing for another reason than a holder (ENOLCK on some network file systems) is no refusal."""
+    """flock failing for another reason than a holder (ENOLCK on some network file systems) is no refusal, and
+    the descriptor opened for it is closed."""
     import errno
     import fcntl
 
+    from shiftbench.runner import store as store_module
     from shiftbench.runner.store import RunStore
 
     def no_locks(fd, op):
         raise OSError(errno.ENOLCK, "No locks available")
 
+    opened, closed = [], []
+    real_open, real_close = os.open, os.close
     monkeypatch.setattr(fcntl, "flock", no_locks)
+    monkeypatch.setattr(store_module.os, "open", lambda *a, **k: opened.append(real_open(*a, **k)) or opened[-1])
+    monkeypatch.setattr(store_module.os, "close", lambda fd: closed.append(fd) or real_close(fd))
     store = RunStore(tmp_path)
     store.lock()
-    assert store._lock_fd is None
+    assert store._lock_fd is None and opened and closed == opened
+
+
+def test_a_folder_that_is_not_a_run_is_refused_before_models_load_and_left_untouched(tmp_path, monkeypatch, capsys):
+    from shiftbench.models.zoo import ModelZoo
+
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "notes.txt").write_text("someone's data")
+    monkeypatch.setattr(ModelZoo, "from_suite", classmethod(lambda *a, **k: pytest.fail("models loaded")))
+    assert run(make_suite(tmp_path / "suite", **SMALL), out, "--corruptions", "none") == 2
+    assert "exists and is not a shiftbench run directory" in capsys.readouterr().err
+    assert [p.name for p in out.iterdir()] == ["notes.txt"]  # no lock file left in it
+
+
+def test_a_lock_file_that_is_a_symbolic_link_is_refused_not_followed(tmp_path):
+    from shiftbench.runner.store import LOCK, RunStore
+
+    victim = tmp_path / "victim.txt"
+    victim.write_text("important data")
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / LOCK).symlink_to(victim)
+    with pytest.raises(ShiftbenchError, match=r"lock file \(it is a symbolic link; remove it\)$"):
+        RunStore(tmp_path / "run").lock()
+    assert victim.read_text() == "important data"
 
 
 def test_a_refused_open_releases_the_lock(tmp_path):

@@ -93,7 +93,8 @@ def run_suite(suite, force: bool = False, progress: bool = True) -> dict[str, An
     threads = thread_split(suite.run.overlap, device)
     handler = None
     try:
-        if world.is_main and store.root.is_dir():  # a folder in use refuses before any model is loaded
+        if world.is_main and store.root.is_dir():  # a folder in use, or not a run's, refuses before any model loads
+            store.refuse_foreign(force)
             store.lock()
         zoo = ModelZoo.from_suite(suite, device)  # before the folder: a bad checkpoint leaves nothing behind
         if world.is_main:  # the main rank holds the folder's lock until the run ends

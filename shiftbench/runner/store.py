@@ -16,6 +16,7 @@ discarding or cleaning under the first; the system drops the lock when its proce
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -133,7 +134,13 @@ class RunStore:
             return
         if self._lock_fd is not None:
             return
-        fd = os.open(self.root / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+        path = self.root / LOCK
+        try:  # never through a symbolic link: the pid written below would overwrite the file it points to
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0),
+                         0o644)
+        except OSError as exc:
+            why = "it is a symbolic link; remove it" if exc.errno == errno.ELOOP else exc.strerror
+            raise ShiftbenchError(f"{path}: cannot open the run folder's lock file ({why})") from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:  # held by another process
@@ -160,6 +167,14 @@ class RunStore:
             self._lock_fd = None
 
     # ----------------------------------------------------------------- manifest
+    def refuse_foreign(self, force: bool = False) -> None:
+        """Refuse a folder that holds files but no run (someone's data), unless ``force``: checked before the
+        lock file is made in it."""
+        if (not force and self.root.is_dir() and not (self.root / MANIFEST).exists()
+                and any(p.name != LOCK for p in self.root.iterdir())):
+            raise ShiftbenchError(f"{self.root}: exists and is not a shiftbench run directory; "
+                                  "use another --out, or --force to write into it")
+
     def open(self, suite_name: str, digest: str, force: bool = False, inputs: dict[str, Any] | None = None,
              scope: dict[str, Any] | None = None, contents: str | None = None,
              comparable: dict[str, Any] | None = None) -> None:
@@ -169,10 +184,7 @@ class RunStore:
         refusal name the seed and limit when only they changed. ``comparable`` (``Suite.comparable``) is only
         recorded, for ``shiftbench check``."""
         manifest = self.root / MANIFEST
-        if (not manifest.exists() and self.root.exists() and not force
-                and any(p.name != LOCK for p in self.root.iterdir())):
-            raise ShiftbenchError(f"{self.root}: exists and is not a shiftbench run directory; "
-                                  "use another --out, or --force to write into it")
+        self.refuse_foreign(force)
         self.root.mkdir(parents=True, exist_ok=True)
         self.lock()
         try:
