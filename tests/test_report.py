@@ -153,8 +153,12 @@ def test_latex_tables_are_booktabs_with_the_same_bold_cells(report):
     for table, files in report.tables:
         tex = (report.out / files[1]).read_text()
         md = (report.out / files[0]).read_text()
-        for rule in (r"\toprule", r"\midrule", r"\bottomrule", r"\begin{tabular}", r"\end{table}"):
+        for rule in (r"\toprule", r"\midrule", r"\bottomrule", r"\begin{tabular}"):
             assert rule in tex
+        wide = len(table.index) + len(table.columns) > tables.WIDE_COLUMNS  # page-wide and scaled to fit
+        env = "table*" if wide else "table"
+        assert tex.count("\\begin{" + env + "}[t]") == 1 and tex.rstrip().endswith("\\end{" + env + "}")
+        assert (r"\resizebox{\textwidth}{!}{%" in tex) == wide and tex.count("{") == tex.count("}")
         assert tex.count(r"\textbf{") == md.count("**") // 2
         assert "moe\\_simple" in tex and "moe_simple" not in tex.replace("moe\\_simple", "")
         body = [ln for ln in tex.splitlines() if ln.endswith(r"\\")]
@@ -442,3 +446,47 @@ def test_model_names_stay_strings(tmp_path):
     run = make_run(tmp_path / "na", models={"NA": MODELS["baseline"]}, splits=("id",), corruptions=(),
                    n_patches=100, curves=False, maps=False)
     assert load_run(run).models == {"NA": "mc_dropout"}
+
+
+# ------------------------------------------------------------------ layout
+def _titles_fit_and_do_not_overlap(fig) -> None:
+    """Every axes title lies inside the figure, and no two titles of one row of axes overlap."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    canvas = FigureCanvasAgg(fig)  # shiftbench's figures have no canvas of a backend of their own
+    canvas.draw()
+    renderer = canvas.get_renderer()
+    box = fig.bbox
+    boxes = []
+    for ax in fig.get_axes():
+        title = ax.title
+        if not title.get_text().strip():
+            continue
+        ext = title.get_window_extent(renderer)
+        assert box.x0 - 0.5 <= ext.x0 and ext.x1 <= box.x1 + 0.5 and ext.y1 <= box.y1 + 0.5, title.get_text()
+        boxes.append((title.get_text(), ext))
+    for i, (a, ea) in enumerate(boxes):
+        for b, eb in boxes[i + 1:]:
+            assert not ea.overlaps(eb), (a, b)
+
+
+def test_long_model_names_and_estimator_labels_fit_their_panels(tmp_path):
+    """Six methods with the demo's longest names: reliability titles are wrapped and scaled inside the figure,
+    the gallery's column titles ("PE (stacked)") do not run into each other."""
+    import matplotlib
+
+    from shiftbench.report import figures
+    from shiftbench.report.style import RC, method_colours
+
+    names = ["baseline", "ensemble", "moe_simple", "moe_simple_conv", "moe_classwise", "moe_classwise_conv"]
+    models = {n: MODELS[list(MODELS)[min(i, len(MODELS) - 1)]] for i, n in enumerate(names)}
+    run = load_run(make_run(tmp_path / "long", models=models))
+    ctx = figures.Context(run=run, colours=method_colours(list(run.models)), sweep_severities=[1],
+                          gallery_models=list(run.models))
+    with matplotlib.rc_context(RC):
+        rendered = [r for family in ("reliability", "gallery") for r in figures.FIGURES[family](ctx)]
+        assert {r.name for r in rendered} >= {"reliability_id", "gallery"}
+        for r in rendered:
+            _titles_fit_and_do_not_overlap(r.figure)
+    text, size = figures._wrap("moe_classwise_conv", 0.9)
+    assert text == "moe_classwise_\nconv" and size * 0.6 * len("moe_classwise_") <= 0.9 * 72 + 1e-9

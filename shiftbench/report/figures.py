@@ -27,6 +27,8 @@ from shiftbench.report.style import COLUMN_WIDTH, FAMILIES, FULL_WIDTH, estimato
 
 #: per split index: (fill alpha, hatch) for bars and filled histograms; the first split is solid
 SPLIT_STYLES = ((0.85, ""), (0.25, "////"), (0.25, "...."), (0.25, "xxxx"))
+#: per split index: the outline of overlaid histograms (the first split also filled)
+SPLIT_LINES = ("-", "--", ":", "-.")
 #: the conditional metrics' axis labels
 CONDITIONAL_LABELS = {"p_accurate_certain": "p(accurate | certain)",
                       "p_uncertain_inaccurate": "p(uncertain | inaccurate)", "pavpu": "PAvPU"}
@@ -77,13 +79,19 @@ def _line_kw(ctx: Context, model: str, estimator: str) -> dict:
     return {"color": ctx.colours[model], "linestyle": style.dashes, "marker": style.marker}
 
 
-def _legend(fig: Figure, ctx: Context, models: list[str], estimators: list[str] = (), splits: list[str] = ()) -> None:
-    """One legend below the panels: methods (colours), estimators (line styles), splits (fills)."""
+def _legend(fig: Figure, ctx: Context, models: list[str], estimators: list[str] = (), splits: list[str] = (),
+            split_lines: bool = False) -> None:
+    """One legend below the panels: methods (colours), estimators (line styles), splits (fills, or with
+    ``split_lines`` the outlines of overlaid histograms)."""
     handles = [Line2D([], [], color=ctx.colours[m], lw=2.5, label=m) for m in models]
     handles += [Line2D([], [], color="0.25", linestyle=estimator_style(e).dashes, marker=estimator_style(e).marker,
                        label=estimator_label(e)) for e in estimators]
-    handles += [Patch(facecolor="0.4", alpha=SPLIT_STYLES[i % 4][0], hatch=SPLIT_STYLES[i % 4][1], edgecolor="0.2",
-                      label=s) for i, s in enumerate(splits)]
+    if split_lines:
+        handles += [Line2D([], [], color="0.25", linestyle=SPLIT_LINES[i % len(SPLIT_LINES)], label=s)
+                    for i, s in enumerate(splits)]
+    else:
+        handles += [Patch(facecolor="0.4", alpha=SPLIT_STYLES[i % 4][0], hatch=SPLIT_STYLES[i % 4][1],
+                          edgecolor="0.2", label=s) for i, s in enumerate(splits)]
     ncols = min(len(handles), max(1, int(fig.get_figwidth() / 1.15)))
     fig.legend(handles=handles, loc="outside lower center", ncols=ncols, frameon=False, handlelength=2.6,
                columnspacing=1.2)
@@ -109,13 +117,16 @@ def _severity_axis(ax, severities: list[int], xlabel: bool = True) -> None:
     ax.grid(True, axis="y")
 
 
-def _wrap(name: str, width_in: float, pt: float = 8) -> str:
-    """Break a long model name at its last underscore that fits ``width_in`` inches (about 0.6 em a character)."""
-    fits = int(width_in * 72 / (0.6 * pt))
-    if len(name) <= fits or "_" not in name[1:fits]:
-        return name
-    cut = name.rindex("_", 1, fits)
-    return name[:cut] + "\n" + name[cut:]
+def _wrap(name: str, width_in: float, pt: float = 8) -> tuple[str, float]:
+    """A title for ``width_in`` inches (about 0.6 em a character): a long model name broken after the underscore
+    that makes its longer line shortest, and the font size (at most ``pt``) at which that line fits."""
+    fits = width_in * 72 / (0.6 * pt)
+    text = name
+    if len(name) > fits and "_" in name[1:-1]:
+        cut = min((i for i in range(1, len(name) - 1) if name[i] == "_"), key=lambda i: (max(i + 1, len(name) - i - 1), -i))
+        text = name[:cut + 1] + "\n" + name[cut + 1:]
+    longest = max(len(line) for line in text.split("\n"))
+    return text, min(pt, pt * fits / longest)
 
 
 # ------------------------------------------------------------------ 1 calibration vs severity
@@ -223,7 +234,9 @@ def threshold_sweeps(ctx: Context) -> Iterator[Rendered | Note]:
             for c, metric in enumerate(CONDITIONAL):
                 axes[r, c].set_title(f"{CONDITIONAL_LABELS[metric]}, " + ("clean" if sev == 0 else f"severity {sev}"))
                 axes[r, c].grid(True)
-            axes[r, 0].set_ylabel("value")
+            axes[r, 0].set_ylabel("probability")
+        axes[0, 0].set_ylim(-0.03, 1.03)  # shared: every panel, and every split's figure, on one [0, 1] scale
+        axes[0, 0].set_yticks([0, 0.25, 0.5, 0.75, 1])
         for ax in axes[-1]:
             ax.set_xlabel("uncertainty threshold t")
         _legend(fig, ctx, models, estimators)
@@ -326,17 +339,20 @@ def _gate_histograms(ctx: Context, hist: pd.DataFrame, models: list[str]) -> Ren
             g = hist[(hist["model"] == model) & (hist["split"] == split)].sort_values("x")
             if g.empty:
                 continue
-            alpha, hatch = SPLIT_STYLES[i % len(SPLIT_STYLES)]
-            share = g["count"] / max(g["count"].sum(), 1)
-            ax.fill_between(g["x"], share, step="mid", color=ctx.colours[model], alpha=alpha * 0.6, hatch=hatch,
-                            edgecolor=ctx.colours[model], linewidth=0.0)
-            ax.step(g["x"], share, where="mid", color=ctx.colours[model], linewidth=0.7)
+            share = (g["count"] / max(g["count"].sum(), 1)).to_numpy()
+            x = g["x"].to_numpy()  # bin centres of equal bins: their edges, so the outer bins are drawn whole
+            half = (x[1] - x[0]) / 2 if len(x) > 1 else 0.5
+            edges = np.r_[x - half, x[-1] + half]
+            if i == 0:
+                ax.stairs(share, edges, fill=True, color=ctx.colours[model], alpha=0.35, linewidth=0)
+            ax.stairs(share, edges, color=ctx.colours[model], linestyle=SPLIT_LINES[i % len(SPLIT_LINES)],
+                      linewidth=1.0)
         ax.set_title(model)
         ax.set_xlabel("normalised gate entropy")
         ax.set_xlim(0, 1)
         ax.grid(True, axis="y")
     axes[0].set_ylabel("share of pixels")
-    _legend(fig, ctx, [], splits=ctx.run.splits)
+    _legend(fig, ctx, [], splits=ctx.run.splits, split_lines=True)
     return Rendered("gate_entropy", "Gate entropy distributions",
                     "Distribution of the normalised gate entropy on the clean data of each split group, per MoE "
                     "(share of pixels per bin; cf. the paper's Fig. 5). Little difference between ID and OOD means "
@@ -360,12 +376,15 @@ def reliability(ctx: Context) -> Iterator[Rendered | Note]:
             continue
         width = FULL_WIDTH if len(models) > 2 else COLUMN_WIDTH
         panel = (width - 0.8) / len(models) - 0.12  # square panels
-        fig = _figure(width, (panel + 0.2) * len(rows) + 0.8)
+        titles = {m: _wrap(m, panel) for m in models}
+        lines = max(text.count("\n") + 1 for text, _ in titles.values())
+        fig = _figure(width, (panel + 0.2) * len(rows) + 0.8 + 0.14 * (lines - 1))
         axes = fig.subplots(len(rows), len(models), squeeze=False, sharex=True, sharey=True)
         for r, sev in enumerate(rows):
             for c, model in enumerate(models):
                 _reliability_panel(axes[r, c], ctx, sub[(sub["model"] == model) & (sub["severity"] == sev)], model)
-                axes[r, c].set_title(_wrap(model, panel) if r == 0 else "", color=ctx.colours[model])
+                text, size = titles[model]
+                axes[r, c].set_title(text if r == 0 else "", color=ctx.colours[model], fontsize=size, va="bottom")
             axes[r, 0].set_ylabel(("clean" if sev == 0 else f"severity {sev}") + "\naccuracy")
         for ax in axes[-1]:
             ax.set_xlabel("confidence")
@@ -412,7 +431,12 @@ def gallery(ctx: Context) -> Iterator[Rendered | Note]:
     h, w = samples[0]["image"].shape[:2]
     label_w = 0.5  # in, the sample ids left of the first column
     cell = (FULL_WIDTH - label_w - 0.2) / (2 + len(columns)) - 0.03
-    body = len(samples) * (cell * h / w + 0.04) + 0.45
+    fits = cell * 72 / (0.6 * 6)  # characters of a 6 pt column title in one cell
+    titles = {title: "\n".join(title.rsplit(" ", 1)) if len(title) > fits else title
+              for _, cols in groups for _, title, _ in cols}
+    two_line = any("\n" in text for text in titles.values())
+    title_pt = min(6.0, 6.0 * fits / max(len(line) for text in titles.values() for line in text.split("\n")))
+    body = len(samples) * (cell * h / w + 0.04) + 0.45 + 0.1 * two_line
     fig = _figure(FULL_WIDTH, body + 0.6)
     top, bottom = fig.subfigures(2, 1, height_ratios=[body, 0.6])
     ratios = [2 + label_w / cell] + [len(cols) for _, cols in groups[1:]]
@@ -424,7 +448,10 @@ def gallery(ctx: Context) -> Iterator[Rendered | Note]:
         for r, sample in enumerate(samples):
             for c, (_, title, key) in enumerate(cols):
                 image = _gallery_cell(axes[r, c], sample, key, len(ctx.run.classes), vmax) or image
-                axes[r, c].set_title(title if r == 0 else "", fontsize=6, pad=2)
+                if r == 0:  # "PE (stacked)" on two lines where one is wider than the cell; then every title has
+                    # two, so that the groups' rows stay aligned
+                    text = titles[title]
+                    axes[r, c].set_title("\n" * (two_line and "\n" not in text) + text, fontsize=title_pt, pad=2)
         if not model:
             for r, (path, sample) in enumerate(zip(ctx.run.maps, samples)):
                 name = str(sample.get("sample_id", path.stem)).replace("/", "\n", 1).replace("/", " ")

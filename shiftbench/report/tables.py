@@ -226,14 +226,24 @@ def _latex_group_header(table: Table) -> list[str]:
     return [" & ".join(cells) + r" \\", " ".join(rules)]
 
 
+#: more columns than this (row labels included) make a LaTeX table page-wide and scaled
+WIDE_COLUMNS = 9
+
+
 def to_latex(table: Table) -> str:
     """A booktabs ``table`` environment: grouped headers with cmidrules, a rule between estimators.
 
-    The first index label (the estimator) is printed once per block of rows.
+    The first index label (the estimator) is printed once per block of rows. A table of more than
+    ``WIDE_COLUMNS`` columns is a ``table*`` (both columns of a two-column paper) scaled to the text width
+    (``\\resizebox``, graphicx), since it overflows a column at any font size a paper allows.
     """
-    lines = [r"\begin{table}[t]", r"\centering", r"\small", rf"\caption{{{latex_escape(table.caption)}}}",
-             rf"\label{{tab:{table.name}}}",
-             rf"\begin{{tabular}}{{{'l' * len(table.index)}{'r' * len(table.columns)}}}", r"\toprule"]
+    wide = len(table.index) + len(table.columns) > WIDE_COLUMNS
+    env = "table*" if wide else "table"
+    lines = ([r"% needs \usepackage{booktabs}" + (r" and \usepackage{graphicx}" if wide else "")]
+             + [rf"\begin{{{env}}}[t]", r"\centering", r"\small", rf"\caption{{{latex_escape(table.caption)}}}",
+                rf"\label{{tab:{table.name}}}"]
+             + ([r"\resizebox{\textwidth}{!}{%"] if wide else [])
+             + [rf"\begin{{tabular}}{{{'l' * len(table.index)}{'r' * len(table.columns)}}}", r"\toprule"])
     lines += _latex_group_header(table)
     lines.append(" & ".join(latex_escape(h) for h in list(table.index) + [c.label for c in table.columns])
                  + r" \\")
@@ -247,7 +257,7 @@ def to_latex(table: Table) -> str:
         cells += [rf"\textbf{{{latex_escape(t)}}}" if b else latex_escape(t) for t, b in values]
         lines.append(" & ".join(cells) + r" \\")
         previous = labels[0]
-    lines += [r"\bottomrule", r"\end{tabular}", r"\end{table}"]
+    lines += [r"\bottomrule", r"\end{tabular}" + ("}" if wide else ""), rf"\end{{{env}}}"]
     return "\n".join(lines) + "\n"
 
 
