@@ -14,7 +14,7 @@ import pytest
 import torch
 import yaml
 
-from runner_fixture import make_suite, suite_dict
+from runner_fixture import make_suite, suite_dict, write_checkpoints
 from shiftbench.cli import main
 from shiftbench.errors import ShiftbenchError
 from shiftbench.runner.results import RESULT_COLUMNS
@@ -393,8 +393,6 @@ def test_a_checkpoint_retrained_in_place_or_amp_toggled_is_not_resumed(tmp_path,
     from shiftbench.runner.store import run_inputs
     from shiftbench.suite import load_suite
 
-    from runner_fixture import write_checkpoints
-
     path = make_suite(tmp_path / "suite", **SMALL)
     out = tmp_path / "run"
     assert run(path, out, "--corruptions", "none") == 0
@@ -747,8 +745,6 @@ def test_nan_images_or_model_output_fail_only_that_condition(suite, tmp_path, mo
 def test_unreadable_image_is_skipped_and_named(tmp_path, monkeypatch, capsys, mode):
     """Named once in summary.json, whether the split is cached, or streamed again for every condition,
     in this process or in DataLoader workers."""
-    from runner_fixture import write_checkpoints
-
     if mode != "cached":
         monkeypatch.setattr("shiftbench.runner.data.CACHE_BYTES", 0)  # open_split's default, used below
 
@@ -977,6 +973,32 @@ def test_a_bad_input_only_rank_0_sees_ends_every_rank_in_one_line(suite, tmp_pat
     assert len(ours) <= 2 and all("different suite" in line or "rank 1 of 2 stopped while opening the run folder"
                                   in line for line in ours), ours
     assert not re.search(r"^\[rank\d\]: Traceback", err, re.M) and "RuntimeError" not in err, err[-3000:]
+
+
+def test_ranks_that_read_other_checkpoints_are_refused(tmp_path):
+    """A node with a stale copy of a checkpoint would merge its states silently with the others': every rank
+    compares its suite digest and checkpoint bytes with rank 0's first. (${RANK}: each rank its own file.)"""
+    import shutil
+
+    folder = tmp_path / "suite"
+    make_suite(folder, **SMALL)
+    shutil.copy(folder / "baseline.pt", folder / "baseline_0.pt")
+    write_checkpoints(tmp_path / "other", seed=1)
+    shutil.copy(tmp_path / "other" / "baseline.pt", folder / "baseline_1.pt")
+    data = yaml.safe_load((folder / "tiny.yaml").read_text())
+    data["models"][0]["checkpoint"] = "baseline_${RANK}.pt"
+    path = folder / "ranked.yaml"
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(_free_port()),
+           "-m", "shiftbench", "run", str(path), "--out", str(tmp_path / "run"), "--quiet", "--corruptions", "none"]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode != 0
+    ours = [line for line in done.stderr.splitlines() if line.startswith("shiftbench: error:")]
+    assert ours and all(line == "shiftbench: error: rank 1 of 2 reads other checkpoint bytes than rank 0 (a node "
+                        "with another copy?): every rank must see the same suite and checkpoints"
+                        for line in ours), done.stderr[-3000:]
+    assert not (tmp_path / "run" / "results.csv").exists()
 
 
 def test_a_failed_collective_is_one_line_naming_the_rank():

@@ -97,8 +97,9 @@ def run_suite(suite, force: bool = False, progress: bool = True) -> dict[str, An
             store.refuse_foreign(force)
             store.lock()
         zoo = ModelZoo.from_suite(suite, device)  # before the folder: a bad checkpoint leaves nothing behind
+        inputs = run_inputs(suite, device.type, threads, world.size, zoo.factory_digests)
+        _same_on_every_rank(world, digest, inputs)
         if world.is_main:  # the main rank holds the folder's lock until the run ends
-            inputs = run_inputs(suite, device.type, threads, world.size, zoo.factory_digests)
             store.open(suite.name, digest, force=force, inputs=inputs,
                        scope={"seed": suite.run.seed, "limit": suite.run.limit}, contents=suite.digest(scope=False),
                        comparable=suite.comparable())
@@ -244,6 +245,21 @@ def _class_names(suite) -> list[str]:
     from shiftbench.data import class_names
 
     return list(class_names(suite.dataset.name, suite.dataset.classes))
+
+
+def _same_on_every_rank(world: dist.World, digest: str, inputs: dict[str, Any]) -> None:
+    """Refuse (on every rank) a torchrun whose ranks read another suite or other weights than rank 0 (a node
+    with a stale copy): their states would merge silently. The thread counts may differ between nodes."""
+    mine = {"suite": digest, **{k: v for k, v in inputs.items() if k != "threads"}}
+    ranks = dist.gather_objects(mine, world, "comparing the ranks' suite and checkpoints")
+    for rank, theirs in enumerate(ranks):
+        if theirs != ranks[0]:
+            what = next(k for k in ranks[0] if theirs.get(k) != ranks[0][k])
+            words = {"suite": "another suite file", "checkpoints": "other checkpoint bytes",
+                     "factory_weights": "other weights of its custom models"}
+            raise ShiftbenchError(f"rank {rank} of {world.size} reads {words.get(what, f'another {what}')} than "
+                                  "rank 0 (a node with another copy?): every rank must see the same suite and "
+                                  "checkpoints")
 
 
 def _print_end(summary: dict[str, Any], root: Path) -> None:
