@@ -14,7 +14,7 @@ import errno
 import importlib
 import sys
 
-from shiftbench.errors import ShiftbenchError, one_line
+from shiftbench.errors import ShiftbenchError, Terminated, one_line
 
 #: command name -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -95,9 +95,10 @@ def main(argv: list[str] | None = None) -> int:
                                         "output folders creatable and writable)")
         print(f"shiftbench: error: cannot use{where}: {exc.strerror or one_line(exc)}; {hint}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("shiftbench: interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as exc:  # Ctrl-C, or SIGTERM during a run (errors.Terminated)
+        terminated = isinstance(exc, Terminated)
+        print(f"shiftbench: {'terminated (SIGTERM)' if terminated else 'interrupted'}", file=sys.stderr)
+        return Terminated.exit_code if terminated else 130
 
 
 if __name__ == "__main__":

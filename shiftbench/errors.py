@@ -18,6 +18,13 @@ from typing import Any
 MAX_SIDE = 8192
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (a batch system's stop or time limit, ``kill``, torchrun passing one on) ended a run: handled as
+    an interrupt (the finished conditions are kept), exit code 143."""
+
+    exit_code = 143
+
+
 class ShiftbenchError(ValueError):
     """A bad input: the message names the thing, what was given and what is allowed."""
 

@@ -16,7 +16,7 @@ import yaml
 
 from runner_fixture import make_suite, suite_dict, write_checkpoints
 from shiftbench.cli import main
-from shiftbench.errors import ShiftbenchError
+from shiftbench.errors import ShiftbenchError, Terminated
 from shiftbench.runner.results import RESULT_COLUMNS
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -642,11 +642,36 @@ def test_gallery_ids_not_in_the_data_are_named(tmp_path, capsys):
     assert " WARNING metrics.gallery: 1 sample id not among" in (tmp_path / "run" / "run.log").read_text()
 
 
+def test_sigterm_ends_a_run_like_ctrl_c_and_it_resumes(suite, tmp_path):
+    """A batch system's stop (SIGTERM) after a finished condition: exit 143, one line on stderr, the reason in
+    run.log, the lock released and the finished conditions kept for the resume."""
+    import signal
+
+    out = tmp_path / "run"
+    env = dict(os.environ, OMP_NUM_THREADS=str(torch.get_num_threads()), PYTHONPATH=str(ROOT))
+    proc = subprocess.Popen([sys.executable, "-m", "shiftbench", "run", str(suite), "--out", str(out), "--quiet"],
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 300
+    while proc.poll() is None and time.monotonic() < deadline and not list(out.glob("states/*/*/[!.]*.pt")):
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGTERM)
+    err = proc.communicate(timeout=120)[1]
+    assert proc.returncode == 143 and err.strip().splitlines() == ["shiftbench: terminated (SIGTERM)"], err[-2000:]
+    assert (out / "run.log").read_text().splitlines()[-1].endswith(
+        "ERROR terminated (SIGTERM); the finished conditions are kept, the same command resumes")
+    kept = len(list(out.glob("states/*/*/[!.]*.pt")))
+    assert run(suite, out) == 0  # no stale lock; the kept conditions are not run again
+    done = json.loads((out / "summary.json").read_text())["conditions"]["already_done"]
+    assert kept >= 1 and done == kept
+
+
 @pytest.mark.parametrize("stop, rc, logged", [
     (KeyboardInterrupt(), 130, "ERROR interrupted; the finished conditions are kept, the same command resumes"),
+    (Terminated("SIGTERM"), 143,
+     "ERROR terminated (SIGTERM); the finished conditions are kept, the same command resumes"),
     (ShiftbenchError("x.csv: cannot be written"), 2, "ERROR stopped by an error: x.csv: cannot be written"),
     (RuntimeError("boom"), None, "ERROR stopped by an error: RuntimeError: boom"),
-], ids=["interrupted", "one-line error", "other error"])
+], ids=["interrupted", "terminated", "one-line error", "other error"])
 def test_what_ended_a_run_early_is_in_its_log(tmp_path, monkeypatch, capsys, stop, rc, logged):
     path = make_suite(tmp_path / "suite", **SMALL)
 

@@ -9,10 +9,14 @@ any moment and started again) skips what is done and gives identical results. Un
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
 import platform
+import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -22,7 +26,7 @@ import yaml
 from tqdm import tqdm
 
 from shiftbench import io
-from shiftbench.errors import ShiftbenchError, counted, one_line
+from shiftbench.errors import ShiftbenchError, Terminated, counted, one_line
 from shiftbench.runner import dist
 from shiftbench.runner.conditions import Condition, enumerate_conditions
 from shiftbench.runner.data import cache_budget, loader_workers, open_splits
@@ -79,7 +83,36 @@ def _setup_log(path: Path, is_main: bool) -> logging.Handler | None:
 
 
 def run_suite(suite, force: bool = False, progress: bool = True) -> dict[str, Any]:
-    """Run (or resume) a suite; returns the summary written to ``summary.json``."""
+    """Run (or resume) a suite; returns the summary written to ``summary.json``. SIGTERM ends it as Ctrl-C
+    does (:class:`Terminated`): the finished conditions are kept, and run.log says so."""
+    with _sigterm_interrupts():
+        return _run_suite(suite, force, progress)
+
+
+@contextlib.contextmanager
+def _sigterm_interrupts():
+    """While the block runs in the main thread, SIGTERM raises :class:`Terminated` there; a forked child (a
+    DataLoader worker) that gets one ends as it would have without this handler."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    owner = os.getpid()
+
+    def terminate(signum, frame):
+        if os.getpid() != owner:
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+            return
+        raise Terminated("SIGTERM")
+
+    previous = signal.signal(signal.SIGTERM, terminate)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _run_suite(suite, force: bool, progress: bool) -> dict[str, Any]:
     from shiftbench.models.zoo import ModelZoo
     from shiftbench.runner.results import write_results
 
@@ -297,6 +330,7 @@ def _say(line: str, level: int = logging.INFO, stream=None) -> None:
 def _stopped(exc: BaseException) -> str:
     """The run.log line of what ended a run early."""
     if isinstance(exc, KeyboardInterrupt):
-        return "interrupted; the finished conditions are kept, the same command resumes"
+        how = "terminated (SIGTERM)" if isinstance(exc, Terminated) else "interrupted"
+        return f"{how}; the finished conditions are kept, the same command resumes"
     what = "" if isinstance(exc, ShiftbenchError) else f"{type(exc).__name__}: "
     return f"stopped by an error: {what}{one_line(str(exc))}"
