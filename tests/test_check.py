@@ -246,6 +246,17 @@ def test_a_run_whose_values_are_not_comparable_is_refused(tmp_path, baseline, ca
     _one_line_error(capsys, fragment, "models and estimators may differ", "--write-baseline")
 
 
+def test_a_baseline_from_before_amp_was_recorded_counts_as_amp_off(tmp_path, capsys):
+    comparable = {k: v for k, v in COMPARABLE.items() if k != "amp"}
+    base = make_run(tmp_path / "base", models=SMALL, n_patches=300, curves=False, maps=False, comparable=comparable)
+    assert cli(["check", str(base), "--write-baseline", str(tmp_path / "b.json")]) == 0
+    amp = make_run(tmp_path / "amp", models=SMALL, n_patches=300, curves=False, maps=False,
+                   comparable={**COMPARABLE, "amp": True})
+    capsys.readouterr()
+    assert check(amp, tmp_path / "b.json") == 2
+    _one_line_error(capsys, "the run's amp is true, the baseline's false")
+
+
 @pytest.mark.parametrize("change", [
     lambda c: c["dataset"].pop("size"),  # a setting only one shiftbench records
     lambda c: c["dataset"].update(eval={"id": ["highway_test"], "ood": ["ambiguous_test"]}),  # a group added

@@ -642,25 +642,46 @@ def test_gallery_ids_not_in_the_data_are_named(tmp_path, capsys):
     assert " WARNING metrics.gallery: 1 sample id not among" in (tmp_path / "run" / "run.log").read_text()
 
 
-def test_sigterm_ends_a_run_like_ctrl_c_and_it_resumes(suite, tmp_path):
+def _parent(proc: Path) -> int | None:
+    """The parent pid of /proc/<pid> (None once it is gone)."""
+    try:
+        return int(proc.joinpath("stat").read_text().rpartition(")")[2].split()[1])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads /proc to see the DataLoader workers")
+@pytest.mark.parametrize("group", [False, True], ids=["process", "process group with DataLoader workers"])
+def test_sigterm_ends_a_run_like_ctrl_c_and_it_resumes(suite, tmp_path, group):
     """A batch system's stop (SIGTERM) after a finished condition: exit 143, one line on stderr, the reason in
-    run.log, the lock released and the finished conditions kept for the resume."""
+    run.log, the lock released and the finished conditions kept for the resume. Sent to the process group
+    (torchrun, Slurm) it also kills the DataLoader workers, whose deaths are no second error."""
     import signal
 
     out = tmp_path / "run"
-    env = dict(os.environ, OMP_NUM_THREADS=str(torch.get_num_threads()), PYTHONPATH=str(ROOT))
-    proc = subprocess.Popen([sys.executable, "-m", "shiftbench", "run", str(suite), "--out", str(out), "--quiet"],
-                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    if group:  # splits streamed by 2 workers, one image a batch: workers are alive through every condition
+        suite = make_suite(tmp_path / "suite", count=6, size=(48, 64))
+    path = _with_run(suite, tmp_path / "stopped", **(dict(workers=2, cache=0, batch_size=1) if group else {}))
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    proc = subprocess.Popen([sys.executable, "-m", "shiftbench", "run", str(path), "--out", str(out), "--quiet"],
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
     deadline = time.monotonic() + 300
-    while proc.poll() is None and time.monotonic() < deadline and not list(out.glob("states/*/*/[!.]*.pt")):
-        time.sleep(0.01)
-    proc.send_signal(signal.SIGTERM)
+
+    def ready() -> bool:  # a condition finished and, for the group, workers alive (a split being read)
+        if not list(out.glob("states/*/*/[!.]*.pt")):
+            return False
+        return not group or any(_parent(p) == proc.pid for p in Path("/proc").glob("[0-9]*"))
+
+    while proc.poll() is None and time.monotonic() < deadline and not ready():
+        time.sleep(0.005)
+    (os.killpg if group else os.kill)(proc.pid, signal.SIGTERM)
     err = proc.communicate(timeout=120)[1]
     assert proc.returncode == 143 and err.strip().splitlines() == ["shiftbench: terminated (SIGTERM)"], err[-2000:]
     assert (out / "run.log").read_text().splitlines()[-1].endswith(
         "ERROR terminated (SIGTERM); the finished conditions are kept, the same command resumes")
     kept = len(list(out.glob("states/*/*/[!.]*.pt")))
-    assert run(suite, out) == 0  # no stale lock; the kept conditions are not run again
+    assert run(path, out) == 0  # no stale lock; the kept conditions are not run again
     done = json.loads((out / "summary.json").read_text())["conditions"]["already_done"]
     assert kept >= 1 and done == kept
 
@@ -1019,11 +1040,14 @@ def test_ranks_that_read_other_checkpoints_are_refused(tmp_path):
            "-m", "shiftbench", "run", str(path), "--out", str(tmp_path / "run"), "--quiet", "--corruptions", "none"]
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode != 0
-    ours = [line for line in done.stderr.splitlines() if line.startswith("shiftbench: error:")]
-    assert ours and all(line == "shiftbench: error: rank 1 of 2 reads other checkpoint bytes than rank 0 (a node "
-                        "with another copy?): every rank must see the same suite and checkpoints"
-                        for line in ours), done.stderr[-3000:]
+    said = re.findall(r"shiftbench: error: (.*?)(?=shiftbench: error:|\n|$)", done.stderr)  # ranks' lines may interleave
+    assert said and all(s == "rank 1 of 2 reads other checkpoint bytes (a node with another copy?) than rank 0: "
+                        "every rank must see the same suite and checkpoints" for s in said), done.stderr[-3000:]
     assert not (tmp_path / "run" / "results.csv").exists()
+    shutil.copy(folder / "baseline.pt", folder / "baseline_1.pt")  # the same bytes under each rank's own name
+    cmd[cmd.index("--out") + 1] = str(tmp_path / "same")
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
 
 
 def test_a_failed_collective_is_one_line_naming_the_rank():

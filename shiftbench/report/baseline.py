@@ -221,7 +221,7 @@ def check_identity(run: Run, baseline: dict[str, Any]) -> None:
                               "compare runs of the same suite, or write a new baseline with --write-baseline")
     theirs, ours = suite.get("comparable"), run.comparable
     if isinstance(theirs, dict) and ours is not None:
-        theirs, ours = _shared(theirs, ours)
+        theirs, ours = _shared({**RECORD_DEFAULTS, **theirs}, {**RECORD_DEFAULTS, **ours})
         if theirs != ours:
             where, old, new = _first_difference(theirs, ours)
             raise ShiftbenchError(f"the run's {where} is {new}, the baseline's {old}: its values are not comparable "
@@ -251,6 +251,10 @@ def check_identity(run: Run, baseline: dict[str, Any]) -> None:
                 f"at severities {','.join(map(str, cov.get('severities', []))) or 'none'}; the run has "
                 f"{','.join(have[split]['corruptions']) or 'none'} at "
                 f"{','.join(map(str, have[split]['severities'])) or 'none'}; run the same conditions")
+
+
+#: fields of ``comparable`` that older records lack, with the value such a run had
+RECORD_DEFAULTS = {"amp": False}
 
 
 def _shared(old: Any, new: Any) -> tuple[Any, Any]:

@@ -118,12 +118,13 @@ def _severity_axis(ax, severities: list[int], xlabel: bool = True) -> None:
 
 
 def _wrap(name: str, width_in: float, pt: float = 8) -> tuple[str, float]:
-    """A title for ``width_in`` inches (about 0.6 em a character): a long model name broken after the underscore
-    that makes its longer line shortest, and the font size (at most ``pt``) at which that line fits."""
+    """A title for ``width_in`` inches (about 0.6 em a character): a long model name broken after the ``_``,
+    ``-`` or ``.`` that makes its longer line shortest, and the font size (at most ``pt``) at which that line fits."""
     fits = width_in * 72 / (0.6 * pt)
     text = name
-    if len(name) > fits and "_" in name[1:-1]:
-        cut = min((i for i in range(1, len(name) - 1) if name[i] == "_"), key=lambda i: (max(i + 1, len(name) - i - 1), -i))
+    if len(name) > fits and any(ch in "_-." for ch in name[1:-1]):
+        cut = min((i for i in range(1, len(name) - 1) if name[i] in "_-."),
+                  key=lambda i: (max(i + 1, len(name) - i - 1), -i))
         text = name[:cut + 1] + "\n" + name[cut + 1:]
     longest = max(len(line) for line in text.split("\n"))
     return text, min(pt, pt * fits / longest)

@@ -234,15 +234,15 @@ def to_latex(table: Table) -> str:
     """A booktabs ``table`` environment: grouped headers with cmidrules, a rule between estimators.
 
     The first index label (the estimator) is printed once per block of rows. A table of more than
-    ``WIDE_COLUMNS`` columns is a ``table*`` (both columns of a two-column paper) scaled to the text width
-    (``\\resizebox``, graphicx), since it overflows a column at any font size a paper allows.
+    ``WIDE_COLUMNS`` columns is a ``table*`` (both columns of a two-column paper), shrunk to the text width
+    where it is wider (``\\resizebox``, graphicx), since it overflows a column at any font size a paper allows.
     """
     wide = len(table.index) + len(table.columns) > WIDE_COLUMNS
     env = "table*" if wide else "table"
     lines = ([r"% needs \usepackage{booktabs}" + (r" and \usepackage{graphicx}" if wide else "")]
              + [rf"\begin{{{env}}}[t]", r"\centering", r"\small", rf"\caption{{{latex_escape(table.caption)}}}",
                 rf"\label{{tab:{table.name}}}"]
-             + ([r"\resizebox{\textwidth}{!}{%"] if wide else [])
+             + ([r"\resizebox{\ifdim\width>\textwidth\textwidth\else\width\fi}{!}{%"] if wide else [])
              + [rf"\begin{{tabular}}{{{'l' * len(table.index)}{'r' * len(table.columns)}}}", r"\toprule"])
     lines += _latex_group_header(table)
     lines.append(" & ".join(latex_escape(h) for h in list(table.index) + [c.label for c in table.columns])

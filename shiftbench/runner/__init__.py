@@ -30,8 +30,8 @@ from shiftbench.errors import ShiftbenchError, Terminated, counted, one_line
 from shiftbench.runner import dist
 from shiftbench.runner.conditions import Condition, enumerate_conditions
 from shiftbench.runner.data import cache_budget, loader_workers, open_splits
-from shiftbench.runner.store import RunStore, run_inputs
-from shiftbench.runner.sweep import MetricWorker, Timer, sweep_conditions, thread_split
+from shiftbench.runner.store import RunStore, file_digest, run_inputs
+from shiftbench.runner.sweep import TERMINATE, MetricWorker, Timer, sweep_conditions, thread_split
 
 log = logging.getLogger("shiftbench.run")
 # run.log is the main rank's (see _setup_log); without a handler the other ranks' records would reach Python's
@@ -86,30 +86,49 @@ def run_suite(suite, force: bool = False, progress: bool = True) -> dict[str, An
     """Run (or resume) a suite; returns the summary written to ``summary.json``. SIGTERM ends it as Ctrl-C
     does (:class:`Terminated`): the finished conditions are kept, and run.log says so."""
     with _sigterm_interrupts():
-        return _run_suite(suite, force, progress)
+        try:
+            return _run_suite(suite, force, progress)
+        except Exception as exc:  # what SIGTERM caused (a DataLoader worker killed with the group) is SIGTERM
+            if TERMINATE.is_set():
+                raise Terminated("SIGTERM") from exc
+            raise
 
 
 @contextlib.contextmanager
 def _sigterm_interrupts():
-    """While the block runs in the main thread, SIGTERM raises :class:`Terminated` there; a forked child (a
-    DataLoader worker) that gets one ends as it would have without this handler."""
+    """While the block runs in the main thread, SIGTERM raises :class:`Terminated` there and sets
+    ``sweep.TERMINATE``: raised inside a fork hook (a DataLoader starting its workers) the exception is only
+    printed, so the sweep stops at its next batch, and what the signal caused meanwhile (a worker killed with
+    the process group by torchrun or Slurm) is reported as the SIGTERM it is. DataLoader workers keep torch's
+    own SIGTERM handling."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
     owner = os.getpid()
+    TERMINATE.clear()
 
     def terminate(signum, frame):
-        if os.getpid() != owner:
+        if os.getpid() != owner:  # a forked child without a handler of its own: the default, as without ours
             signal.signal(signum, signal.SIG_DFL)
             os.kill(os.getpid(), signum)
             return
+        # DataLoader workers signalled with the group die too; torch's SIGCHLD handler would raise that as a
+        # second error while the run unwinds (a traceback from the iterator's __del__): the process is ending
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+        TERMINATE.set()
         raise Terminated("SIGTERM")
 
-    previous = signal.signal(signal.SIGTERM, terminate)
+    def unraisable(info):  # the handler's exception inside a fork hook is only printed: the flag carries it
+        if not isinstance(info.exc_value, Terminated):
+            hook(info)
+
+    previous, hook = signal.signal(signal.SIGTERM, terminate), sys.unraisablehook
+    sys.unraisablehook = unraisable
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)  # None: set from C
+        sys.unraisablehook = hook
 
 
 def _run_suite(suite, force: bool, progress: bool) -> dict[str, Any]:
@@ -131,7 +150,7 @@ def _run_suite(suite, force: bool, progress: bool) -> dict[str, Any]:
             store.lock()
         zoo = ModelZoo.from_suite(suite, device)  # before the folder: a bad checkpoint leaves nothing behind
         inputs = run_inputs(suite, device.type, threads, world.size, zoo.factory_digests)
-        _same_on_every_rank(world, digest, inputs)
+        _same_on_every_rank(world, suite, digest, inputs)
         if world.is_main:  # the main rank holds the folder's lock until the run ends
             store.open(suite.name, digest, force=force, inputs=inputs,
                        scope={"seed": suite.run.seed, "limit": suite.run.limit}, contents=suite.digest(scope=False),
@@ -280,19 +299,25 @@ def _class_names(suite) -> list[str]:
     return list(class_names(suite.dataset.name, suite.dataset.classes))
 
 
-def _same_on_every_rank(world: dist.World, digest: str, inputs: dict[str, Any]) -> None:
+def _same_on_every_rank(world: dist.World, suite, digest: str, inputs: dict[str, Any]) -> None:
     """Refuse (on every rank) a torchrun whose ranks read another suite or other weights than rank 0 (a node
-    with a stale copy): their states would merge silently. The thread counts may differ between nodes."""
-    mine = {"suite": digest, **{k: v for k, v in inputs.items() if k != "threads"}}
+    with a stale copy): their states would merge silently. Checkpoints are compared by their bytes, file by
+    file in suite order (their names may differ: ``${RANK}`` in a path); thread counts may differ between
+    nodes."""
+    if not world.distributed:
+        return
+    mine = {"suite": digest, "checkpoints": [file_digest(p) for p in suite.checkpoints()],
+            **{k: v for k, v in inputs.items() if k not in ("threads", "checkpoints")}}
     ranks = dist.gather_objects(mine, world, "comparing the ranks' suite and checkpoints")
     for rank, theirs in enumerate(ranks):
         if theirs != ranks[0]:
             what = next(k for k in ranks[0] if theirs.get(k) != ranks[0][k])
-            words = {"suite": "another suite file", "checkpoints": "other checkpoint bytes",
-                     "factory_weights": "other weights of its custom models"}
+            words = {"suite": "another suite file (a node with another copy?)",
+                     "checkpoints": "other checkpoint bytes (a node with another copy?)",
+                     "factory_weights": "other weights from its custom models' factories (a node with another "
+                                        "copy, or a factory that does not seed its weights?)"}
             raise ShiftbenchError(f"rank {rank} of {world.size} reads {words.get(what, f'another {what}')} than "
-                                  "rank 0 (a node with another copy?): every rank must see the same suite and "
-                                  "checkpoints")
+                                  "rank 0: every rank must see the same suite and checkpoints")
 
 
 def _print_end(summary: dict[str, Any], root: Path) -> None:
@@ -329,8 +354,8 @@ def _say(line: str, level: int = logging.INFO, stream=None) -> None:
 
 def _stopped(exc: BaseException) -> str:
     """The run.log line of what ended a run early."""
-    if isinstance(exc, KeyboardInterrupt):
-        how = "terminated (SIGTERM)" if isinstance(exc, Terminated) else "interrupted"
+    if isinstance(exc, KeyboardInterrupt) or TERMINATE.is_set():
+        how = "terminated (SIGTERM)" if isinstance(exc, Terminated) or TERMINATE.is_set() else "interrupted"
         return f"{how}; the finished conditions are kept, the same command resumes"
     what = "" if isinstance(exc, ShiftbenchError) else f"{type(exc).__name__}: "
     return f"stopped by an error: {what}{one_line(str(exc))}"

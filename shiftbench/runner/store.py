@@ -39,6 +39,22 @@ STATE_FORMAT = 2
 OUTPUTS = ("results.csv", "results.parquet", "curves.parquet", "summary.json")
 
 
+def _hash_file(h: "hashlib._Hash", path: Path) -> None:
+    try:
+        with open(path, "rb") as fh:
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                h.update(block)
+    except OSError:
+        h.update(b"missing")  # the model zoo says what is wrong with it
+
+
+def file_digest(path: Path) -> str:
+    """sha256 of a file's bytes (of ``missing`` when it cannot be read)."""
+    h = hashlib.sha256()
+    _hash_file(h, path)
+    return h.hexdigest()
+
+
 def run_inputs(suite, device_type: str = "cpu", threads: tuple[int, int] = (1, 0), world_size: int = 1,
                factory_weights: dict[str, str] | None = None) -> dict[str, Any]:
     """What changes a condition's result besides the suite file; a run is only resumed with the same:
@@ -56,12 +72,7 @@ def run_inputs(suite, device_type: str = "cpu", threads: tuple[int, int] = (1, 0
     h = hashlib.sha256()
     for path in suite.checkpoints():
         h.update(f"\0{path.name}\0".encode())
-        try:
-            with open(path, "rb") as fh:
-                for block in iter(lambda: fh.read(1 << 20), b""):
-                    h.update(block)
-        except OSError:
-            h.update(b"missing")  # the model zoo says what is wrong with it
+        _hash_file(h, path)
     forward, metrics = threads
     return {"checkpoints": h.hexdigest(), "factory_weights": factory_weights or None, "amp": suite.run.amp,
             "device": device_type, "exact": suite.run.exact,

@@ -24,6 +24,7 @@ from torch import Tensor
 from corruptions import corrupt
 from shiftbench.metrics import (CalibrationMetrics, ConditionalMetrics, Outcome, SegmentationMetrics,
                                 UncertaintyHistogram)
+from shiftbench.errors import Terminated
 from shiftbench.models.checks import ImagesOutOfRange
 from shiftbench.runner.conditions import Condition
 from shiftbench.runner.data import Batch, SplitData
@@ -371,12 +372,18 @@ def sweep_conditions(zoo, suite, plan: dict[str, tuple[str, ...]], conditions: l
 
 T = TypeVar("T")
 
+#: set by the run's SIGTERM handler. Its exception can be lost (raised inside a fork hook while a DataLoader
+#: starts its workers, it is only printed), so the sweep also stops at the next batch once this is set.
+TERMINATE = threading.Event()
+
 
 def _timed(items: Iterable[T], timer: Timer, stage: str) -> Iterator[T]:
     """``items``, with the time spent producing each one (reading, decoding, waiting for a DataLoader worker)
     charged to ``stage``."""
     it = iter(items)
     while True:
+        if TERMINATE.is_set():
+            raise Terminated("SIGTERM")
         with timer(stage):
             item = next(it, _END)
         if item is _END:
