@@ -489,5 +489,9 @@ def test_long_model_names_and_estimator_labels_fit_their_panels(tmp_path):
         assert {r.name for r in rendered} >= {"reliability_id", "gallery"}
         for r in rendered:
             _titles_fit_and_do_not_overlap(r.figure)
+        bars = next(r for r in figures.FIGURES["id_vs_ood"](ctx) if r.name == "id_vs_ood")
+        for ax in bars.figure.get_axes():  # a rule between each two methods, for greyscale prints
+            rules = [ln for ln in ax.get_lines() if len(set(ln.get_xdata())) == 1]
+            assert len(rules) == len(names) - 1
     text, size = figures._wrap("moe_classwise_conv", 0.9)
     assert text == "moe_classwise_\nconv" and size * 0.6 * len("moe_classwise_") <= 0.9 * 72 + 1e-9

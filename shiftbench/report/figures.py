@@ -279,7 +279,7 @@ def id_vs_ood(ctx: Context) -> Iterator[Rendered | Note]:
     _legend(fig, ctx, models, splits=run.splits)
     yield Rendered("id_vs_ood", "Calibration on ID vs OOD data",
                    "ECE, MCE, Brier and NLL on the clean data of each split group (bars side by side per method and "
-                   "estimator; x labels coloured by method; cf. the paper's Fig. 4).", fig)
+                   "estimator; x labels coloured by method, dashed rules between methods; cf. the paper's Fig. 4).", fig)
 
 
 def _pairs(ctx: Context, frame: pd.DataFrame) -> list[tuple[str, str]]:
@@ -298,6 +298,9 @@ def _split_bars(ax, ctx: Context, frame: pd.DataFrame, pairs: list[tuple[str, st
         x = np.arange(len(pairs)) + (i - (len(splits) - 1) / 2) * width
         ax.bar(x, values, width, color=[ctx.colours[m] for m, _ in pairs], alpha=alpha, hatch=hatch,
                edgecolor=[ctx.colours[m] for m, _ in pairs], linewidth=0.5)
+    for k in range(1, len(pairs)):  # a rule between methods: groups readable without colour (greyscale print)
+        if pairs[k][0] != pairs[k - 1][0]:
+            ax.axvline(k - 0.5, color="0.55", linewidth=0.6, linestyle=(0, (2, 2)))
     ax.grid(True, axis="y")
     ax.set_xlim(-0.6, len(pairs) - 0.4)
 
