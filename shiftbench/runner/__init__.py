@@ -30,7 +30,7 @@ from shiftbench.errors import ShiftbenchError, Terminated, counted, one_line
 from shiftbench.runner import dist
 from shiftbench.runner.conditions import Condition, enumerate_conditions
 from shiftbench.runner.data import cache_budget, loader_workers, open_splits
-from shiftbench.runner.store import RunStore, file_digest, run_inputs
+from shiftbench.runner.store import RunStore, checkpoint_digests, run_inputs
 from shiftbench.runner.sweep import TERMINATE, MetricWorker, Timer, sweep_conditions, thread_split
 
 log = logging.getLogger("shiftbench.run")
@@ -149,8 +149,9 @@ def _run_suite(suite, force: bool, progress: bool) -> dict[str, Any]:
             store.refuse_foreign(force)
             store.lock()
         zoo = ModelZoo.from_suite(suite, device)  # before the folder: a bad checkpoint leaves nothing behind
-        inputs = run_inputs(suite, device.type, threads, world.size, zoo.factory_digests)
-        _same_on_every_rank(world, suite, digest, inputs)
+        checkpoints, files = checkpoint_digests(suite, each=world.distributed)  # each file read once per rank
+        inputs = run_inputs(suite, device.type, threads, world.size, zoo.factory_digests, checkpoints)
+        _same_on_every_rank(world, digest, inputs, files)
         if world.is_main:  # the main rank holds the folder's lock until the run ends
             store.open(suite.name, digest, force=force, inputs=inputs,
                        scope={"seed": suite.run.seed, "limit": suite.run.limit}, contents=suite.digest(scope=False),
@@ -299,14 +300,14 @@ def _class_names(suite) -> list[str]:
     return list(class_names(suite.dataset.name, suite.dataset.classes))
 
 
-def _same_on_every_rank(world: dist.World, suite, digest: str, inputs: dict[str, Any]) -> None:
+def _same_on_every_rank(world: dist.World, digest: str, inputs: dict[str, Any], files: list[str]) -> None:
     """Refuse (on every rank) a torchrun whose ranks read another suite or other weights than rank 0 (a node
     with a stale copy): their states would merge silently. Checkpoints are compared by their bytes, file by
     file in suite order (their names may differ: ``${RANK}`` in a path); thread counts may differ between
     nodes."""
     if not world.distributed:
         return
-    mine = {"suite": digest, "checkpoints": [file_digest(p) for p in suite.checkpoints()],
+    mine = {"suite": digest, "checkpoints": files,
             **{k: v for k, v in inputs.items() if k not in ("threads", "checkpoints")}}
     ranks = dist.gather_objects(mine, world, "comparing the ranks' suite and checkpoints")
     for rank, theirs in enumerate(ranks):
@@ -354,8 +355,9 @@ def _say(line: str, level: int = logging.INFO, stream=None) -> None:
 
 def _stopped(exc: BaseException) -> str:
     """The run.log line of what ended a run early."""
-    if isinstance(exc, KeyboardInterrupt) or TERMINATE.is_set():
-        how = "terminated (SIGTERM)" if isinstance(exc, Terminated) or TERMINATE.is_set() else "interrupted"
+    terminated = isinstance(exc, Terminated) or TERMINATE.is_set()  # the flag: what the signal caused, too
+    if terminated or isinstance(exc, KeyboardInterrupt):
+        how = "terminated (SIGTERM)" if terminated else "interrupted"
         return f"{how}; the finished conditions are kept, the same command resumes"
     what = "" if isinstance(exc, ShiftbenchError) else f"{type(exc).__name__}: "
     return f"stopped by an error: {what}{one_line(str(exc))}"

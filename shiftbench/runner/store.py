@@ -39,24 +39,29 @@ STATE_FORMAT = 2
 OUTPUTS = ("results.csv", "results.parquet", "curves.parquet", "summary.json")
 
 
-def _hash_file(h: "hashlib._Hash", path: Path) -> None:
-    try:
-        with open(path, "rb") as fh:
-            for block in iter(lambda: fh.read(1 << 20), b""):
-                h.update(block)
-    except OSError:
-        h.update(b"missing")  # the model zoo says what is wrong with it
-
-
-def file_digest(path: Path) -> str:
-    """sha256 of a file's bytes (of ``missing`` when it cannot be read)."""
-    h = hashlib.sha256()
-    _hash_file(h, path)
-    return h.hexdigest()
+def checkpoint_digests(suite, each: bool = True) -> tuple[str, list[str]]:
+    """Each checkpoint read once: the sha256 of all their names and bytes (``run_inputs``' ``checkpoints``) and,
+    with ``each``, the sha256 of each file's bytes alone, in suite order (for comparing ranks whose file names
+    differ; else an empty list). A file that cannot be read counts as the bytes ``missing`` (the model zoo says
+    what is wrong with it)."""
+    combined, files = hashlib.sha256(), []
+    for path in suite.checkpoints():
+        combined.update(f"\0{path.name}\0".encode())
+        hashers = [combined, hashlib.sha256()] if each else [combined]
+        try:
+            with open(path, "rb") as fh:
+                for block in iter(lambda: fh.read(1 << 20), b""):
+                    for h in hashers:
+                        h.update(block)
+        except OSError:
+            for h in hashers:
+                h.update(b"missing")
+        files += [h.hexdigest() for h in hashers[1:]]
+    return combined.hexdigest(), files
 
 
 def run_inputs(suite, device_type: str = "cpu", threads: tuple[int, int] = (1, 0), world_size: int = 1,
-               factory_weights: dict[str, str] | None = None) -> dict[str, Any]:
+               factory_weights: dict[str, str] | None = None, checkpoints: str | None = None) -> dict[str, Any]:
     """What changes a condition's result besides the suite file; a run is only resumed with the same:
 
     checkpoints  sha256 of the bytes of every checkpoint (a model retrained in place)
@@ -68,13 +73,13 @@ def run_inputs(suite, device_type: str = "cpu", threads: tuple[int, int] = (1, 0
     threads      on the CPU, the torch threads of the forwards and of the metrics (``threads`` from
                  ``thread_split``; metrics without a worker run on the forwards' threads): kernels round
                  differently with another thread count. None on CUDA.
+
+    ``checkpoints``: the first of :func:`checkpoint_digests`, when the caller has it already.
     """
-    h = hashlib.sha256()
-    for path in suite.checkpoints():
-        h.update(f"\0{path.name}\0".encode())
-        _hash_file(h, path)
+    if checkpoints is None:
+        checkpoints = checkpoint_digests(suite, each=False)[0]
     forward, metrics = threads
-    return {"checkpoints": h.hexdigest(), "factory_weights": factory_weights or None, "amp": suite.run.amp,
+    return {"checkpoints": checkpoints, "factory_weights": factory_weights or None, "amp": suite.run.amp,
             "device": device_type, "exact": suite.run.exact,
             "batch_size": None if suite.run.exact else suite.run.batch_size,
             "processes": None if suite.run.exact else world_size,
