@@ -23,7 +23,6 @@ IMAGE_SUFFIXES = {".png": "png", ".jpg": "jpeg", ".jpeg": "jpeg"}
 _CODEC_DEPRECATION = "The image decoding and encoding capabilities of TorchVision are deprecated"
 JPEG_QUALITY = 95  # when writing a .jpg/.jpeg output (PNG outputs are lossless)
 MANIFEST = "corrupt.json"  # in OUT: what its images were made with
-RUN_MANIFEST = "manifest.json"  # a 'shiftbench run' folder's (shiftbench.runner.store.MANIFEST): not an OUT
 STALE_S = 60  # a temporary older than this is a killed run's (one image takes well under a second to write)
 
 
@@ -220,6 +219,7 @@ def open_output(out: Path, made_with: dict, folders: list[Path]) -> None:
 
     from shiftbench import io
     from shiftbench.errors import ShiftbenchError
+    from shiftbench.runner.store import MANIFEST as RUN_MANIFEST  # a 'shiftbench run' folder's: not an OUT
 
     manifest = out / MANIFEST
     if not manifest.is_file() and (out / RUN_MANIFEST).is_file():

@@ -436,17 +436,17 @@ def _build_custom(zoo: ModelZoo, spec: Any, file: dict[str, Any] | None) -> None
         raise ShiftbenchError(f"factory {spec.factory!r} raised {type(exc).__name__}: {first}") from None
     if not isinstance(model, nn.Module):
         raise ShiftbenchError(f"factory {spec.factory!r} returned {type(model).__name__}, not a torch.nn.Module")
-    if lazy := [k for k, v in model.state_dict().items() if isinstance(v, Tensor) and nn.parameter.is_lazy(v)]:
+    # its tensors (a module's extra state, get_extra_state, may be any object)
+    tensors = {k: v for k, v in model.state_dict().items() if isinstance(v, Tensor)}
+    if lazy := [k for k, v in tensors.items() if nn.parameter.is_lazy(v)]:
         raise ShiftbenchError(f"factory {spec.factory!r} returned a model with uninitialized (lazy) weights "
                               f"({', '.join(lazy[:3])}); initialize them in the factory (call the model once on "
                               "a dummy batch, then load or seed its weights)")
     if spec.checkpoint is not None:
         load_strict(model, _read(spec.checkpoint, f"models.{spec.name}.checkpoint")["state_dict"], str(spec.checkpoint))
-    else:  # weights from the factory itself: recorded, so that a run is not resumed with other ones (its tensors;
-        # a module's extra state, get_extra_state, may be any object)
-        state = model.state_dict()
+    else:  # weights from the factory itself: recorded, so that a run is not resumed with other ones
         try:
-            zoo.factory_digests[spec.name] = weights_digest({k: v for k, v in state.items() if isinstance(v, Tensor)})
+            zoo.factory_digests[spec.name] = weights_digest(tensors)
         except Exception as exc:  # a tensor kind with no bytes to read (meta, say): the user's model, one line
             raise ShiftbenchError(f"models.{spec.name}: cannot take a digest of the weights its factory made "
                                   f"({type(exc).__name__}: {one_line(exc)}); give it a checkpoint") from None
