@@ -117,10 +117,15 @@ def _severity_axis(ax, severities: list[int], xlabel: bool = True) -> None:
     ax.grid(True, axis="y")
 
 
+def _chars(width_in: float, pt: float) -> float:
+    """How many characters of a ``pt`` font fit in ``width_in`` inches (about 0.6 em a character)."""
+    return width_in * 72 / (0.6 * pt)
+
+
 def _wrap(name: str, width_in: float, pt: float = 8) -> tuple[str, float]:
-    """A title for ``width_in`` inches (about 0.6 em a character): a long model name broken after the ``_``,
-    ``-`` or ``.`` that makes its longer line shortest, and the font size (at most ``pt``) at which that line fits."""
-    fits = width_in * 72 / (0.6 * pt)
+    """A title for ``width_in`` inches: a long model name broken after the ``_``, ``-`` or ``.`` that makes its
+    longer line shortest, and the font size (at most ``pt``) at which that line fits."""
+    fits = _chars(width_in, pt)
     text = name
     if len(name) > fits and any(ch in "_-." for ch in name[1:-1]):
         cut = min((i for i in range(1, len(name) - 1) if name[i] in "_-."),
@@ -435,7 +440,7 @@ def gallery(ctx: Context) -> Iterator[Rendered | Note]:
     h, w = samples[0]["image"].shape[:2]
     label_w = 0.5  # in, the sample ids left of the first column
     cell = (FULL_WIDTH - label_w - 0.2) / (2 + len(columns)) - 0.03
-    fits = cell * 72 / (0.6 * 6)  # characters of a 6 pt column title in one cell
+    fits = _chars(cell, 6)  # characters of a 6 pt column title in one cell
     titles = {title: "\n".join(title.rsplit(" ", 1)) if len(title) > fits else title
               for _, cols in groups for _, title, _ in cols}
     two_line = any("\n" in text for text in titles.values())
