@@ -15,7 +15,7 @@ from shiftbench.report import aggregate, tables
 from shiftbench.report.build import build_report
 from shiftbench.report.load import load_run
 from shiftbench.report.style import ESTIMATOR_STYLES, estimator_label
-from tests.run_fixture import MODELS, ci_sweep, make_run
+from tests.run_fixture import MODELS, PE, SEPARATION, ci_sweep, make_run
 
 
 @pytest.fixture(scope="module")
@@ -223,17 +223,68 @@ def test_at_threshold_reads_the_grid_point(run_dir):
     assert set(at["x"]) == {0.5} and set(aggregate.at_threshold(coarse, 0.3)["x"]) == {0.25}  # the point it read
 
 
-def test_the_fixed_threshold_row_names_the_grid_point_it_read(run_dir):
+def test_the_fixed_threshold_figure_names_the_grid_point_it_read(run_dir):
     """--threshold 0.333 on the 101-point grid reads t = 0.33, and the figure says 0.33, not 0.333."""
     from shiftbench.report import figures
     from shiftbench.report.style import method_colours
 
     run = load_run(run_dir)
     ctx = figures.Context(run=run, colours=method_colours(list(run.models)), threshold=0.333)
-    rendered = [r for r in figures.conditional_vs_severity(ctx) if isinstance(r, figures.Rendered)]
-    assert rendered and all("threshold t = 0.33 (bottom)" in r.caption for r in rendered)
-    labels = [ax.get_ylabel() for r in rendered for ax in r.figure.axes]
-    assert any(label.endswith("(at t = 0.33)") for label in labels) and not any("0.333" in label for label in labels)
+    rendered = {r.name: r for r in figures.conditional_vs_severity(ctx) if isinstance(r, figures.Rendered)}
+    assert set(rendered) == {f"conditional_{kind}_{split}" for kind in ("vs_severity", "at_threshold")
+                             for split in run.corrupted_splits}
+    fixed = [r for name, r in rendered.items() if name.startswith("conditional_at_threshold")]
+    assert all("threshold t = 0.33," in r.caption for r in fixed)
+    assert all(r.figure.get_suptitle() == "At the uncertainty threshold t = 0.33" for r in fixed)
+    assert not any("0.333" in r.caption + r.title for r in rendered.values())
+
+
+def _panel_families(fig) -> dict[tuple[int, int], tuple[str, list]]:
+    """(row, column) -> (the column's family title, the panel's data lines)."""
+    axes = {(ax.get_subplotspec().rowspan.start, ax.get_subplotspec().colspan.start): ax for ax in fig.axes}
+    titles = {c: ax.get_title() for (r, c), ax in axes.items() if r == 0}
+    return {(r, c): (titles[c], [ln for ln in ax.get_lines() if len(ln.get_xdata()) > 1])
+            for (r, c), ax in axes.items()}
+
+
+@pytest.mark.parametrize("family_name", ["conditional_vs_severity", "threshold_sweeps"])
+def test_conditional_figures_give_each_estimator_family_a_column(run_dir, family_name):
+    """A column per family (PE, MI, EV, GE), each panel holding one line per (method, estimator) of its family
+    and nothing else; the lines are the numbers they plot."""
+    from shiftbench.report import figures
+    from shiftbench.report.style import FAMILIES, method_colours
+
+    run = load_run(run_dir)
+    ctx = figures.Context(run=run, colours=method_colours(list(run.models)), sweep_severities=[0, 2])
+    rendered = [r for r in figures.FIGURES[family_name](ctx) if isinstance(r, figures.Rendered)]
+    assert len(rendered) == (2 * len(run.corrupted_splits) if family_name == "conditional_vs_severity"
+                             else 2 * len(run.splits) - (len(run.splits) - len(run.corrupted_splits)))
+    pairs = {(m, e) for m, (_, ests, _) in MODELS.items() for e in ests}
+    for r in rendered:
+        panels = _panel_families(r.figure)
+        assert [panels[0, c][0] for c in range(4)] == ["PE", "MI", "EV", "GE"] and len(panels) == 12
+        for (row, _), (family, lines) in panels.items():
+            drawn = [tuple(ln.get_label().split("/")) for ln in lines]
+            assert sorted(drawn) == sorted(p for p in pairs if p[1] in FAMILIES[family]), (r.name, family)
+    if family_name == "conditional_vs_severity":  # the PAvPU panel of PE holds the severity means
+        results = pd.read_csv(run_dir / "results.csv")
+        peaks = next(r for r in rendered if r.name == "conditional_vs_severity_id")
+        line = next(ln for ln in _panel_families(peaks.figure)[2, 0][1] if ln.get_label() == f"baseline/{PE}")
+        rows = results[(results["split"] == "id") & (results["model"] == "baseline") & (results["estimator"] == PE)]
+        expected = rows.groupby("severity")["peak_pavpu"].mean()
+        np.testing.assert_allclose(line.get_ydata(), expected.to_numpy())
+        np.testing.assert_array_equal(line.get_xdata(), expected.index.to_numpy())
+
+
+def test_family_groups_keep_order_and_gather_the_rest():
+    from shiftbench.report.style import OTHER, family_groups
+
+    ests = ["gate_entropy", "mutual_information", "predictive_entropy", "my_score", "predictive_entropy_stacked",
+            "one_minus_max_prob"]
+    assert family_groups(ests) == [("PE", ["predictive_entropy", "predictive_entropy_stacked"]),
+                                   ("MI", ["mutual_information"]), ("GE", ["gate_entropy"]),
+                                   ("SE, 1-MSP", ["one_minus_max_prob"]), (OTHER, ["my_score"])]
+    assert family_groups([]) == []
 
 
 def test_severity_means_against_a_loop(run_dir):
@@ -451,29 +502,34 @@ def test_model_names_stay_strings(tmp_path):
 
 # ------------------------------------------------------------------ layout
 def _titles_fit_and_do_not_overlap(fig) -> None:
-    """Every axes title lies inside the figure, and no two titles of one row of axes overlap."""
+    """Every axes title and axis label, and the figure's title and x label, lies inside the figure, and none
+    overlaps another or the figure's legend."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
 
     canvas = FigureCanvasAgg(fig)  # shiftbench's figures have no canvas of a backend of their own
     canvas.draw()
     renderer = canvas.get_renderer()
     box = fig.bbox
+    texts = ([t for ax in fig.get_axes() for t in (ax.title, ax.xaxis.label, ax.yaxis.label)]
+             + [fig._suptitle, fig._supxlabel])
     boxes = []
-    for ax in fig.get_axes():
-        title = ax.title
-        if not title.get_text().strip():
+    for text in texts:
+        if text is None or not text.get_text().strip():
             continue
-        ext = title.get_window_extent(renderer)
-        assert box.x0 - 0.5 <= ext.x0 and ext.x1 <= box.x1 + 0.5 and ext.y1 <= box.y1 + 0.5, title.get_text()
-        boxes.append((title.get_text(), ext))
+        ext = text.get_window_extent(renderer)
+        assert (box.x0 - 0.5 <= ext.x0 and ext.x1 <= box.x1 + 0.5 and box.y0 - 0.5 <= ext.y0
+                and ext.y1 <= box.y1 + 0.5), text.get_text()
+        boxes.append((text.get_text(), ext))
+    boxes += [("legend", legend.get_window_extent(renderer)) for legend in fig.legends]
     for i, (a, ea) in enumerate(boxes):
         for b, eb in boxes[i + 1:]:
             assert not ea.overlaps(eb), (a, b)
 
 
-def test_long_model_names_and_estimator_labels_fit_their_panels(tmp_path):
+def test_long_model_names_and_estimator_labels_fit_their_panels(tmp_path, monkeypatch):
     """Six methods with the demo's longest names: reliability titles are wrapped and scaled inside the figure,
-    the gallery's column titles ("PE (stacked)") do not run into each other."""
+    the gallery's column titles ("PE (stacked)") do not run into each other, and six estimator families (six
+    panel columns) keep the conditional figures' labels apart."""
     import matplotlib
 
     from shiftbench.report import figures
@@ -481,12 +537,18 @@ def test_long_model_names_and_estimator_labels_fit_their_panels(tmp_path):
 
     names = ["baseline", "ensemble", "moe_simple", "moe_simple_conv", "moe_classwise", "moe_classwise_conv"]
     models = {n: MODELS[list(MODELS)[min(i, len(MODELS) - 1)]] for i, n in enumerate(names)}
+    extra = ("softmax_entropy", "one_minus_max_prob", "my_score")  # six estimator families: six panel columns
+    models["baseline"] = ("mc_dropout", MODELS["baseline"][1] + extra, MODELS["baseline"][2])
+    for est in extra:
+        monkeypatch.setitem(SEPARATION, est, (0.2, 0.5))
     run = load_run(make_run(tmp_path / "long", models=models))
     ctx = figures.Context(run=run, colours=method_colours(list(run.models)), sweep_severities=[1],
                           gallery_models=list(run.models))
     with matplotlib.rc_context(RC):
-        rendered = [r for family in ("reliability", "gallery") for r in figures.FIGURES[family](ctx)]
-        assert {r.name for r in rendered} >= {"reliability_id", "gallery"}
+        rendered = [r for family in ("reliability", "gallery", "conditional_vs_severity", "threshold_sweeps")
+                    for r in figures.FIGURES[family](ctx) if isinstance(r, figures.Rendered)]
+        assert {r.name for r in rendered} >= {"reliability_id", "gallery", "conditional_at_threshold_id",
+                                              "threshold_sweeps_id_severity1"}
         for r in rendered:
             _titles_fit_and_do_not_overlap(r.figure)
         bars = next(r for r in figures.FIGURES["id_vs_ood"](ctx) if r.name == "id_vs_ood")

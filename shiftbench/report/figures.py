@@ -23,7 +23,8 @@ from shiftbench.errors import counted
 from shiftbench.report import aggregate
 from shiftbench.report.load import Run
 from shiftbench.report.schema import CALIBRATION, CLEAN, CONDITIONAL, METRICS
-from shiftbench.report.style import COLUMN_WIDTH, FAMILIES, FULL_WIDTH, estimator_label, estimator_style
+from shiftbench.report.style import (COLUMN_WIDTH, FAMILIES, FULL_WIDTH, GALLERY_FAMILIES, estimator_label,
+                                     estimator_style, family_groups)
 
 #: per split index: (fill alpha, hatch) for bars and filled histograms; the first split is solid
 SPLIT_STYLES = ((0.85, ""), (0.25, "////"), (0.25, "...."), (0.25, "xxxx"))
@@ -32,6 +33,8 @@ SPLIT_LINES = ("-", "--", ":", "-.")
 #: the conditional metrics' axis labels
 CONDITIONAL_LABELS = {"p_accurate_certain": "p(accurate | certain)",
                       "p_uncertain_inaccurate": "p(uncertain | inaccurate)", "pavpu": "PAvPU"}
+#: the same on two lines, for y labels beside a short panel
+CONDITIONAL_YLABELS = {k: v.replace("| ", "|\n") for k, v in CONDITIONAL_LABELS.items()}
 GATE = "gate_entropy"
 
 
@@ -75,8 +78,10 @@ def _panels(fig: Figure, n: int, ncols: int, **kw) -> list:
 
 
 def _line_kw(ctx: Context, model: str, estimator: str) -> dict:
+    """Colour (method), dashes and marker (estimator), and the label ``model/estimator`` the legend leaves out."""
     style = estimator_style(estimator)
-    return {"color": ctx.colours[model], "linestyle": style.dashes, "marker": style.marker}
+    return {"color": ctx.colours[model], "linestyle": style.dashes, "marker": style.marker,
+            "label": f"{model}/{estimator}"}
 
 
 def _legend(fig: Figure, ctx: Context, models: list[str], estimators: list[str] = (), splits: list[str] = (),
@@ -185,7 +190,8 @@ def _severity_boxes(ax, ctx: Context, data: pd.DataFrame, models: list[str], est
 
 # ------------------------------------------------------------------ 2 conditional metrics vs severity (Fig. 7)
 def conditional_vs_severity(ctx: Context) -> Iterator[Rendered | Note]:
-    """Per corrupted split: peaks (from results) and values at the fixed threshold (from curves) vs severity."""
+    """Per corrupted split: the peaks (from results) and the values at the fixed threshold (from curves) vs
+    severity, one figure each; rows the three metrics, columns the estimator families."""
     run = ctx.run
     if not run.corrupted_splits:
         yield Note("Conditional metrics vs severity: the run has no corrupted conditions.")
@@ -194,31 +200,76 @@ def conditional_vs_severity(ctx: Context) -> Iterator[Rendered | Note]:
     t = ctx.threshold if at_t is None else at_t["x"].iloc[0]  # the grid point nearest to --threshold
     for split in run.corrupted_splits:
         data = run.results[run.results["split"] == split]
-        rows = [("peak", aggregate.severity_means(data, [f"peak_{c}" for c in CONDITIONAL]), "peak_")]
-        if at_t is not None:
-            rows.append((f"at t = {t:g}",
-                         aggregate.severity_means(at_t[at_t["split"] == split], list(CONDITIONAL)), ""))
         models, estimators = _present(ctx, data)
-        fig = _figure(FULL_WIDTH, 1.7 * len(rows) + 0.7)
-        axes = fig.subplots(len(rows), 3, squeeze=False, sharex=True)
-        for r, (what, frame, prefix) in enumerate(rows):
-            for c, metric in enumerate(CONDITIONAL):
-                ax = axes[r, c]
-                for (model, est), g in frame.groupby(["model", "estimator"], sort=False):
-                    ax.plot(g["severity"], g[prefix + metric], **_line_kw(ctx, model, est))
-                _severity_axis(ax, sorted(frame["severity"].unique()), xlabel=r == len(rows) - 1)
-                ax.set_ylabel(f"{CONDITIONAL_LABELS[metric]}\n({what})")
-        _legend(fig, ctx, models, estimators)
-        note = "" if at_t is not None else " (no curves.parquet: the fixed-threshold row is left out)"
-        yield Rendered(f"conditional_vs_severity_{split}", f"Conditional metrics vs severity ({split})",
+        peaks = aggregate.severity_means(data, [f"peak_{c}" for c in CONDITIONAL])
+        fig = _family_grid(ctx, models, estimators, "Peak over the threshold sweep",
+                           lambda ax, k, m, e: _severity_line(ax, ctx, peaks, "peak_" + k, m, e))
+        _severity_ticks(fig, peaks)
+        note = "" if at_t is not None else " The run has no curves.parquet, so no fixed-threshold figure."
+        yield Rendered(f"conditional_vs_severity_{split}", f"Conditional metrics vs severity: peaks ({split})",
                        f"Split {split}: p(accurate|certain), p(uncertain|inaccurate) and PAvPU at their peak over the "
-                       f"threshold sweep (top) and at the uncertainty threshold t = {t:g} (bottom), mean "
-                       f"over corruption types per severity; severity 0 is clean (cf. the paper's Fig. 7){note}.", fig)
+                       "threshold sweep, mean over corruption types per severity; severity 0 is clean (cf. the "
+                       f"paper's Fig. 7). {FAMILY_WORDS}{note}", fig)
+        if at_t is None:
+            continue
+        fixed = aggregate.severity_means(at_t[at_t["split"] == split], list(CONDITIONAL))
+        fig = _family_grid(ctx, models, estimators, f"At the uncertainty threshold t = {t:g}",
+                           lambda ax, k, m, e: _severity_line(ax, ctx, fixed, k, m, e))
+        _severity_ticks(fig, fixed)
+        yield Rendered(f"conditional_at_threshold_{split}", f"Conditional metrics vs severity at t = {t:g} ({split})",
+                       f"Split {split}: p(accurate|certain), p(uncertain|inaccurate) and PAvPU at the uncertainty "
+                       f"threshold t = {t:g}, mean over corruption types per severity; severity 0 is clean. "
+                       + FAMILY_WORDS, fig)
+
+
+#: how the conditional figures are laid out, for their captions
+FAMILY_WORDS = ("Rows: the three metrics; columns: the estimator families (line style: the estimator, colour: "
+                "the method).")
+
+
+def _family_grid(ctx: Context, models: list[str], estimators: list[str], what: str,
+                 draw: Callable[..., None], xlabel: str = "severity", sharey: str | bool = "row") -> Figure:
+    """Rows the conditional metrics, columns the estimator families (:func:`family_groups`), ``what`` the
+    figure's title; each panel's lines by ``draw(ax, metric, model, estimator)``, estimators in style order,
+    methods in suite order."""
+    groups = family_groups(estimators)
+    fig = _figure(FULL_WIDTH, 1.3 * len(CONDITIONAL) + 0.9)
+    axes = fig.subplots(len(CONDITIONAL), len(groups), squeeze=False, sharex=True, sharey=sharey)
+    for r, metric in enumerate(CONDITIONAL):
+        for c, (family, members) in enumerate(groups):
+            ax = axes[r, c]
+            for est in members:
+                for model in models:
+                    draw(ax, metric, model, est)
+            ax.grid(True)
+            if r == 0:
+                ax.set_title(family)
+            if r == len(CONDITIONAL) - 1:
+                ax.set_xlabel(xlabel)
+        axes[r, 0].set_ylabel(CONDITIONAL_YLABELS[metric])
+    fig.suptitle(what)
+    _legend(fig, ctx, models, estimators)
+    return fig
+
+
+def _severity_line(ax, ctx: Context, frame: pd.DataFrame, column: str, model: str, est: str) -> None:
+    """One (method, estimator) line of ``frame[column]`` against severity, if ``frame`` has that pair."""
+    g = frame[(frame["model"] == model) & (frame["estimator"] == est)]
+    if g.empty:
+        return
+    ax.plot(g["severity"], g[column], **_line_kw(ctx, model, est))
+
+
+def _severity_ticks(fig: Figure, frame: pd.DataFrame) -> None:
+    """The severities of ``frame`` as ticks of every (x-shared) panel; 0 reads "clean"."""
+    severities = sorted(frame["severity"].unique())
+    fig.axes[0].set_xticks(severities, ["clean" if s == 0 else str(s) for s in severities])
 
 
 # ------------------------------------------------------------------ 3 threshold sweeps
 def threshold_sweeps(ctx: Context) -> Iterator[Rendered | Note]:
-    """The three conditional curves against the threshold at chosen severities, peaks marked."""
+    """The three conditional curves against the threshold at chosen severities, peaks marked: a figure per split
+    and severity, rows the metrics, columns the estimator families."""
     run = ctx.run
     if run.curves is None:
         yield Note("Threshold sweeps: the run has no curves.parquet.")
@@ -226,33 +277,28 @@ def threshold_sweeps(ctx: Context) -> Iterator[Rendered | Note]:
     cond = run.curves[run.curves["curve"] == "conditional"]
     for split in run.splits:
         sub = cond[cond["split"] == split]
-        severities = [s for s in ctx.sweep_severities if s in set(sub["severity"])]
-        if not severities:
-            continue
         models, estimators = _present(ctx, sub)
-        fig = _figure(FULL_WIDTH, 1.6 * len(severities) + 0.7)
-        axes = fig.subplots(len(severities), 3, squeeze=False, sharex=True, sharey=True)
-        for r, sev in enumerate(severities):
-            for (model, est), g in sub[sub["severity"] == sev].groupby(["model", "estimator"], sort=False):
-                pooled = aggregate.pooled_conditional(g)
-                for c, metric in enumerate(CONDITIONAL):
-                    _sweep_line(axes[r, c], ctx, pooled, metric, model, est)
-            for c, metric in enumerate(CONDITIONAL):
-                axes[r, c].set_title(f"{CONDITIONAL_LABELS[metric]}, " + ("clean" if sev == 0 else f"severity {sev}"))
-                axes[r, c].grid(True)
-            axes[r, 0].set_ylabel("probability")
-        axes[0, 0].set_ylim(-0.03, 1.03)  # shared: every panel, and every split's figure, on one [0, 1] scale
-        axes[0, 0].set_yticks([0, 0.25, 0.5, 0.75, 1])
-        for ax in axes[-1]:
-            ax.set_xlabel("uncertainty threshold t")
-        _legend(fig, ctx, models, estimators)
-        yield Rendered(f"threshold_sweeps_{split}", f"Threshold sweeps ({split})",
-                       f"Split {split}: the conditional metrics against the uncertainty threshold (a patch is "
-                       "uncertain when its uncertainty exceeds t), pooled over corruption types at each severity "
-                       "(patch counts summed); the peak of each curve is marked with a larger marker.", fig)
+        for sev in [s for s in ctx.sweep_severities if s in set(sub["severity"])]:
+            at = sub[sub["severity"] == sev]
+            pooled = {key: aggregate.pooled_conditional(g) for key, g in at.groupby(["model", "estimator"])}
+            where = "clean" if sev == 0 else f"severity {sev}"
+            fig = _family_grid(ctx, models, estimators, where.capitalize(),
+                               lambda ax, k, m, e: _sweep_line(ax, ctx, pooled.get((m, e)), k, m, e),
+                               xlabel="threshold t", sharey=True)
+            ax = fig.axes[0]
+            ax.set_ylim(-0.03, 1.03)  # shared: every panel, and every figure, on one [0, 1] scale
+            ax.set_yticks([0, 0.25, 0.5, 0.75, 1])
+            yield Rendered(f"threshold_sweeps_{split}_{'clean' if sev == 0 else f'severity{sev}'}",
+                           f"Threshold sweeps ({split}, {where})",
+                           f"Split {split}, {where}: the conditional metrics against the uncertainty threshold (a "
+                           "patch is uncertain when its uncertainty exceeds t), pooled over corruption types "
+                           "(patch counts summed); the peak of each curve is marked with a larger marker. "
+                           + FAMILY_WORDS, fig)
 
 
-def _sweep_line(ax, ctx: Context, pooled: pd.DataFrame, metric: str, model: str, est: str) -> None:
+def _sweep_line(ax, ctx: Context, pooled: pd.DataFrame | None, metric: str, model: str, est: str) -> None:
+    if pooled is None:
+        return
     kw = _line_kw(ctx, model, est)
     marker = kw.pop("marker")
     ax.plot(pooled["x"], pooled[metric], lw=0.9, **kw)
@@ -514,8 +560,8 @@ def _gallery_columns(ctx: Context, samples: list[dict]) -> list[tuple[str, str, 
     for model in ctx.gallery_models:
         if f"pred__{model}" in keys:
             columns.append((model, "pred.", f"pred__{model}"))
-        for family, members in FAMILIES.items():
-            est = next((e for e in members if f"unc__{model}__{e}" in keys), None)
+        for family in GALLERY_FAMILIES:
+            est = next((e for e in FAMILIES[family] if f"unc__{model}__{e}" in keys), None)
             if est:
                 columns.append((model, estimator_label(est), f"unc__{model}__{est}"))
     return columns

@@ -39,12 +39,28 @@ ESTIMATOR_STYLES: dict[str, EstimatorStyle] = {
 _FALLBACK_DASHES = ((0, (4, 1, 4, 3)), (0, (6, 1)), (0, (2, 1, 2, 4)))
 _FALLBACK_MARKERS = ("h", "p", "d")
 
-#: the paper's estimator families, for the gallery columns (first estimator a model has wins)
+#: the paper's estimator families, in panel order: the conditional figures give each family present a column
+#: (estimators of no family share a last one, :data:`OTHER`); the gallery shows :data:`GALLERY_FAMILIES`
 FAMILIES: dict[str, tuple[str, ...]] = {
     "PE": ("predictive_entropy", "predictive_entropy_stacked", "predictive_entropy_weighted"),
     "MI": ("mutual_information", "mutual_information_stacked", "mutual_information_weighted"),
     "EV": ("expert_variance",),
+    "GE": ("gate_entropy",),
+    "SE, 1-MSP": ("softmax_entropy", "one_minus_max_prob"),
 }
+OTHER = "other"
+#: the gallery's uncertainty columns per model: the first estimator of each of these families it has
+GALLERY_FAMILIES = ("PE", "MI", "EV")
+
+
+def family_groups(estimators: list[str]) -> list[tuple[str, list[str]]]:
+    """``[(family, its estimators among ``estimators``), ...]`` in :data:`FAMILIES` order, empty families left
+    out; the estimators of no family form a last group :data:`OTHER`. Order within a group is kept."""
+    groups = [(family, [e for e in estimators if e in members]) for family, members in FAMILIES.items()]
+    known = {e for members in FAMILIES.values() for e in members}
+    groups.append((OTHER, [e for e in estimators if e not in known]))
+    return [(family, members) for family, members in groups if members]
+
 
 #: matplotlib settings for every figure
 RC = {
