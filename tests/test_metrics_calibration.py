@@ -98,11 +98,14 @@ def _run(probs, target, conf=None, **kw):
 
 @pytest.mark.parametrize("average", ["pixels", "images"])
 @pytest.mark.parametrize("given", [False, True])
-def test_random_inputs_match_brute_force(average, given):
+@pytest.mark.parametrize("n_bins", [15, 1])  # one bin: ECE = MCE = |mean confidence - accuracy|
+def test_random_inputs_match_brute_force(average, given, n_bins):
     probs, target = _random(b=3, seed=1)
     conf = torch.rand(target.shape, generator=torch.Generator().manual_seed(2)) if given else None
-    result = _run(probs, target, conf, average=average)
-    _check(result, brute_calibration(probs, target, conf, average=average))
+    result = _run(probs, target, conf, average=average, n_bins=n_bins)
+    _check(result, brute_calibration(probs, target, conf, n_bins=n_bins, average=average))
+    if n_bins == 1:
+        assert result["ece"] == pytest.approx(result["mce"], rel=1e-12)
     assert result["confidence"] == ("given" if given else "probability")
     assert result["n_pixels"] == int((target != IGNORE).sum())
 

@@ -101,11 +101,13 @@ def test_paper_4x4_example_exact_fractions():
 # --------------------------------------------------------------------------- against the brute force
 
 
-@pytest.mark.parametrize("patch", [1, 2, 4, 5])
+@pytest.mark.parametrize("patch", [1, 2, 4, 5, 12])  # 12: one patch larger than the 9x10 image
 @pytest.mark.parametrize("acc_threshold", [0.5, 0.3])
-def test_random_inputs_match_brute_force(patch, acc_threshold):
+@pytest.mark.parametrize("thresholds", [21, 2])
+def test_random_inputs_match_brute_force(patch, acc_threshold, thresholds):
     pred, target, unc = _random(seed=patch)
-    result = _run(pred, target, unc, patch_size=patch, accuracy_threshold=acc_threshold, thresholds=21)
+    result = _run(pred, target, unc, patch_size=patch, accuracy_threshold=acc_threshold, thresholds=thresholds)
+    assert len(result["thresholds"]) == thresholds
     _check(result, brute_conditional(pred, target, unc, result["thresholds"].numpy(), patch, acc_threshold))
 
 
