@@ -349,8 +349,11 @@ def test_checkpoint_needing_pickled_code_is_refused(tmp_path):
 
 
 @pytest.mark.parametrize("content, expected", [
-    (b"not a torch file", "is not a readable torch file"),
-    (b"hello\n", r"is not a readable torch file \(KeyError\)"),  # torch's safe unpickler: KeyError: 101
+    (b"not a torch file", r"is not a torch checkpoint \(neither a torch.save zip archive nor a pickle; it begins "
+                          r"with bytes 6e 6f 74 20\)"),
+    (b"", "is empty"),
+    ("cut", r"is cut short \(a zip archive without its directory at the end"),
+    (b"\x80hello\n", r"is not a readable torch file \("),  # looks like a pickle: torch's unpickler decides
     (pickle.dumps({"x": 1}, protocol=4), r"is not a readable torch file \(Unsupported operand 149\)"),
     (None, "not found"),
     ("folder", "is a folder, not a file"),
@@ -362,6 +365,9 @@ def test_unreadable_checkpoints(tmp_path, content, expected):
         path = None
     elif content == "folder":
         path.mkdir()
+    elif content == "cut":  # the first half of a real checkpoint: an interrupted download
+        torch.save({"state_dict": {"w": torch.zeros(1000)}}, path)
+        path.write_bytes(path.read_bytes()[:2000])
     elif content is not None:
         path.write_bytes(content)
     with warnings.catch_warnings():

@@ -267,6 +267,21 @@ def test_missing_checkpoints_are_named_together_with_the_variable_they_came_from
         f"ZOO_CK={tmp_path}: is it the checkpoints' folder?)")
 
 
+def test_files_that_are_no_checkpoints_are_named_together_in_suite_order(suite, tmp_path):
+    """Garbage, an empty file and a checkpoint cut short: one line naming them all, experts before models, before
+    any file is unpickled (so not just the first MoE file read)."""
+    write_suite(tmp_path, MODELS[:4])
+    (tmp_path / "moe_simple.pt").write_bytes((tmp_path / "moe_simple.pt").read_bytes()[:3000])
+    (tmp_path / "baseline.pt").write_bytes(b"")
+    (tmp_path / "expert_urban.pt").write_bytes(b"garbage")
+    assert _error(write_suite(tmp_path, MODELS[:4])) == (
+        f"3 of 4 checkpoint files cannot be read: experts.urban.checkpoint ({tmp_path / 'expert_urban.pt'}: is not "
+        "a torch checkpoint (neither a torch.save zip archive nor a pickle; it begins with bytes 67 61 72 62)), "
+        f"models.baseline.checkpoint ({tmp_path / 'baseline.pt'}: is empty), models.moe_simple.checkpoint "
+        f"({tmp_path / 'moe_simple.pt'}: is cut short (a zip archive without its directory at the end: an "
+        "interrupted download or copy?))")
+
+
 def test_custom_model_with_wrong_output_is_refused(suite, tmp_path):
     (tmp_path / "zoo_bad_models.py").write_text("from torch import nn\ndef build():\n    return nn.Conv2d(3, 5, 1)\n")
     s = write_suite(tmp_path, [{"name": "bad", "kind": "custom", "factory": "zoo_bad_models:build"}])

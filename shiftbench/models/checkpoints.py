@@ -14,6 +14,7 @@ import os
 import pickle
 import re
 import warnings
+import zipfile
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -50,8 +51,33 @@ def read_checkpoint(path: str | Path, map_location: str | torch.device = "cpu", 
         raise ShiftbenchError(f"{where}: {exc}") from None
 
 
-def _load(path: Path, map_location: str | torch.device) -> dict[str, Any]:
+#: the first bytes of what ``torch.load`` reads: a ``torch.save`` zip archive, or a legacy pickle (protocol 2+)
+_ZIP, _PICKLE = b"PK\x03\x04", b"\x80"
+
+
+def checkpoint_problem(path: str | os.PathLike) -> str | None:
+    """Why ``path`` is not a torch checkpoint as far as its ends tell, cheaply (a few bytes at either end, no
+    unpickling), or None: not a readable file, empty, neither a ``torch.save`` zip nor a legacy pickle, or a zip
+    whose directory at the end is missing (a download or copy cut short). Unpickling can still fail later."""
     if why := file_problem(path):
+        return why
+    try:
+        with open(path, "rb") as f:
+            head = f.read(4)
+            if head.startswith(_ZIP) and not zipfile.is_zipfile(f):
+                return "is cut short (a zip archive without its directory at the end: an interrupted download or copy?)"
+    except OSError as exc:
+        return f"cannot be opened ({exc.strerror or type(exc).__name__})"
+    if not head:
+        return "is empty"
+    if not head.startswith((_ZIP, _PICKLE)):
+        return ("is not a torch checkpoint (neither a torch.save zip archive nor a pickle; it begins with bytes "
+                f"{head.hex(' ')})")
+    return None
+
+
+def _load(path: Path, map_location: str | torch.device) -> dict[str, Any]:
+    if why := checkpoint_problem(path):
         raise ShiftbenchError(f"checkpoint {path} {why}")
     try:
         with torch.serialization.safe_globals(_NUMPY_SAFE), warnings.catch_warnings():

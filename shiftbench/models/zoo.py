@@ -23,10 +23,11 @@ from typing import Any, Callable, Mapping, Sequence
 import torch
 from torch import Tensor, nn
 
-from shiftbench.errors import ShiftbenchError, file_problem, one_line
+from shiftbench.errors import ShiftbenchError, one_line
 from shiftbench.models import checks
 from shiftbench.models.backbones import backbone_spec
-from shiftbench.models.checkpoints import check_classes, load_strict, read_checkpoint, weights_digest
+from shiftbench.models.checkpoints import (check_classes, checkpoint_problem, load_strict, read_checkpoint,
+                                          weights_digest)
 from shiftbench.models.deeplab import DeepLabV3Plus
 from shiftbench.models.gates import grid_from_state
 from shiftbench.models.moe import MoEHead
@@ -216,14 +217,14 @@ def _naming(entry: str):
 
 
 def _check_files(suite: Any, specs: Sequence[Any]) -> None:
-    """Every checkpoint the ``specs`` load must be a readable file: one line naming all that are not, in suite
-    order, with the environment variable their path came from (``${A2D2_CHECKPOINTS}``) and its value."""
+    """Every checkpoint the ``specs`` load must be a readable file that looks like a torch checkpoint
+    (:func:`checkpoint_problem`): one line naming all that are not, in suite order, with the environment variable their path came from (``${A2D2_CHECKPOINTS}``) and its value."""
     experts = dict.fromkeys(e for m in specs for e in m.experts if m.kind in ("expert", "ensemble", "moe"))
     index = {m.name: i for i, m in enumerate(suite.models)}
     fields = [(f"experts.{e}.checkpoint", suite.experts[e].checkpoint, ("experts", e)) for e in experts]
     fields += [(f"models.{m.name}.checkpoint", m.checkpoint, ("models", index[m.name])) for m in specs]
     bad = [(where, path, why, raw) for where, path, raw in fields
-           if path is not None and isinstance(path, (str, os.PathLike)) and (why := file_problem(path))]
+           if path is not None and isinstance(path, (str, os.PathLike)) and (why := checkpoint_problem(path))]
     if not bad:
         return
     variables = {}
