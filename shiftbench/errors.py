@@ -63,6 +63,18 @@ def file_problem(path: str | os.PathLike) -> str | None:
     return None if path.is_file() else "not found"
 
 
+def comma_items(text: str, option: str, expected: str) -> list[str]:
+    """The stripped items of a comma-separated option value. An empty value or an empty item ("1,,3", "fog,")
+    is refused, naming ``option`` and what is ``expected``: it is a typo more often than a wish."""
+    items = [item.strip() for item in text.split(",")]
+    if not any(items):
+        raise ShiftbenchError(f"{option}: {text!r} is empty; give {expected}")
+    if not all(items):
+        raise ShiftbenchError(f"{option}: {text!r} has an empty item (two commas in a row, or one at an end); "
+                              f"give {expected}")
+    return items
+
+
 def one_line(message: str) -> str:
     """Collapse a message to a single line (the CLI's contract)."""
     return " ".join(str(message).split())

@@ -370,7 +370,8 @@ def test_missing_paths_and_bad_tolerances(run_dir, tmp_path, baseline, capsys):
     _one_line_error(capsys, f"cannot use '{baseline}'", "a file stands where a folder is needed")
     assert not [p for p in tmp_path.rglob("*") if ".tmp" in p.name]
     for bad, fragment in (("ece", "expected METRIC=VALUE"), ("foo=1", "METRIC one of ece"),
-                          ("ece=-0.1", "finite number >= 0"), ("ece=nan", "finite number >= 0")):
+                          ("ece=-0.1", "finite number >= 0"), ("ece=nan", "finite number >= 0"),
+                          ("ece=0.1,", "--tolerance: 'ece=0.1,' has an empty item")):
         assert check(run_dir, baseline, "--tolerance", bad) == 2
         _one_line_error(capsys, fragment)
     with pytest.raises(SystemExit) as exc:

@@ -195,6 +195,8 @@ def test_single_file_input_and_output_inside_input(tree, capsys):
     (["--severity", "0"], "--severity '0' is not allowed; use all or integers in 1..5"),
     (["--severity", "6"], "integers in 1..5"),
     (["--severity", "high"], "integers in 1..5"),
+    (["--severity", "1,,3"], "--severity: '1,,3' has an empty item (two commas in a row, or one at an end)"),
+    (["--corruption", "fog,"], "--corruption: 'fog,' has an empty item"),
     (["--batch-size", "0"], "--batch-size 0 is not allowed"),
     (["--seed", "x"], "invalid int value"),
 ])

@@ -459,6 +459,8 @@ def run_cli(argv: list[str]) -> int:
     (["--sweep-severities", "4"], "--sweep-severities 4: not in this run"),
     (["--gallery-models", "nope"], "--gallery-models nope: not in this run"),
     (["--sweep-severities", "a"], "expected comma-separated severities"),
+    (["--sweep-severities", "0,,2"], "--sweep-severities: '0,,2' has an empty item"),
+    (["--gallery-models", ","], "--gallery-models: ',' is empty; give comma-separated model names or 'all'"),
     (["--format", "jpg"], "invalid choice"),
 ])
 def test_cli_report_bad_input_is_one_line_exit_2(run_dir, capsys, argv, message):

@@ -163,6 +163,8 @@ def test_train_command_errors_are_one_line(tmp_path, fake_data, capsys):
     assert len(err.splitlines()) == 1
     assert "--only: 'ensemble' is not a trainable expert or model of suite 'train_test'; trainable: highway, urban, " \
            "baseline, moe_simple, moe_classwise_conv" in err
+    assert main(["train", str(path), "--only", "highway,,urban"]) == 2
+    assert "--only: 'highway,,urban' has an empty item" in capsys.readouterr().err
     assert main(["train", str(path), "--only", "moe_simple", "--quiet"]) == 2  # experts not trained yet
     assert "expert_highway.pt not found" in capsys.readouterr().err
     if not torch.cuda.is_available():

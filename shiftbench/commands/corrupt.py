@@ -51,26 +51,27 @@ class Source:
 def parse_corruptions(text: str) -> list[str]:
     """``"all"`` or comma-separated names -> names in the registry's order."""
     from corruptions import CORRUPTIONS
-    from shiftbench.errors import ShiftbenchError
+    from shiftbench.errors import ShiftbenchError, comma_items
 
     if text.strip() == "all":
         return list(CORRUPTIONS)
-    names = [n.strip() for n in text.split(",") if n.strip()]
+    names = comma_items(text, "--corruption", f"all or some of: {', '.join(CORRUPTIONS)}")
     unknown = [n for n in names if n not in CORRUPTIONS]
-    if unknown or not names:
-        raise ShiftbenchError(f"--corruption {text!r}: unknown name {', '.join(unknown) or '(empty)'}; "
+    if unknown:
+        raise ShiftbenchError(f"--corruption {text!r}: unknown name {', '.join(unknown)}; "
                               f"use all or some of: {', '.join(CORRUPTIONS)}")
     return [n for n in CORRUPTIONS if n in names]
 
 
 def parse_severities(text: str) -> list[int]:
     """``"all"`` or comma-separated integers in 1..5."""
-    from shiftbench.errors import ShiftbenchError
+    from shiftbench.errors import ShiftbenchError, comma_items
 
     if text.strip() == "all":
         return [1, 2, 3, 4, 5]
+    items = comma_items(text, "--severity", "all or integers in 1..5, e.g. 3 or 1,5")
     try:
-        values = sorted({int(v) for v in text.split(",")})
+        values = sorted({int(v) for v in items})
     except ValueError:
         values = []
     if not values or any(v not in range(1, 6) for v in values):

@@ -4,10 +4,21 @@ from __future__ import annotations
 
 import argparse
 
+from shiftbench.errors import ShiftbenchError, comma_items
+
+
+def _items(text: str, option: str, expected: str) -> list[str]:
+    """:func:`comma_items` for argparse's ``type=``: its refusal as argparse's one-line error."""
+    try:
+        return comma_items(text, option, expected)
+    except ShiftbenchError as exc:
+        raise argparse.ArgumentTypeError(str(exc).split(": ", 1)[1]) from None
+
 
 def _severity_list(text: str) -> list[int]:
+    items = _items(text, "--sweep-severities", "comma-separated severities, e.g. 0,3,5")
     try:
-        values = [int(v) for v in text.split(",") if v.strip()]
+        values = [int(v) for v in items]
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r}: expected comma-separated severities, e.g. 0,3,5") from None
     if not values or any(v < 0 for v in values):
@@ -16,10 +27,7 @@ def _severity_list(text: str) -> list[int]:
 
 
 def _name_list(text: str) -> list[str]:
-    names = [v.strip() for v in text.split(",") if v.strip()]
-    if not names:
-        raise argparse.ArgumentTypeError(f"{text!r}: expected comma-separated model names or 'all'")
-    return names
+    return _items(text, "--gallery-models", "comma-separated model names or 'all'")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -25,7 +25,7 @@ def apply_overrides(raw: dict, args: argparse.Namespace) -> dict:
     """The suite's YAML with the command-line overrides written into it (validated again after)."""
     import copy
 
-    from shiftbench.errors import ShiftbenchError
+    from shiftbench.errors import ShiftbenchError, comma_items
 
     raw = copy.deepcopy(raw)
     run = raw.setdefault("run", {}) or {}
@@ -47,18 +47,14 @@ def apply_overrides(raw: dict, args: argparse.Namespace) -> dict:
         if value is not None:
             run[key] = _number(value)
     if args.corruptions is not None:
-        names = [n.strip() for n in args.corruptions.split(",") if n.strip()]
-        if not names:
-            raise ShiftbenchError(f"--corruptions: {args.corruptions!r} names none; give comma-separated corruption "
-                                  "names, 'all' or 'none'")
+        names = comma_items(args.corruptions, "--corruptions", "comma-separated corruption names, 'all' or 'none'")
         corr["names"] = names[0] if names in (["all"], ["none"]) else names
     if args.severities is not None:
+        items = comma_items(args.severities, "--severities", "a comma-separated list of 1..5, e.g. 1,3,5")
         try:
-            corr["severities"] = [int(s) for s in args.severities.split(",") if s.strip()]
+            corr["severities"] = [int(s) for s in items]
         except ValueError:
-            corr["severities"] = []
-        if not corr["severities"]:
-            raise ShiftbenchError(f"--severities: {args.severities!r} is not a comma-separated list of 1..5")
+            raise ShiftbenchError(f"--severities: {args.severities!r} is not a comma-separated list of 1..5") from None
         if corr.get("names") == "none":
             raise ShiftbenchError("--severities: has no effect with no corruptions (--corruptions none or the suite's "
                                   "corruptions.names: none); give corruption names, or leave --severities out")

@@ -22,7 +22,7 @@ def main(args: argparse.Namespace) -> int:
 
     import torch
 
-    from shiftbench.errors import ShiftbenchError, counted
+    from shiftbench.errors import ShiftbenchError, comma_items, counted
     from shiftbench.models.trainer import train_suite
     from shiftbench.suite import load_suite
 
@@ -40,9 +40,7 @@ def main(args: argparse.Namespace) -> int:
         raise ShiftbenchError(f"{where}: no CUDA device is available; use --device cpu")
     only = None
     if args.only is not None:
-        only = [n.strip() for n in args.only.split(",") if n.strip()]
-        if not only:
-            raise ShiftbenchError("--only: empty; give comma-separated expert or model names")
+        only = comma_items(args.only, "--only", "comma-separated expert or model names")
     start = time.perf_counter()
     if args.out == "":
         raise ShiftbenchError("--out: empty path; give the folder to write the checkpoints into, or leave --out out "

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from shiftbench import io
-from shiftbench.errors import ShiftbenchError, counted, file_problem
+from shiftbench.errors import ShiftbenchError, comma_items, counted, file_problem
 from shiftbench.report.aggregate import severity_means
 from shiftbench.report.load import Run
 from shiftbench.report.schema import METRICS
@@ -195,7 +195,7 @@ def _load(v: Any) -> float:
 def parse_tolerances(text: str | None) -> dict[str, float]:
     """``"ece=0.005,nll=0.02"`` -> the defaults with those entries replaced."""
     tolerances = dict(DEFAULT_TOLERANCES)
-    for item in filter(None, (part.strip() for part in (text or "").split(","))):
+    for item in comma_items(text, "--tolerance", "METRIC=VALUE,... e.g. ece=0.005,nll=0.02") if text else ():
         name, sep, value = item.partition("=")
         name = name.strip()
         if not sep or name not in tolerances:
