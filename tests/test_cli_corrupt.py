@@ -80,7 +80,8 @@ def test_images_whose_data_is_truncated_are_reported_and_skipped(tree, tmp_path,
     lines = [line for line in err.splitlines() if "_cut." in line]
     assert len(lines) == 2 and all(line.startswith("shiftbench: skipping") and "unreadable" in line for line in lines)
     assert ".cpp" not in err  # torchvision's message, without its source location
-    assert "wrote 6 images" in stdout and "4 files skipped" in stdout
+    # 3 readable inputs x 2 conditions; skipped: notes.txt, broken.png and the two cut ones (found with data)
+    assert "wrote 6 images" in stdout and "(3 inputs x 2 conditions; 0 already there, 4 files skipped)" in stdout
 
 
 def test_a_single_truncated_image_is_one_line_exit_2(tree, tmp_path, capsys):

@@ -273,6 +273,7 @@ def main(args: argparse.Namespace) -> int:
     open_output(out, {"seed": args.seed, "device": device.type}, [out / n / str(s) for n, s in conditions])
     for line in skipped:
         print(f"shiftbench: skipping {line}", file=sys.stderr)
+    found = len(skipped)  # skipped by their headers; those whose data fails to decode are added below
     target = {(n, s, src.rel): out / n / str(s) / src.rel for n, s in conditions for src in sources}
     written = existing = 0
     with tqdm(total=len(target), unit="img", desc="corrupt", disable=args.quiet) as bar:
@@ -301,7 +302,8 @@ def main(args: argparse.Namespace) -> int:
                     io.write_bytes(target[(name, severity, batch[i].rel)], encode(result[k], batch[i].path.suffix))
                 written += len(idx)
                 bar.update(len(idx))
-    print(f"shiftbench: wrote {counted(written, 'image')} to {out} ({counted(len(sources), 'input')} x "
+    inputs = len(sources) - (len(skipped) - found)  # an input whose data cannot be read counts as skipped only
+    print(f"shiftbench: wrote {counted(written, 'image')} to {out} ({counted(inputs, 'input')} x "
           f"{counted(len(conditions), 'condition')}; {existing} already there, "
           f"{counted(len(skipped), 'file')} skipped)")
     return 0
