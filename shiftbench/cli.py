@@ -22,7 +22,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("shiftbench.commands.train", "train the experts, the baseline and the gates of a suite"),
     "data": ("shiftbench.commands.data", "write synthetic street scenes in the A2D2 or Cityscapes on-disk format"),
     "corrupt": ("shiftbench.commands.corrupt", "corrupt an image or a folder tree into OUT/<corruption>/<severity>/"),
-    "corruptions": ("shiftbench.commands.corruptions", "corruption utilities (preview grid)"),
+    "corruptions": ("shiftbench.commands.corruptions", "list the 19 corruptions, or preview them as a 19 x 5 grid"),
     "report": ("shiftbench.commands.report", "figures and tables (Markdown, LaTeX, HTML) from a run directory"),
     "check": ("shiftbench.commands.check", "compare a run's calibration with a stored baseline (CI gate)"),
 }
@@ -46,7 +46,9 @@ class _Parser(argparse.ArgumentParser):
 def build_parser() -> argparse.ArgumentParser:
     from shiftbench import __version__
 
-    parser = _Parser(prog="shiftbench", description=__doc__.splitlines()[0])
+    parser = _Parser(prog="shiftbench", description="Does a segmentation model still know when it is wrong under "
+                     "image corruptions? Sweep corruptions through models, measure uncertainty and calibration, "
+                     "report and gate. `shiftbench COMMAND --help` for each command.")
     parser.add_argument("--version", action="version", version=f"shiftbench {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     sub.required = True

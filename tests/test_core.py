@@ -115,3 +115,17 @@ def test_python_dash_m_without_a_dependency_is_one_line_exit_2(missing):
     out = subprocess.run([sys.executable, "-c", code, missing], capture_output=True, text=True)
     assert out.returncode == 2, out.stderr
     assert out.stderr.count("\n") == 1 and f"lacks the package {missing!r}" in out.stderr and ".venv" in out.stderr
+
+
+def test_help_lists_every_command_in_plain_words(capsys):
+    """`shiftbench --help` and each command's: exit 0, every command listed, no reST markup (``...``) shown."""
+    from shiftbench.cli import COMMANDS
+
+    texts = []
+    for argv in (["--help"], *([name, "--help"] for name in COMMANDS)):
+        with pytest.raises(SystemExit) as exc:
+            main(argv)
+        assert exc.value.code == 0
+        texts.append(capsys.readouterr().out)
+    assert all(name in texts[0] for name in COMMANDS)
+    assert not [t for t in texts if "``" in t or ":mod:" in t or ":func:" in t]
