@@ -106,6 +106,9 @@ def test_rerun_skips_finished_conditions(suite, base, capsys):
     summary = json.loads((base / "summary.json").read_text())
     assert summary["conditions"]["run"] == 0 and summary["conditions"]["already_done"] == 4
     assert (base / "results.csv").read_bytes() == before
+    assert main(["run", str(suite), "--out", str(base)]) == 0  # with progress: no empty bar
+    out, err = capsys.readouterr()
+    assert "nothing left to run" in out and "batch" not in err, err
 
 
 def test_batch_size_does_not_change_results(suite, base, tmp_path):

@@ -177,8 +177,8 @@ def _run_suite(suite, force: bool, progress: bool) -> dict[str, Any]:
         log.info("data: %s", data)
         failed: list[dict[str, str]] = []
         total = sum(splits[c.split].n_batches(suite.run.batch_size) for c in todo)
-        bar = tqdm(total=total, desc=f"{suite.name}", unit="batch", disable=not (progress and world.is_main),
-                   dynamic_ncols=True)
+        shown = progress and world.is_main and total > 0  # nothing left to run: no empty bar
+        bar = tqdm(total=total, desc=f"{suite.name}", unit="batch", disable=not shown, dynamic_ncols=True)
         before = torch.get_num_threads()
         torch.set_num_threads(threads[0])
         try:
