@@ -19,6 +19,8 @@ export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 py=${PYTHON:-python3}
 device=${DEVICE:-cuda}
 run_dir=$(mktemp -d)
+overlap_dir=$(mktemp -d)
+trap 'rm -rf "$run_dir" "$overlap_dir"' EXIT  # what matters is copied to $out
 if compgen -G ".whl/*.whl" >/dev/null; then
     $py -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
         && export PYTHONPATH="$PYTHONPATH:/tmp/site"
@@ -35,7 +37,6 @@ timeout 120 $py -m shiftbench run suites/demo.yaml --device "$device" --out "$ru
     --corruptions fog,glass_blur,jpeg_compression,spatter --severities 1,5 2>&1 | tee "$out/run_cuda.txt" \
     || status=1
 cp "$run_dir/summary.json" "$out/run_cuda_summary.json" || status=1
-overlap_dir=$(mktemp -d)
 { timeout 60 $py -m shiftbench run suites/demo.yaml --device "$device" --out "$overlap_dir" --force --quiet --limit 16 \
       --corruptions fog --severities 1,5 --overlap true \
   && $py - "$run_dir/results.csv" "$overlap_dir/results.csv" <<'PY'
