@@ -99,6 +99,26 @@ def test_multiclass_scores_are_the_models_and_match_a_direct_computation(suite, 
     assert rows.nll_multiclass.to_numpy() == pytest.approx(nll / n, rel=1e-5)
 
 
+def test_a_smaller_selection_says_the_tables_leave_the_other_finished_conditions_out(suite, base, tmp_path, capsys):
+    """The tables hold what the command selected; the other finished states stay, are counted in the end line
+    and summary.json, and come back into the tables when selected again."""
+    import shutil
+
+    copy = tmp_path / "copy"
+    shutil.copytree(base, copy)
+    full = pd.read_csv(base / "results.csv")
+    corrupted = full[full["corruption"] != "clean"][["split", "corruption", "severity"]].drop_duplicates()
+    assert run(suite, copy, "--corruptions", "none") == 0
+    out = capsys.readouterr().out
+    assert (f"note: the folder holds {len(corrupted)} more finished conditions that this command did not select; "
+            "the tables hold only the selected ones") in out
+    assert json.loads((copy / "summary.json").read_text())["conditions"]["not_selected"] == len(corrupted) > 0
+    assert set(pd.read_csv(copy / "results.csv")["corruption"]) == {"clean"}
+    assert run(suite, copy) == 0
+    assert "more finished" not in capsys.readouterr().out
+    assert (copy / "results.csv").read_bytes() == (base / "results.csv").read_bytes()
+
+
 def test_rerun_skips_finished_conditions(suite, base, capsys):
     before = (base / "results.csv").read_bytes()
     assert run(suite, base) == 0

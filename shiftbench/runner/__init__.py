@@ -203,6 +203,7 @@ def _run_suite(suite, force: bool, progress: bool) -> dict[str, Any]:
                 write_results(suite, store, conditions)
             summary = _summary(suite, digest, device, world, timer, started, conditions, todo, failed, skipped,
                                threads)
+            summary["conditions"]["not_selected"] = len(store.finished() - {c.key for c in conditions})
             summary["gallery_missing"] = _gallery_missing(suite, store, groups)
             summary["data"] = data
             io.write_json(store.root / "summary.json", summary)
@@ -335,6 +336,10 @@ def _print_end(summary: dict[str, Any], root: Path) -> None:
              f"(data {t['data']:.1f}, corruption {t['corruption']:.1f}, forward {t['forward']:.1f}, "
              f"estimators+metrics {t['estimators_metrics']:.1f}{along}, io {t['io']:.1f}); "
              f"{100 * summary['outside_forward_share']:.0f}% outside model forwards")
+    if others := summary["conditions"].get("not_selected"):
+        _say(f"note: the folder holds {counted(others, 'more finished condition')} that this command did not select; "
+             "the tables hold only the selected ones (select them again, e.g. with the suite's own list, to have "
+             "them back)")
     missing = summary.get("gallery_missing") or []
     if missing:
         _say(f"warning: metrics.gallery: {counted(len(missing), 'sample id')} not among the evaluated images, so no "

@@ -271,6 +271,11 @@ class RunStore:
     def is_done(self, cond: Condition) -> bool:
         return self.state_path(cond).exists()
 
+    def finished(self) -> set[str]:
+        """The keys (``split/corruption/severity``) of every finished condition in the folder, selected or not."""
+        states = self.root / "states"
+        return {p.relative_to(states).with_suffix("").as_posix() for p in states.glob("*/*/*.pt")}
+
     def save_state(self, cond: Condition, payload: dict[str, Any]) -> None:
         """Write a finished condition's states (atomically); this store also keeps them in memory, so the
         tables at the end of the run do not read back what it just wrote (a few hundred KB a condition)."""
