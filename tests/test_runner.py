@@ -58,7 +58,7 @@ def test_outputs_follow_the_run_format(base):
     assert set(curves.curve) == {"conditional", "reliability", "histogram"}
     assert len(curves[curves.curve == "conditional"]) == 4 * 14 * 11  # thresholds: 11 in the fixture
     summary = json.loads((base / "summary.json").read_text())
-    assert summary["conditions"] == {"total": 4, "run": 4, "already_done": 0}
+    assert summary["conditions"] == {"total": 4, "run": 4, "already_done": 0, "not_selected": 0}
     assert summary["failed"] == [] and summary["skipped_files"] == []
     assert set(summary["time_s"]) == {"data", "corruption", "forward", "estimators_metrics", "io"}
     assert 0 <= summary["outside_forward_share"] <= 1
