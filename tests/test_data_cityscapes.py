@@ -58,7 +58,8 @@ def test_round_trip_up_to_the_documented_mapping(tree):
     expected_train_id = np.full(256, 255, np.uint8)
     for i, c in enumerate(CLASSES_11):
         expected_train_id[i] = cityscapes.CLASSES_19.index(DOCUMENTED[c])
-    for split in ("train", "val", "test"):
+    ids = []
+    for seq, split in enumerate(("train", "val", "test")):
         ds = cityscapes.CityscapesDataset(tree, split)
         domains = [d for d in DOMAINS if split in SPLITS[d]]
         assert len(ds) == COUNT * len(domains)
@@ -66,10 +67,12 @@ def test_round_trip_up_to_the_documented_mapping(tree):
             x, y, sid = ds[k]
             city, stem = sid.split("/")
             index = int(stem.rsplit("_", 1)[1])
-            assert stem == f"{city}_000000_{index:06d}" and city in domains
+            assert stem == f"{city}_{seq:06d}_{index:06d}" and city in domains
+            ids.append(sid)
             image, label = generate(city, index, seed=3, size=SIZE, split=split)
             assert torch.equal(y, torch.from_numpy(expected_train_id[label]).long())
             assert torch.equal((x * 255).round().to(torch.uint8), torch.from_numpy(image).permute(2, 0, 1))
+    assert len(set(ids)) == len(ids)  # unique across splits, as in Cityscapes (ids key noise and maps)
 
 
 def test_resize_and_open_split(tree):
@@ -115,3 +118,27 @@ def test_errors(tree, tmp_path):
     assert f"{image0}: not a PNG image" in _one_line_error(ds.__getitem__, 0)
     with pytest.raises(ShiftbenchError, match="size"):
         cityscapes.CityscapesDataset(root, "test", size=(0, 10))
+
+
+def test_a_split_group_refuses_a_repeated_sample_id(tree, tmp_path):
+    """Two splits of one group holding frames of the same name (an export of before unique names): refused, since
+    an image's corruption noise and its saved map are keyed by its id; the exporter's own trees pass."""
+    import shutil
+    from types import SimpleNamespace
+
+    from shiftbench.runner.data import open_split as open_group
+    from shiftbench.runner.dist import World
+
+    spec = SimpleNamespace(name="cityscapes", root=tree, size=None, eval={"id": ["val", "test"]})
+    suite = SimpleNamespace(dataset=spec, run=SimpleNamespace(limit=None))
+    assert len(open_group(suite, "id", World(), cache_bytes=0)) == 2 * COUNT + 3 * COUNT
+    root = tmp_path / "copy"
+    shutil.copytree(tree, root)
+    for kind in ("leftImg8bit", "gtFine"):  # the test split's highway frames renamed to the val split's names
+        for path in (root / kind / "test" / "highway").iterdir():
+            path.rename(path.with_name(path.name.replace("highway_000002_", "highway_000001_")))
+    spec.root = root
+    message = _one_line_error(open_group, suite, "id", World(), cache_bytes=0)
+    assert message == ("dataset.eval.id: sample id 'highway/highway_000001_000000' occurs in splits 'val' and "
+                       "'test'; each image's corruption noise and saved map are keyed by its id, so a group must hold "
+                       "each id once (list each split once, and splits without shared file names)")

@@ -14,7 +14,7 @@ def test_synth_writes_the_requested_tree(tmp_path, capsys):
     assert rc == 0
     assert "wrote 2 cityscapes scenes" in capsys.readouterr().out
     files = sorted(p.relative_to(out).as_posix() for p in out.rglob("*.png"))
-    assert files == [f"{tree}/test/ambiguous/ambiguous_000000_00000{i}_{suffix}.png"
+    assert files == [f"{tree}/test/ambiguous/ambiguous_000002_00000{i}_{suffix}.png"
                      for tree, suffix in (("gtFine", "gtFine_labelIds"), ("leftImg8bit", "leftImg8bit"))
                      for i in range(2)]
 

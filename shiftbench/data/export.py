@@ -6,8 +6,9 @@ Every (domain, split) of :data:`shiftbench.data.synthetic.SPLITS` gets ``count``
   camera and RGB label PNGs named as in A2D2, ``class_list.json`` with the 11 export colours
   of ``a2d2_classes.yaml`` at the root, and split lists ``split/<domain>_<split>_gt.txt`` (plus
   ``split/all_<split>_gt.txt`` = highway + urban) in the line format of the authors' lists.
-- ``cityscapes``: ``leftImg8bit/<split>/<city>/<city>_000000_<index>_leftImg8bit.png`` and
-  ``gtFine/.../*_gtFine_labelIds.png`` with the domain as the city. Each 11-class category is
+- ``cityscapes``: ``leftImg8bit/<split>/<city>/<city>_<seq>_<index>_leftImg8bit.png`` and
+  ``gtFine/.../*_gtFine_labelIds.png`` with the domain as the city and the split as the sequence
+  (000000 train, 000001 val, 000002 test), so that no two frames share a name, as in Cityscapes. Each 11-class category is
   written as one official labelId; Cityscapes has no lane-marking class, so Lanes are written
   as road (labelId 7) and load back as ``road``.
 """
@@ -85,7 +86,8 @@ class CityscapesWriter:
         self.lut = _lut(dict(enumerate(CITYSCAPES_LABEL_ID_11)), CITYSCAPES_UNLABELED, 1)
 
     def write(self, domain: str, split: str, index: int, image: np.ndarray, label: np.ndarray) -> None:
-        image_path, label_path = cityscapes.frame_paths(self.out, split, domain, f"{domain}_000000_{index:06d}")
+        frame = f"{domain}_{SPLIT_ORDER.index(split):06d}_{index:06d}"  # the split as the sequence: unique names
+        image_path, label_path = cityscapes.frame_paths(self.out, split, domain, frame)
         write_png(image_path, image)
         write_png(label_path, self.lut[0][label])
 

@@ -169,11 +169,30 @@ def open_split(suite, group: str, world: World, cache_bytes: int | None = None, 
 
     datasets = [open_dataset(suite, s) for s in suite.dataset.eval[group]]
     index = limited_indices([len(d) for d in datasets], suite.run.limit)
+    _refuse_repeated_ids(group, suite.dataset.eval[group], datasets, index)
     data = SplitData(group, datasets, index[world.rank::world.size], workers=workers)
     limit = CACHE_BYTES if cache_bytes is None else cache_bytes
     if len(data) and limit > 0 and _estimate_bytes(data) <= limit:
         data.fill_cache(workers)
     return data
+
+
+def _refuse_repeated_ids(group: str, splits: list[str], datasets: list[Dataset], index: list[tuple[int, int]]) -> None:
+    """One image per sample id in a group (every rank checks the whole group, from the file names alone): an
+    image's corruption noise and its saved gallery map are keyed by its id, so a repeated id would give two images
+    the same noise and keep one map of the two."""
+    seen: dict[str, int] = {}
+    for d, i in index:
+        sid = datasets[d].sample_id(i) if hasattr(datasets[d], "sample_id") else None
+        if sid is None:
+            continue
+        if sid in seen:
+            where = (f"in split {splits[d]!r} twice" if seen[sid] == d
+                     else f"in splits {splits[seen[sid]]!r} and {splits[d]!r}")
+            raise ShiftbenchError(f"dataset.eval.{group}: sample id {sid!r} occurs {where}; each image's corruption "
+                                  "noise and saved map are keyed by its id, so a group must hold each id once (list "
+                                  "each split once, and splits without shared file names)")
+        seen[sid] = d
 
 
 def open_splits(suite, todo: list, world: World, budget: int, workers: int) -> dict[str, SplitData]:
