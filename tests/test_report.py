@@ -504,7 +504,7 @@ def test_model_names_stay_strings(tmp_path):
 
 # ------------------------------------------------------------------ layout
 def _titles_fit_and_do_not_overlap(fig) -> None:
-    """Every axes title and axis label, and the figure's title and x label, lies inside the figure, and none
+    """Every axes title, axis label and text, and the figure's title and x label, lies inside the figure, and none
     overlaps another or the figure's legend."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
 
@@ -512,7 +512,7 @@ def _titles_fit_and_do_not_overlap(fig) -> None:
     canvas.draw()
     renderer = canvas.get_renderer()
     box = fig.bbox
-    texts = ([t for ax in fig.get_axes() for t in (ax.title, ax.xaxis.label, ax.yaxis.label)]
+    texts = ([t for ax in fig.get_axes() for t in (ax.title, ax.xaxis.label, ax.yaxis.label, *ax.texts)]
              + [fig._suptitle, fig._supxlabel])
     boxes = []
     for text in texts:
@@ -559,3 +559,36 @@ def test_long_model_names_and_estimator_labels_fit_their_panels(tmp_path, monkey
             assert len(rules) == len(names) - 1
     text, size = figures._wrap("moe_classwise_conv", 0.9)
     assert text == "moe_classwise_\nconv" and size * 0.6 * len("moe_classwise_") <= 0.9 * 72 + 1e-9
+
+
+def test_the_gallery_of_single_pass_models_with_long_ids(tmp_path, monkeypatch):
+    """Custom single-pass models (SE, 1-MSP) get an uncertainty column (SE, the family's first) and the colour bar;
+    Cityscapes-long sample ids widen the label column instead of squeezing the input panels; with maps of two
+    split groups the rows name their group."""
+    import matplotlib
+
+    from shiftbench.report import figures
+    from shiftbench.report.style import RC, method_colours
+    from tests import run_fixture
+
+    for est in ("softmax_entropy", "one_minus_max_prob"):
+        monkeypatch.setitem(run_fixture.SEPARATION, est, (0.2, 0.5))
+    monkeypatch.setitem(run_fixture.GALLERY, "id", "frankfurt/frankfurt_000000_000294")
+    monkeypatch.setitem(run_fixture.GALLERY, "ood", "munster/munster_000001_000019")
+    models = {m: ("custom", ("softmax_entropy", "one_minus_max_prob"), 0.8) for m in ("tiny", "lraspp")}
+    run = load_run(make_run(tmp_path / "r", models=models, corruptions=(), n_patches=100, curves=False))
+    ctx = figures.Context(run=run, colours=method_colours(list(run.models)), gallery_models=list(run.models))
+    with matplotlib.rc_context(RC):
+        [rendered] = [r for r in figures.gallery(ctx) if isinstance(r, figures.Rendered)]
+        fig = rendered.figure
+        _titles_fit_and_do_not_overlap(fig)
+        titles = [ax.get_title().strip() for ax in fig.axes if ax.get_title().strip()]
+        assert titles == ["Input", "Ground truth", "pred.", "SE", "pred.", "SE"]
+        assert any(ax.get_xlabel() == "normalised uncertainty" for ax in fig.axes)  # the colour bar
+        labels = [t.get_text() for ax in fig.axes for t in ax.texts]
+        assert labels == ["id: frankfurt\nfrankfurt_000000_000294", "ood: munster\nmunster_000001_000019"]
+        panels = [ax for ax in fig.axes if ax.images]
+        heights = {round(ax.get_window_extent().height, 1) for ax in panels}
+        assert len(heights) == 1, heights  # input, ground truth and the maps: one size
+    assert "(the first estimator of the SE, 1-MSP families that it has)" in rendered.caption
+    assert "rows named by sample id and split group" in rendered.caption

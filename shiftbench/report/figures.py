@@ -467,7 +467,8 @@ def _reliability_panel(ax, ctx: Context, rows: pd.DataFrame, model: str) -> None
 
 # ------------------------------------------------------------------ 6 gallery (Table 1)
 def gallery(ctx: Context) -> Iterator[Rendered | Note]:
-    """Input, ground truth, and per method its prediction and PE / MI / EV maps, one shared colour scale."""
+    """Input, ground truth, and per method its prediction and maps of the first estimator of each family of
+    ``GALLERY_FAMILIES`` it has (PE, MI, EV, SE), one shared colour scale."""
     if not ctx.run.maps:
         yield Note(f"Gallery: the run saved no uncertainty maps ({_no_maps_reason(ctx.run)}).")
         return
@@ -484,7 +485,10 @@ def gallery(ctx: Context) -> Iterator[Rendered | Note]:
     groups = [("", [("", "Input", "image"), ("", "Ground truth", "label")])]
     groups += [(m, [c for c in columns if c[0] == m]) for m in dict.fromkeys(c[0] for c in columns)]
     h, w = samples[0]["image"].shape[:2]
-    label_w = 0.5  # in, the sample ids left of the first column
+    names = _sample_labels(ctx.run.maps, samples)
+    longest = max(len(line) for name in names for line in name.split("\n"))
+    label_w = min(max(0.5, longest / _chars(1, 6) + 0.08), 1.5)  # in, the sample ids left of the first column
+    label_pt = min(6.0, 6.0 * _chars(label_w - 0.08, 6) / longest)
     cell = (FULL_WIDTH - label_w - 0.2) / (2 + len(columns)) - 0.03
     fits = _chars(cell, 6)  # characters of a 6 pt column title in one cell
     titles = {title: "\n".join(title.rsplit(" ", 1)) if len(title) > fits else title
@@ -494,10 +498,17 @@ def gallery(ctx: Context) -> Iterator[Rendered | Note]:
     body = len(samples) * (cell * h / w + 0.04) + 0.45 + 0.1 * two_line
     fig = _figure(FULL_WIDTH, body + 0.6)
     top, bottom = fig.subfigures(2, 1, height_ratios=[body, 0.6])
-    ratios = [2 + label_w / cell] + [len(cols) for _, cols in groups[1:]]
-    subs = top.subfigures(1, len(groups), width_ratios=ratios, wspace=0)
+    # the sample ids in a column of their own: every image column then has the same width, whatever room they take
+    ratios = [label_w / cell] + [len(cols) for _, cols in groups]
+    label_sub, *subs = top.subfigures(1, len(groups) + 1, width_ratios=ratios, wspace=0)
+    label_sub.suptitle(" ", fontsize=7)
+    for r, (ax, name) in enumerate(zip(label_sub.subplots(len(samples), 1, squeeze=False)[:, 0], names)):
+        ax.axis("off")
+        ax.text(1, 0.5, name, fontsize=label_pt, ha="right", va="center", transform=ax.transAxes)
+        if r == 0:  # as many title lines as the image columns have, so that the rows line up
+            ax.set_title("\n" * two_line + " ", fontsize=title_pt, pad=2)
     image = None
-    for sub, (model, cols) in zip(np.atleast_1d(subs), groups):
+    for sub, (model, cols) in zip(subs, groups):
         sub.suptitle(model or " ", color=ctx.colours.get(model, "black"), fontsize=7)
         axes = sub.subplots(len(samples), len(cols), squeeze=False)
         for r, sample in enumerate(samples):
@@ -507,17 +518,30 @@ def gallery(ctx: Context) -> Iterator[Rendered | Note]:
                     # two, so that the groups' rows stay aligned
                     text = titles[title]
                     axes[r, c].set_title("\n" * (two_line and "\n" not in text) + text, fontsize=title_pt, pad=2)
-        if not model:
-            for r, (path, sample) in enumerate(zip(ctx.run.maps, samples)):
-                name = str(sample.get("sample_id", path.stem)).replace("/", "\n", 1).replace("/", " ")
-                axes[r, 0].set_ylabel(name, fontsize=6, rotation=0, ha="right", va="center")
+    shown = [f for f in GALLERY_FAMILIES if any(t == estimator_label(e) for _, t, _ in columns for e in FAMILIES[f])]
     if image is not None:
         cax = bottom.add_axes((0.3, 0.72, 0.4, 0.13))
         bottom.colorbar(image, cax=cax, orientation="horizontal", label="normalised uncertainty")
+        maps = (f"uncertainty maps (the first estimator of the {' / '.join(shown)} families that it has), all on one "
+                f"colour scale [0, {vmax:.2f}] (the {ctx.gallery_quantile:.0%} quantile of the shown maps)")
+    else:
+        maps = ("no uncertainty map: these methods saved none of an estimator of the "
+                f"{' / '.join(GALLERY_FAMILIES)} families")
     yield Rendered("gallery", "Uncertainty maps",
-                   "Gallery samples (clean): input, ground truth, and per method its prediction and uncertainty "
-                   f"maps (PE / MI / EV families), all on one colour scale [0, {vmax:.2f}] (the "
-                   f"{ctx.gallery_quantile:.0%} quantile of the shown maps; cf. the paper's Table 1).", fig)
+                   f"Gallery samples (clean): input, ground truth, and per method its prediction and {maps}; rows "
+                   "named by sample id" + (" and split group" if len({p.parent for p in ctx.run.maps}) > 1 else "")
+                   + " (cf. the paper's Table 1).", fig)
+
+
+def _sample_labels(paths: list[Path], samples: list[dict]) -> list[str]:
+    """A row label per gallery sample: its id over two lines (``highway`` / ``test 000000``), with the split group
+    (``id: highway``) when the maps come from more than one."""
+    groups = {p.parent.name for p in paths}
+    labels = []
+    for path, sample in zip(paths, samples):
+        name = str(sample.get("sample_id", path.stem)).replace("/", "\n", 1).replace("/", " ")
+        labels.append(f"{path.parent.name}: {name}" if len(groups) > 1 else name)
+    return labels
 
 
 def _no_maps_reason(run: Run, shown: int = 3) -> str:

@@ -50,7 +50,7 @@ FAMILIES: dict[str, tuple[str, ...]] = {
 }
 OTHER = "other"
 #: the gallery's uncertainty columns per model: the first estimator of each of these families it has
-GALLERY_FAMILIES = ("PE", "MI", "EV")
+GALLERY_FAMILIES = ("PE", "MI", "EV", "SE, 1-MSP")
 
 
 def family_groups(estimators: list[str]) -> list[tuple[str, list[str]]]:
