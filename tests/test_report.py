@@ -592,3 +592,23 @@ def test_the_gallery_of_single_pass_models_with_long_ids(tmp_path, monkeypatch):
         assert len(heights) == 1, heights  # input, ground truth and the maps: one size
     assert "(the first estimator of the SE, 1-MSP families that it has)" in rendered.caption
     assert "rows named by sample id and split group" in rendered.caption
+
+
+def test_a_run_whose_every_condition_failed_says_so(tmp_path, capsys):
+    """An empty results table: the one line says why when summary.json lists failed conditions."""
+    import json
+
+    run = make_run(tmp_path / "r", models={"baseline": MODELS["baseline"]}, splits=("id",), corruptions=("fog",),
+                   severities=(1,), n_patches=100, curves=False, maps=False)
+    header = (run / "results.csv").read_text().splitlines()[0]
+    (run / "results.csv").write_text(header + "\n")
+    assert cli(["report", str(run)]) == 2
+    assert capsys.readouterr().err.strip() == f"shiftbench: error: {run}: results table has no rows"
+    summary = json.loads((run / "summary.json").read_text())
+    failed = [{"condition": "id/clean/0", "reason": "model baseline produced NaN or Inf probabilities"},
+              {"condition": "id/fog/1", "reason": "model baseline produced NaN or Inf probabilities"}]
+    (run / "summary.json").write_text(json.dumps({**summary, "failed": failed}))
+    assert cli(["report", str(run)]) == 2
+    assert capsys.readouterr().err.strip() == (
+        f"shiftbench: error: {run}: results table has no rows: all its 2 conditions failed, the first id/clean/0: "
+        "model baseline produced NaN or Inf probabilities (summary.json's failed)")

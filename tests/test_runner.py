@@ -783,7 +783,7 @@ def test_a_full_disk_is_one_line_exit_2_and_the_rerun_finishes(suite, base, tmp_
 
 
 @pytest.mark.parametrize("broken", ["images", "model output"])
-def test_nan_images_or_model_output_fail_only_that_condition(suite, tmp_path, monkeypatch, broken):
+def test_nan_images_or_model_output_fail_only_that_condition(suite, tmp_path, monkeypatch, capsys, broken):
     import shiftbench.runner.sweep as sweep
 
     real_corrupt, real_predict, fog = sweep.corrupt, sweep.predict, []
@@ -810,6 +810,9 @@ def test_nan_images_or_model_output_fail_only_that_condition(suite, tmp_path, mo
         if broken == "images" else reason == "model baseline produced NaN or Inf probabilities"
     res = pd.read_csv(out / "results.csv")
     assert "fog" not in set(res.corruption) and {"clean", "gaussian_noise"} <= set(res.corruption)
+    err = capsys.readouterr().err  # the terminal names the failure too, not only run.log and summary.json
+    assert err.strip().splitlines()[-1] == (f"shiftbench: warning: 1 condition failed (listed in {out / 'summary.json'} "
+                                            f"failed and in run.log), the first: id/fog/2: {reason}")
 
 
 @pytest.mark.parametrize("mode", ["cached", "streamed", "streamed by a worker"])

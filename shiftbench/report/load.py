@@ -11,7 +11,7 @@ from typing import Any
 import pandas as pd
 import yaml
 
-from shiftbench.errors import ShiftbenchError
+from shiftbench.errors import ShiftbenchError, counted
 from shiftbench.report.schema import CLEAN, REQUIRED_CURVE_COLUMNS, REQUIRED_RESULT_COLUMNS
 
 TEXT_COLUMNS = ("split", "model", "kind", "estimator", "corruption")
@@ -134,7 +134,10 @@ def _read_results(root: Path) -> pd.DataFrame:
         raise ShiftbenchError(f"{csv if csv.exists() else parquet}: unreadable ({type(exc).__name__}: {exc})") from None
     _require_columns(df, REQUIRED_RESULT_COLUMNS, csv if csv.exists() else parquet)
     if df.empty:
-        raise ShiftbenchError(f"{root}: results table has no rows")
+        failed = _failed(root)
+        why = (f": all its {counted(len(failed), 'condition')} failed, the first {failed[0].get('condition')}: "
+               f"{failed[0].get('reason')} (summary.json's failed)") if failed else ""
+        raise ShiftbenchError(f"{root}: results table has no rows{why}")
     for col in TEXT_COLUMNS:
         df[col] = df[col].astype(str)
     df["severity"] = df["severity"].astype(int)
@@ -178,6 +181,15 @@ def _require_columns(df: pd.DataFrame, required: tuple[str, ...], path: Path) ->
     if missing:
         raise ShiftbenchError(f"{path}: missing column(s) {', '.join(missing)}; see docs/run-format.md "
                               "for the columns a run writes")
+
+
+def _failed(root: Path) -> list[dict[str, Any]]:
+    """summary.json's failed conditions (``[{condition, reason}]``), or [] when it cannot say."""
+    try:
+        failed = _read_json(root / "summary.json", required=False).get("failed")
+    except ShiftbenchError:
+        return []
+    return [f for f in failed if isinstance(f, dict)] if isinstance(failed, list) else []
 
 
 def _read_json(path: Path, required: bool = True) -> dict[str, Any]:

@@ -340,6 +340,10 @@ def _print_end(summary: dict[str, Any], root: Path) -> None:
         _say(f"note: the folder holds {counted(others, 'more finished condition')} that this command did not select; "
              "the tables hold only the selected ones (select them again, e.g. with the suite's own list, to have "
              "them back)")
+    if failed := summary.get("failed"):
+        first = failed[0]
+        _say(f"warning: {counted(len(failed), 'condition')} failed (listed in {root / 'summary.json'} failed and in "
+             f"run.log), the first: {first['condition']}: {first['reason']}", logging.WARNING, sys.stderr)
     missing = summary.get("gallery_missing") or []
     if missing:
         _say(f"warning: metrics.gallery: {counted(len(missing), 'sample id')} not among the evaluated images, so no "
