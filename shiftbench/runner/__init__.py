@@ -118,9 +118,12 @@ def _sigterm_interrupts():
         TERMINATE.set()
         raise Terminated("SIGTERM")
 
-    def unraisable(info):  # the handler's exception inside a fork hook is only printed: the flag carries it
-        if not isinstance(info.exc_value, Terminated):
-            hook(info)
+    def unraisable(info):
+        if isinstance(info.exc_value, Terminated):  # raised inside a fork hook, only printed: the flag carries it
+            return
+        if TERMINATE.is_set() and "DataLoaderIter" in getattr(info.object, "__qualname__", ""):
+            return  # an iterator the signal cut short in its __init__ cannot shut down workers it never recorded
+        hook(info)
 
     previous, hook = signal.signal(signal.SIGTERM, terminate), sys.unraisablehook
     sys.unraisablehook = unraisable
@@ -128,7 +131,8 @@ def _sigterm_interrupts():
         yield
     finally:
         signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)  # None: set from C
-        sys.unraisablehook = hook
+        if not TERMINATE.is_set():  # else kept: the cut-short iterator is collected after the one-line message
+            sys.unraisablehook = hook
 
 
 def _run_suite(suite, force: bool, progress: bool) -> dict[str, Any]:
