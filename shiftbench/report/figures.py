@@ -485,7 +485,8 @@ def gallery(ctx: Context) -> Iterator[Rendered | Note]:
     groups = [("", [("", "Input", "image"), ("", "Ground truth", "label")])]
     groups += [(m, [c for c in columns if c[0] == m]) for m in dict.fromkeys(c[0] for c in columns)]
     h, w = samples[0]["image"].shape[:2]
-    names = _sample_labels(ctx.run.maps, samples)
+    several = len({p.parent.name for p in ctx.run.maps}) > 1  # split groups
+    names = _sample_labels(ctx.run.maps, samples, several)
     longest = max(len(line) for name in names for line in name.split("\n"))
     label_w = min(max(0.5, longest / _chars(1, 6) + 0.08), 1.5)  # in, the sample ids left of the first column
     label_pt = min(6.0, 6.0 * _chars(label_w - 0.08, 6) / longest)
@@ -518,7 +519,8 @@ def gallery(ctx: Context) -> Iterator[Rendered | Note]:
                     # two, so that the groups' rows stay aligned
                     text = titles[title]
                     axes[r, c].set_title("\n" * (two_line and "\n" not in text) + text, fontsize=title_pt, pad=2)
-    shown = [f for f in GALLERY_FAMILIES if any(t == estimator_label(e) for _, t, _ in columns for e in FAMILIES[f])]
+    drawn = {key.rpartition("__")[2] for _, _, key in columns if key.startswith("unc__")}  # their estimators
+    shown = [f for f in GALLERY_FAMILIES if drawn & set(FAMILIES[f])]
     if image is not None:
         cax = bottom.add_axes((0.3, 0.72, 0.4, 0.13))
         bottom.colorbar(image, cax=cax, orientation="horizontal", label="normalised uncertainty")
@@ -529,18 +531,17 @@ def gallery(ctx: Context) -> Iterator[Rendered | Note]:
                 f"{' / '.join(GALLERY_FAMILIES)} families")
     yield Rendered("gallery", "Uncertainty maps",
                    f"Gallery samples (clean): input, ground truth, and per method its prediction and {maps}; rows "
-                   "named by sample id" + (" and split group" if len({p.parent for p in ctx.run.maps}) > 1 else "")
+                   "named by sample id" + (" and split group" if several else "")
                    + " (cf. the paper's Table 1).", fig)
 
 
-def _sample_labels(paths: list[Path], samples: list[dict]) -> list[str]:
+def _sample_labels(paths: list[Path], samples: list[dict], several: bool) -> list[str]:
     """A row label per gallery sample: its id over two lines (``highway`` / ``test 000000``), with the split group
-    (``id: highway``) when the maps come from more than one."""
-    groups = {p.parent.name for p in paths}
+    (``id: highway``) when the maps come from ``several``."""
     labels = []
     for path, sample in zip(paths, samples):
         name = str(sample.get("sample_id", path.stem)).replace("/", "\n", 1).replace("/", " ")
-        labels.append(f"{path.parent.name}: {name}" if len(groups) > 1 else name)
+        labels.append(f"{path.parent.name}: {name}" if several else name)
     return labels
 
 
