@@ -8,8 +8,8 @@ Every (domain, split) of :data:`shiftbench.data.synthetic.SPLITS` gets ``count``
   ``split/all_<split>_gt.txt`` = highway + urban) in the line format of the authors' lists.
 - ``cityscapes``: ``leftImg8bit/<split>/<city>/<city>_<seq>_<index>_leftImg8bit.png`` and
   ``gtFine/.../*_gtFine_labelIds.png`` with the domain as the city and the split as the sequence
-  (000000 train, 000001 val, 000002 test), so that no two frames share a name, as in Cityscapes. Each 11-class category is
-  written as one official labelId; Cityscapes has no lane-marking class, so Lanes are written
+  (000000 train, 000001 val, 000002 test), so that no two frames share a name, as in Cityscapes.
+  Each 11-class category is written as one official labelId; Cityscapes has no lane-marking class, so Lanes are written
   as road (labelId 7) and load back as ``road``.
 """
 

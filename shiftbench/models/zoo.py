@@ -218,7 +218,8 @@ def _naming(entry: str):
 
 def _check_files(suite: Any, specs: Sequence[Any]) -> None:
     """Every checkpoint the ``specs`` load must be a readable file that looks like a torch checkpoint
-    (:func:`checkpoint_problem`): one line naming all that are not, in suite order, with the environment variable their path came from (``${A2D2_CHECKPOINTS}``) and its value."""
+    (:func:`checkpoint_problem`): one line naming all that are not, in suite order, with the environment
+    variable their path came from (``${A2D2_CHECKPOINTS}``) and its value."""
     experts = dict.fromkeys(e for m in specs for e in m.experts if m.kind in ("expert", "ensemble", "moe"))
     index = {m.name: i for i, m in enumerate(suite.models)}
     fields = [(f"experts.{e}.checkpoint", suite.experts[e].checkpoint, ("experts", e)) for e in experts]

@@ -242,8 +242,8 @@ def check_identity(run: Run, baseline: dict[str, Any]) -> None:
             continue
         lacking = sorted(set(_conditions(cov)) - set(have[split]["conditions"]))
         if lacking:
-            raise ShiftbenchError(f"the run lacks {counted(len(lacking), 'condition')} of the baseline on split {split!r}, "
-                                  f"e.g. {lacking[0]}; its means over corruptions would not be comparable: run the "
+            raise ShiftbenchError(f"the run lacks {counted(len(lacking), 'condition')} of the baseline on split "
+                                  f"{split!r}, e.g. {lacking[0]}; its means over corruptions would not be comparable: run the "
                                   "same conditions")
         if _conditions(have[split]) != _conditions(cov):
             raise ShiftbenchError(
@@ -288,8 +288,8 @@ def compare(current: dict[Key, float], reference: dict[Key, float], tolerances: 
     """Every value of ``current`` against ``reference``; a reference key the run lacks is an error."""
     missing = [k for k in reference if k not in current and k[4] in tolerances]
     if missing:
-        raise ShiftbenchError(f"the run lacks {counted(len(missing), 'value')} of the baseline, e.g. {'/'.join(missing[0])}; "
-                              "run the baseline's models, estimators and conditions")
+        raise ShiftbenchError(f"the run lacks {counted(len(missing), 'value')} of the baseline, e.g. "
+                              f"{'/'.join(missing[0])}; run the baseline's models, estimators and conditions")
     changes = []
     for key, value in current.items():
         tol = tolerances[key[4]]

@@ -109,7 +109,9 @@ def run_warnings(run: Run) -> list[str]:
                    f"the means over corruptions at their severity: {listed}{more}")
     skipped = run.summary.get("skipped_files") or []
     if skipped:
-        out.append(f"{counted(len(skipped), 'unreadable image')} {'was' if len(skipped) == 1 else 'were'} skipped in every condition (named in summary.json)")
+        were = "was" if len(skipped) == 1 else "were"
+        out.append(f"{counted(len(skipped), 'unreadable image')} {were} skipped in every condition (named in "
+                   "summary.json)")
     return out
 
 

@@ -331,8 +331,8 @@ def _print_end(summary: dict[str, Any], root: Path) -> None:
     (stderr); each also in run.log."""
     t, done = summary["time_s"], summary["conditions"]["already_done"]
     if summary["conditions"]["run"] == 0:  # a finished run run again: the tables are rewritten from its states
-        _say(f"nothing left to run ({counted(done, 'condition')} already done); tables rewritten from the saved states in "
-             f"{summary['wall_time_s']:.1f} s")
+        _say(f"nothing left to run ({counted(done, 'condition')} already done); tables rewritten from the saved "
+             f"states in {summary['wall_time_s']:.1f} s")
     else:
         along = " alongside them on a worker thread" if summary["threads"]["metrics"] else ""
         _say(f"{counted(summary['conditions']['run'], 'condition')} run, {done} already done, "

@@ -160,7 +160,8 @@ def check_finite(preds: dict[str, Prediction]) -> None:
     if bool(flags.all()):
         return
     bad = [n for n, ok in zip(preds, flags.tolist()) if not ok]
-    raise ConditionFailed(f"{'model' if len(bad) == 1 else 'models'} {', '.join(bad)} produced NaN or Inf probabilities")
+    raise ConditionFailed(f"{'model' if len(bad) == 1 else 'models'} {', '.join(bad)} produced NaN or Inf "
+                          "probabilities")
 
 
 def _sum32(x: Tensor) -> Tensor:
