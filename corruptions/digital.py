@@ -148,44 +148,53 @@ def pixelate(x: Tensor, severity: int, rng: Rng) -> Tensor:
 def jpeg_compression(x: Tensor, severity: int, rng: Rng) -> Tensor:
     """Encode the 8-bit image round(255 x) as JPEG at quality q and decode it (torchvision.io).
 
-    Encoding always runs on the CPU (libjpeg-turbo, 4:2:0 chroma subsampling like the reference's
-    Pillow): torchvision's nvJPEG encoder is fixed to 4:4:4, which keeps far more colour and misses
-    the reference by 3-7 gray levels on average. Decoding runs on the images' device (nvJPEG on CUDA).
-    libjpeg-turbo codes one image on one core, so the images are coded on ``torch.get_num_threads()``
-    threads (the codec releases the GIL; the bytes do not depend on the thread count); on the CPU each
-    thread also converts its image to 8 bits and back, in cache rather than over the whole batch. Pool
-    threads run no parallel torch op (each would start a team of threads of its own): their conversions
-    are numpy's, and their pixels HWC, so that the codec's own layout changes are views.
+    The codec is libjpeg-turbo on the host, on every device: 4:2:0 chroma subsampling like the
+    reference's Pillow, and the same bits on CPU and CUDA. (torchvision's nvJPEG encoder is fixed to
+    4:4:4, which keeps far more colour and misses the reference by 3-7 gray levels on average; its
+    decoder has its own IDCT and chroma upsampling, and writes on a stream of its own.) libjpeg-turbo
+    codes one image on one core, so the images are coded on ``torch.get_num_threads()`` threads (the
+    codec releases the GIL; the bytes do not depend on the thread count).
     """
-    from torchvision.io import decode_jpeg, encode_jpeg
-
     q = JPEG_QUALITY[severity - 1]
-    out = torch.empty_like(x)
     with warnings.catch_warnings():  # torchvision 0.29 deprecates its codecs in favour of TorchCodec
         warnings.simplefilter("ignore", UserWarning)
         warnings.simplefilter("ignore", DeprecationWarning)
-        if x.device.type == "cpu":  # each image whole on one thread: 8-bit, encode, decode, back to float
-            pooled = min(len(x), torch.get_num_threads()) > 1
+        return _jpeg_on_cpu(x, q) if x.device.type == "cpu" else _jpeg_via_host(x, q)
 
-            def code(b: int) -> None:
-                if pooled:  # numpy on this thread alone, where a torch op would start a team of threads; HWC
-                    # pixels, so that the codec's own CHW <-> HWC copies (torch ops) are views
-                    scaled = x[b].numpy().transpose(1, 2, 0) * np.float32(255)
-                    pixels = np.rint(scaled, out=scaled).astype(np.uint8, order="C")
-                    decoded = decode_jpeg(encode_jpeg(torch.from_numpy(pixels).permute(2, 0, 1), quality=q))
-                    np.divide(decoded.numpy(), np.float32(255), out=out[b].numpy())
-                else:  # the same bits (IEEE product and quotient, round half to even) on torch's threads
-                    decoded = decode_jpeg(encode_jpeg(x[b].mul(255).round_().to(torch.uint8), quality=q))
-                    out[b].copy_(decoded).div_(255)
 
-            _on_threads(code, range(len(x)))
-        else:  # 8-bit HWC on the device, one copy to the host, encoded on its threads, decoded in one nvJPEG batch
-            images = x.mul(255).round_().to(torch.uint8).permute(0, 2, 3, 1).contiguous().cpu()
-            encoded = _on_threads(lambda image: encode_jpeg(image.permute(2, 0, 1), quality=q), images)
-            for b, image in enumerate(decode_jpeg(encoded, device=x.device)):
-                out[b].copy_(image)
-            out.div_(255)
+def _jpeg_on_cpu(x: Tensor, q: int) -> Tensor:
+    """jpeg_compression of images on the CPU: each image whole on one thread (8 bits, encode, decode, back to
+    float), in cache rather than over the whole batch."""
+    out = torch.empty_like(x)
+    pooled = min(len(x), torch.get_num_threads()) > 1
+
+    def code(b: int) -> None:
+        if pooled:  # numpy on this thread alone, where a torch op would start a team of threads of its own
+            scaled = x[b].numpy().transpose(1, 2, 0) * np.float32(255)
+            pixels = np.rint(scaled, out=scaled).astype(np.uint8, order="C")
+            np.divide(_jpeg_round_trip(torch.from_numpy(pixels), q).numpy(), np.float32(255), out=out[b].numpy())
+        else:  # the same bits (IEEE product and quotient, round half to even) on torch's threads
+            pixels = x[b].mul(255).round_().to(torch.uint8).permute(1, 2, 0)
+            out[b].copy_(_jpeg_round_trip(pixels, q)).div_(255)
+
+    _on_threads(code, range(len(x)))
     return out
+
+
+def _jpeg_via_host(x: Tensor, q: int) -> Tensor:
+    """jpeg_compression of images on an accelerator: 8 bits there, one copy to the host, coded on its threads,
+    one copy back. Bit for bit the CPU path's output (the same rounding, codec and quotient)."""
+    pixels = x.mul(255).round_().to(torch.uint8).permute(0, 2, 3, 1).contiguous().cpu()  # [B,H,W,3]
+    coded = torch.stack(_on_threads(lambda image: _jpeg_round_trip(image, q), pixels))
+    return coded.to(x.device).to(x.dtype).div_(255)
+
+
+def _jpeg_round_trip(pixels: Tensor, q: int) -> Tensor:
+    """Encode uint8 [H,W,3] pixels (HWC, so that the codec's own CHW <-> HWC copies are views) at quality q with
+    libjpeg-turbo and decode them; uint8 [3,H,W]. Runs no parallel torch op: safe on pool threads."""
+    from torchvision.io import decode_jpeg, encode_jpeg
+
+    return decode_jpeg(encode_jpeg(pixels.permute(2, 0, 1), quality=q))
 
 
 def _on_threads(fn: Callable[[Any], Any], items: Iterable[Any]) -> list[Any]:

@@ -131,6 +131,21 @@ def test_deterministic_corruptions_ignore_the_seed_and_batch(name):
         assert torch.equal(corrupt(x[b:b + 1], name, 4), y[b:b + 1]), b
 
 
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # torchvision's codecs; jpeg_compression hides it
+@pytest.mark.parametrize("threads", [1, 2])
+def test_jpeg_on_an_accelerator_codes_on_the_host_like_the_cpu(threads):
+    """The path jpeg_compression takes for images on CUDA (8 bits on the device, one copy to the host, coded
+    on its threads, one copy back), run here on CPU tensors: bit for bit the CPU path's output."""
+    from corruptions.digital import JPEG_QUALITY, _jpeg_via_host
+
+    x = _images(3, 41, 58, seed=5)
+    with _torch_threads(threads):
+        for severity in SEVERITIES:
+            got = _jpeg_via_host(x, JPEG_QUALITY[severity - 1])
+            assert got.dtype == x.dtype and torch.equal(got, corrupt(x, "jpeg_compression", severity)), severity
+
+
 # ---------------------------------------------------------------- bad input
 
 
