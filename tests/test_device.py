@@ -23,11 +23,14 @@ pytestmark = pytest.mark.skipif(DEVICE.type == "cuda" and not torch.cuda.is_avai
 
 @pytest.mark.parametrize("name", CORRUPTIONS)
 def test_corruption_runs_on_the_device_like_on_the_cpu(name):
-    """Shape, dtype, device and range; each sample's draws independent of its batch; deterministic corruptions within
-    the fidelity contract's bounds of the CPU (mean <= 0.5, 99th percentile <= 2 gray levels); random ones of
-    the CPU's strength (mean |corrupted - clean| within 25 %: the streams differ between devices)."""
-    x = _images(4, 96, 136, seed=3)
-    seeds = torch.tensor([11, 12, 13, 14])
+    """Shape, dtype, device and range; each sample's draws independent of its batch; jpeg_compression (coded on
+    the host) equal to the CPU's, the other deterministic corruptions within the fidelity contract's bounds of
+    the CPU (mean <= 0.5, 99th percentile <= 2 gray levels); random ones of the CPU's strength: the streams
+    differ between devices, so mean |corrupted - clean| over 64 samples within 30 % (frost, one of 5 textures
+    per sample, and spatter at severity 1 vary most: two such means of other seeds on the CPU differ by 4-7 %
+    (1 sd), at most 19 % in 190 pairs)."""
+    x = _images(64, 96, 136, seed=3)
+    seeds = torch.arange(11, 11 + len(x))
     for severity in SEVERITIES:
         y = corrupt(x.to(DEVICE), name, severity, seed=seeds.to(DEVICE))
         assert y.shape == x.shape and y.dtype == x.dtype and y.device.type == DEVICE.type
@@ -36,13 +39,15 @@ def test_corruption_runs_on_the_device_like_on_the_cpu(name):
         # the same draws; kernels may round differently for another batch size (cuDNN picks per shape)
         assert float((alone - y[2:3]).abs().gt(1e-4).float().mean()) <= 1e-3, (name, severity)
         cpu, y = corrupt(x, name, severity, seed=seeds), y.cpu()
-        if name in DETERMINISTIC:
+        if name == "jpeg_compression":
+            assert torch.equal(y, cpu), severity
+        elif name in DETERMINISTIC:
             diff = (y - cpu).abs().mul(255)
             assert float(diff.mean()) <= 0.5 and float(diff.quantile(0.99)) <= 2, (name, severity)
         else:
             assert name in RANDOM
             ours, theirs = float((y - x).abs().mean()), float((cpu - x).abs().mean())
-            assert ours == pytest.approx(theirs, rel=0.25), (name, severity)
+            assert ours == pytest.approx(theirs, rel=0.3), (name, severity)
 
 
 def test_metrics_on_the_device_equal_the_cpu():
@@ -86,5 +91,7 @@ def test_a_run_on_the_device_is_close_to_the_cpu_run(tmp_path):
     keys = ["split", "model", "estimator", "corruption", "severity"]
     pd.testing.assert_frame_equal(cpu[keys], dev[keys])
     assert (cpu.n_pixels == dev.n_pixels).all()
-    for column in ("miou", "ece", "brier", "nll", "au_pavpu"):
-        assert np.allclose(dev[column], cpu[column], rtol=0.02, atol=0.01), column
+    # six other run seeds on the CPU (other corruption and MC-dropout streams, as on a GPU) kept every column within
+    # rtol 0.02, atol 0.01 but the binary NLL of an uncertainty (a few confident wrong pixels), which moved 6.3 %
+    for column, rtol in (("miou", 0.02), ("ece", 0.02), ("brier", 0.02), ("nll", 0.15), ("au_pavpu", 0.02)):
+        assert np.allclose(dev[column], cpu[column], rtol=rtol, atol=0.01), column
