@@ -974,6 +974,37 @@ def test_a_label_id_past_255_switches_the_cache_to_int64(monkeypatch):
     assert split.cache.labels.dtype == torch.int64 and torch.equal(split.cache.labels, torch.stack(labels))
 
 
+
+def test_the_limit_takes_evenly_from_the_splits_and_tops_up_from_the_longer_ones():
+    from shiftbench.runner.data import limited_indices
+
+    assert limited_indices([2, 3], None) == [(0, 0), (0, 1), (1, 0), (1, 1), (1, 2)]
+    assert limited_indices([5, 5], 3) == [(0, 0), (0, 1), (1, 0)]  # ceil(3 / 2) from the first, the rest after
+    assert limited_indices([5, 5, 5], 4) == [(0, 0), (0, 1), (1, 0), (1, 1)]
+    assert limited_indices([4, 4], 16) == [(d, i) for d in range(2) for i in range(4)]  # all there is
+    # a short split: what it lacks comes from the others (6, not the 4 a fixed share per split gave)
+    assert limited_indices([1, 10], 6) == [(0, 0)] + [(1, i) for i in range(5)]
+    assert limited_indices([0, 1, 10, 10], 8) == [(1, 0), (2, 0), (2, 1), (2, 2), (2, 3), (3, 0), (3, 1), (3, 2)]
+
+
+@pytest.mark.parametrize("ranks", [2, 3])
+def test_ranks_share_a_group_whole_and_without_overlap(tmp_path, ranks):
+    """Groups of 5 and 3 images over 2 and 3 ranks: the ranks' images are disjoint and make up the group."""
+    import dataclasses
+
+    from shiftbench.runner.data import open_split
+    from shiftbench.runner.dist import World
+    from shiftbench.suite import load_suite
+
+    s = load_suite(make_suite(tmp_path / "suite", count=3, size=(48, 64)))
+    s = dataclasses.replace(s, run=dataclasses.replace(s.run, limit=5))  # id: 3 + 2 of its 2 x 3; ood: its 3
+    for group, n in (("id", 5), ("ood", 3)):
+        whole = [i for b in open_split(s, group, World(), cache_bytes=0).batches(4) for i in b.ids]
+        parts = [[i for b in open_split(s, group, World(rank=r, size=ranks), cache_bytes=0).batches(4) for i in b.ids]
+                 for r in range(ranks)]
+        assert len(whole) == n and sorted(sum(parts, [])) == sorted(whole), (group, parts)
+
+
 def test_the_groups_swept_most_are_cached_first_within_the_budget(suite):
     from shiftbench.runner.data import open_split, open_splits
     from shiftbench.runner.dist import World

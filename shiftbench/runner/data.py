@@ -27,11 +27,17 @@ CACHE_BYTES = 4 << 30
 
 
 def limited_indices(lengths: list[int], limit: int | None) -> list[tuple[int, int]]:
-    """(dataset, index) pairs of a concatenation, at most ``limit`` taken evenly from the parts."""
+    """(dataset, index) pairs of a concatenation, at most ``limit`` taken evenly from the parts: the first
+    ceil(limit / parts) of each part, the last parts cut to ``limit`` in all; what short parts lack is taken,
+    evenly again, from the parts that have more."""
     if limit is None:
         return [(d, i) for d, n in enumerate(lengths) for i in range(n)]
-    per = math.ceil(limit / max(len(lengths), 1))
-    picked = [(d, i) for d, n in enumerate(lengths) for i in range(min(n, per))]
+    quota = [min(n, math.ceil(limit / max(len(lengths), 1))) for n in lengths]
+    while sum(quota) < limit and (spare := [d for d, n in enumerate(lengths) if quota[d] < n]):
+        extra = math.ceil((limit - sum(quota)) / len(spare))
+        for d in spare:
+            quota[d] = min(lengths[d], quota[d] + extra)
+    picked = [(d, i) for d, n in enumerate(quota) for i in range(n)]
     return picked[:limit]
 
 
