@@ -277,3 +277,35 @@ def test_preview_errors(tmp_path, capsys):
 def test_list_prints_the_19_names(capsys):
     code, stdout, _ = _run(capsys, "corruptions", "list")
     assert code == 0 and stdout.split() == list(CORRUPTIONS)
+
+
+def test_16_bit_pngs_are_scaled_to_8_bits(tmp_path, capsys):
+    """16-bit PNGs (RGB and grey) load as floor(v * 255 / 65535), e.g. 257 k -> k, not wrapped mod 256."""
+    import cv2
+
+    import shiftbench.commands.corrupt as command
+
+    rng = np.random.default_rng(0)
+    rgb16 = rng.integers(0, 65536, (40, 52, 3)).astype(np.uint16)
+    rgb16[0, :6, 0] = (0, 255, 256, 257 * 100, 65534, 65535)
+    grey16 = rng.integers(0, 65536, (36, 44)).astype(np.uint16)
+    root = tmp_path / "in"
+    root.mkdir()
+    cv2.imwrite(str(root / "rgb.png"), rgb16[..., ::-1])  # OpenCV writes BGR
+    Image.fromarray(grey16).save(root / "grey.png")
+    with Image.open(root / "grey.png") as im:
+        assert im.mode == "I;16"
+    rgb8 = (rgb16.astype(np.int64) * 255 // 65535).astype(np.uint8)
+    grey8 = np.repeat((grey16.astype(np.int64) * 255 // 65535).astype(np.uint8)[..., None], 3, axis=2)
+    assert list(rgb8[0, :6, 0]) == [0, 0, 0, 100, 254, 255]
+    sources, _ = command.discover(root)
+    loaded = {s.rel: command.load(s) for s in sources}
+    assert all(t.dtype == torch.uint8 for t in loaded.values())
+    assert np.array_equal(loaded["rgb.png"].permute(1, 2, 0).numpy(), rgb8)
+    assert np.array_equal(loaded["grey.png"].permute(1, 2, 0).numpy(), grey8)
+    out = tmp_path / "out"
+    code, _, _ = _run(capsys, "corrupt", str(root), str(out), "--corruption", "contrast", "--severity", "2", "--quiet")
+    assert code == 0
+    for rel, image in (("rgb.png", rgb8), ("grey.png", grey8)):
+        got = np.asarray(Image.open(out / "contrast" / "2" / rel))
+        assert np.array_equal(got, _expected(image, rel, "contrast", 2, seed=0)), rel

@@ -297,3 +297,43 @@ def test_dataset_pickles_without_its_lookup_table(tree):
     assert len(data) < 100_000  # the 16 MiB colour table is rebuilt in the worker, not shipped
     clone = pickle.loads(data)
     assert torch.equal(clone[0][1], first[1]) and clone[0][2] == first[2]
+
+
+@pytest.mark.parametrize("image_mode,label_mode", [("L", "RGB"), ("RGBA", "RGB"), ("RGB", "P"), ("RGBA", "P")])
+def test_grey_rgba_and_palette_files_load_as_their_rgb_version(tmp_path, image_mode, label_mode):
+    """Grey images load replicated to 3 channels, RGBA ones without alpha, palette labels as their colours."""
+    from PIL import Image
+
+    from shiftbench.data.export import A2D2Writer
+
+    rng = np.random.default_rng(0)
+    image = rng.integers(0, 256, (3, 12, 16), np.uint8)
+    if image_mode == "L":
+        image[1:] = image[0]
+    label = rng.integers(0, 11, (12, 16)).astype(np.uint8)
+    label[0, :4] = 255
+    writer = A2D2Writer(tmp_path)
+    writer.write("urban", "test", 0, image, label)
+    writer.finish()
+    ds = a2d2.A2D2Dataset(a2d2.read_split(tmp_path / "split" / "urban_test_gt.txt", tmp_path), tmp_path)
+    want_x, want_y, _ = ds[0]
+    assert torch.equal(want_y, torch.from_numpy(label).long())
+    image_path, label_path = ds.pairs[0]
+    hwc = image.transpose(1, 2, 0)
+    if image_mode == "L":
+        Image.fromarray(hwc[..., 0], "L").save(image_path)
+    elif image_mode == "RGBA":
+        alpha = rng.integers(0, 256, (12, 16, 1), np.uint8)
+        Image.fromarray(np.concatenate([hwc, alpha], axis=2), "RGBA").save(image_path)
+    if label_mode == "P":
+        with Image.open(label_path) as im:
+            colours = np.asarray(im.convert("RGB"))
+        palette, index = np.unique(colours.reshape(-1, 3), axis=0, return_inverse=True)
+        p = Image.fromarray(index.reshape(12, 16).astype(np.uint8), "P")
+        p.putpalette(palette.astype(np.uint8).tobytes())
+        p.save(label_path)
+    for path, mode in ((image_path, image_mode), (label_path, label_mode)):
+        with Image.open(path) as im:
+            assert im.mode == mode
+    x, y, _ = ds[0]
+    assert torch.equal(x, want_x) and torch.equal(y, want_y)

@@ -142,3 +142,33 @@ def test_a_split_group_refuses_a_repeated_sample_id(tree, tmp_path):
     assert message == ("dataset.eval.id: sample id 'highway/highway_000001_000000' occurs in splits 'val' and "
                        "'test'; each image's corruption noise and saved map are keyed by its id, so a group must hold "
                        "each id once (list each split once, and splits without shared file names)")
+
+
+def test_shrinking_is_antialiased(tmp_path):
+    """1-px stripes shrunk 3.2x average to ~0.5 (as torchvision's antialiased resize), not aliased samples."""
+    from torchvision.transforms.v2.functional import resize
+
+    stripes = np.zeros((3, 32, 64), np.uint8)
+    stripes[..., 1::2] = 255
+    image_path, label_path = cityscapes.frame_paths(tmp_path, "val", "c", "c_000000_000000")
+    write_png(image_path, stripes)
+    write_png(label_path, np.full((32, 64), 7, np.uint8))
+    x, y, _ = cityscapes.CityscapesDataset(tmp_path, "val", size=(8, 20))[0]
+    assert x.shape == (3, 8, 20) and torch.equal(y, torch.zeros(8, 20, dtype=torch.int64))
+    assert (x - 0.5).abs().max() < 0.04
+    want = resize(torch.from_numpy(stripes).float() / 255, [8, 20], antialias=True)
+    assert torch.allclose(x, want, atol=1e-6)
+
+
+def test_a_16_bit_grey_image_is_scaled_to_8_bits_not_clipped(tmp_path):
+    """floor(v * 255 / 65535), as `shiftbench corrupt` loads it (Pillow's convert('RGB') clips at 255)."""
+    from PIL import Image
+
+    grey16 = np.array([[0, 257, 1000, 32768, 65535, 65534]], np.uint16).repeat(32, 0).repeat(6, 1)  # 32 x 36
+    image_path, label_path = cityscapes.frame_paths(tmp_path, "val", "c", "c_000000_000000")
+    image_path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(grey16).save(image_path)
+    write_png(label_path, np.full((32, 36), 7, np.uint8))
+    x, _, _ = cityscapes.CityscapesDataset(tmp_path, "val")[0]
+    want = torch.from_numpy((grey16.astype(np.int64) * 255 // 65535).astype(np.float32) / 255).expand(3, -1, -1)
+    assert torch.equal(x, want) and x[0, 0, ::6].mul(255).round().tolist() == [0, 1, 3, 127, 255, 254]

@@ -21,8 +21,14 @@ from shiftbench.io import atomic_path
 _MODES = {"rgb": "RGB", "gray": "L"}
 
 
+#: Pillow's modes of 16-bit grey PNGs, which its convert('RGB') clips at 255 instead of scaling
+_GREY16 = ("I;16", "I;16B", "I;16L", "I")
+
+
 def read_png(path: str | os.PathLike, mode: str = "rgb") -> np.ndarray:
-    """A PNG as uint8 [C,H,W] (C = 3 for ``"rgb"``, 1 for ``"gray"``)."""
+    """A PNG as uint8 [C,H,W] (C = 3 for ``"rgb"``, 1 for ``"gray"``). A 16-bit grey image read as ``"rgb"``
+    is scaled to 8 bits, floor(x * 255 / 65535), as ``shiftbench corrupt`` does; ``"gray"`` (labels) keeps
+    values up to 255."""
     from PIL import Image, UnidentifiedImageError
 
     path = Path(path)
@@ -31,7 +37,11 @@ def read_png(path: str | os.PathLike, mode: str = "rgb") -> np.ndarray:
     try:
         with Image.open(path, formats=["PNG"]) as im:
             im.load()
-            pixels = np.asarray(im if im.mode == _MODES[mode] else im.convert(_MODES[mode]))
+            if mode == "rgb" and im.mode in _GREY16:
+                grey = (np.asarray(im).astype(np.int64).clip(0, 65535) * 255 // 65535).astype(np.uint8)
+                pixels = np.repeat(grey[..., None], 3, axis=-1)
+            else:
+                pixels = np.asarray(im if im.mode == _MODES[mode] else im.convert(_MODES[mode]))
     except UnidentifiedImageError:
         raise file_error(path, "not a PNG image (empty, corrupt or another format)") from None
     except (OSError, SyntaxError, ValueError) as exc:
