@@ -5,7 +5,7 @@ import pytest
 
 from shiftbench import io
 from shiftbench.cli import main
-from shiftbench.seeding import key, sample_seeds
+from shiftbench.seeding import corruption_seeds, key, model_seeds, sample_seeds
 
 
 def test_atomic_write_replaces_and_leaves_no_temp(tmp_path):
@@ -78,6 +78,11 @@ def test_keys_are_stable_and_distinct():
     assert 0 <= key("x") < 2**63
     s = sample_seeds(3, ["img1", "img2"])
     assert s.tolist() == [key(3, "img1"), key(3, "img2")]
+    # pinned: a changed key changes every run's noise and masks, so old run folders could not be resumed alike
+    assert key(0, "a") == 6539243125055167529  # little-endian BLAKE2b-64 of "0\x1fa", top bit cleared
+    assert key(1, "23") != key(12, "3")  # the separator keeps parts apart
+    sid = "highway/test/000000"
+    assert corruption_seeds(0, [sid]).tolist() == [3038636524560774152] and model_seeds(0, [sid]) == [5944847332916741505]
 
 
 def test_cli_usage_error_is_one_line_exit_2(capsys):
