@@ -276,6 +276,127 @@ def test_conditional_figures_give_each_estimator_family_a_column(run_dir, family
         np.testing.assert_array_equal(line.get_xdata(), expected.index.to_numpy())
 
 
+def _figures(run_dir, family: str, **kw) -> dict:
+    """name -> Rendered of one figure family on the fixture run (``kw``: Context fields)."""
+    from shiftbench.report import figures
+    from shiftbench.report.style import method_colours
+
+    run = load_run(run_dir)
+    ctx = figures.Context(run=run, colours=method_colours(list(run.models)), **kw)
+    return {r.name: r for r in figures.FIGURES[family](ctx) if isinstance(r, figures.Rendered)}
+
+
+def _method_lines(ax) -> list:
+    """The ``model/estimator`` data lines of an axes (not the diagonal, box parts or peak markers)."""
+    return [ln for ln in ax.get_lines() if "/" in ln.get_label() and len(ln.get_xdata()) > 1]
+
+
+def test_calibration_figure_draws_the_mean_over_corruptions_per_severity(run_dir):
+    """The ECE-vs-severity line of every method and estimator is the mean (not the median) over corruptions."""
+    results = pd.read_csv(run_dir / "results.csv")
+    rows = results[results["split"] == "id"]
+    fig = _figures(run_dir, "calibration_vs_severity")["calibration_ece_id"].figure
+    checked, median_differs = 0, False
+    for ax in fig.axes:
+        for line in _method_lines(ax):
+            model, est = line.get_label().split("/")
+            g = rows[(rows["model"] == model) & (rows["estimator"] == est)].groupby("severity")["ece"]
+            assert ax.get_title() == estimator_label(est)
+            np.testing.assert_allclose(line.get_ydata(), g.mean().to_numpy())
+            np.testing.assert_allclose(np.round(line.get_xdata()), g.mean().index.to_numpy())
+            median_differs |= not np.allclose(g.median(), g.mean())
+            checked += 1
+    assert checked == sum(len(ests) for _, ests, _ in MODELS.values()) and median_differs
+
+
+def test_threshold_sweep_lines_pool_exactly_the_chosen_severity(run_dir):
+    """The severity-1 sweep's curves are the counts pooled over severity 1 only (severity 2 left out)."""
+    from shiftbench.report.schema import CONDITIONAL
+
+    curves = pd.read_parquet(run_dir / "curves.parquet")
+    cond = curves[(curves["curve"] == "conditional") & (curves["split"] == "id") & (curves["severity"] == 1)]
+    fig = _figures(run_dir, "threshold_sweeps", sweep_severities=[1])["threshold_sweeps_id_severity1"].figure
+    checked = 0
+    for ax in fig.axes:
+        metric = CONDITIONAL[ax.get_subplotspec().rowspan.start]
+        for line in _method_lines(ax):
+            model, est = line.get_label().split("/")
+            pooled = aggregate.pooled_conditional(cond[(cond["model"] == model) & (cond["estimator"] == est)])
+            np.testing.assert_allclose(line.get_xdata(), pooled["x"])
+            np.testing.assert_allclose(line.get_ydata(), pooled[metric], equal_nan=True)
+            checked += 1
+    assert checked == len(CONDITIONAL) * sum(len(ests) for _, ests, _ in MODELS.values())
+
+
+def test_reliability_diagram_rows_are_clean_and_the_worst_severity(run_dir):
+    """Rows 'clean' and 'severity 2' (the fixture's worst), their curves the bins pooled at that severity."""
+    curves = pd.read_parquet(run_dir / "curves.parquet")
+    rel = curves[(curves["curve"] == "reliability") & (curves["split"] == "id")]
+    fig = _figures(run_dir, "reliability")["reliability_id"].figure
+    rows = {ax.get_subplotspec().rowspan.start for ax in fig.axes}
+    assert rows == {0, 1}
+    checked = 0
+    for ax in fig.axes:
+        r = ax.get_subplotspec().rowspan.start
+        if ax.get_subplotspec().colspan.start == 0:
+            assert ax.get_ylabel() == ["clean", "severity 2"][r] + "\naccuracy"
+        for line in _method_lines(ax):
+            model, est = line.get_label().split("/")
+            g = rel[(rel["model"] == model) & (rel["estimator"] == est) & (rel["severity"] == [0, 2][r])]
+            pooled = aggregate.pooled_reliability(g)
+            np.testing.assert_allclose(line.get_xdata(), pooled["bin_confidence"])
+            np.testing.assert_allclose(line.get_ydata(), pooled["bin_accuracy"])
+            checked += 1
+    assert checked == 2 * sum(len(ests) for _, ests, _ in MODELS.values())
+
+
+def test_gallery_maps_share_the_quantile_colour_scale(run_dir):
+    """Every uncertainty image is drawn on [0, the 99 % quantile of all shown maps' values]."""
+    rendered = _figures(run_dir, "gallery", gallery_models=list(MODELS))["gallery"]
+    images = [im for ax in rendered.figure.axes for im in ax.images if im.get_cmap().name == "inferno"]
+    assert len(images) == 2 * 10  # 2 samples x (PE, MI; PE, MI; PE, MI, EV; PE, MI, EV)
+    vmax = float(np.quantile(np.concatenate([np.ma.compressed(im.get_array()) for im in images]), 0.99))
+    assert 0.3 < vmax < 0.6  # the fixture's maps lie in [0, 0.6): below the clip at 1 and below their max
+    assert all(im.get_clim() == pytest.approx((0, vmax), rel=1e-6) for im in images)
+    assert f"colour scale [0, {vmax:.2f}] (the 99% quantile" in rendered.caption
+
+
+def test_shared_vmax_is_the_quantile_not_the_maximum():
+    """_shared_vmax of 0, 0.001, ..., 0.999 at q = 0.99 is numpy's 99 % quantile (0.98901), not the max."""
+    from shiftbench.report.figures import _shared_vmax
+
+    values = np.arange(1000) / 1000
+    assert _shared_vmax([values], 0.99) == pytest.approx(np.quantile(values, 0.99), rel=1e-6)
+    assert _shared_vmax([values], 0.99) != pytest.approx(values.max(), rel=1e-6)
+
+
+def test_label_colours_are_tab20_and_ignore_is_black():
+    """Class k takes tab20's k-th colour (k mod 20), the ignore label 255 black, whatever n_classes is."""
+    from matplotlib import colormaps
+    from matplotlib.colors import to_rgb
+
+    from shiftbench.report.figures import _colour_labels
+
+    palette = colormaps["tab20"].colors
+    rgb = _colour_labels(np.array([[0, 3, 10, 255]], dtype=np.int16), 11)
+    assert rgb.shape == (1, 4, 3)
+    np.testing.assert_allclose(rgb[0, :3], [to_rgb(palette[k]) for k in (0, 3, 10)])
+    np.testing.assert_array_equal(rgb[0, 3], [0, 0, 0])
+    np.testing.assert_allclose(_colour_labels(np.array([21, 255]), 25), [to_rgb(palette[1]), (0, 0, 0)])
+
+
+def test_robustness_relative_columns_bold_their_best_ratio(report):
+    """The bold cell of each 'relative (%)' column holds its best ratio: max for mIoU and AU-PAvPU, min for ECE."""
+    header, rows, bold = parse_markdown((report.out / "tables" / "robustness_id.md").read_text())
+    best = {"mIoU: relative (%)": max, "ECE: relative (%)": min, "AU-PAvPU: relative (%)": max}
+    assert set(best) <= set(header)
+    for name, pick in best.items():
+        j = header.index(name)
+        values = [number(r[j]) for r in rows]
+        assert len(set(values)) > 1
+        assert [b[j] for b in bold] == [v == pick(values) for v in values], name
+
+
 def test_family_groups_keep_order_and_gather_the_rest():
     from shiftbench.report.style import OTHER, family_groups
 
