@@ -27,6 +27,23 @@ def test_atomic_write_on_error_keeps_old_file(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["out.txt"]
 
 
+
+def test_atomic_write_syncs_the_bytes_before_the_rename(tmp_path, monkeypatch):
+    """fsync of the temporary file, then the rename: after a power cut the target is the old file or the new one,
+    never an empty one."""
+    import os
+
+    if not os.path.isdir("/proc/self/fd"):
+        pytest.skip("names the synced file by /proc/self/fd")
+    calls = []
+    fsync, replace = os.fsync, os.replace
+    monkeypatch.setattr(io.os, "fsync", lambda fd: calls.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
+                        or fsync(fd))
+    monkeypatch.setattr(io.os, "replace", lambda a, b: calls.append(("replace", str(a))) or replace(a, b))
+    io.write_text(tmp_path / "out.txt", "new")
+    assert [c[0] for c in calls] == ["fsync", "replace"] and calls[0][1] == calls[1][1] != str(tmp_path / "out.txt")
+
+
 def test_atomic_write_gives_the_mode_of_a_plain_open(tmp_path):
     plain = tmp_path / "plain.txt"
     plain.write_text("x")

@@ -137,6 +137,23 @@ def test_authors_checkpoint_file_with_numpy_scalar_loads_safely(tmp_path):
     assert torch.equal(model.backbone.layer4[1].conv2.weight, state["backbone.layer4.1.conv2.weight"])
 
 
+
+@pytest.mark.parametrize("layout", ["model_state", "data_parallel", "bare"])
+def test_checkpoint_layouts_of_other_trainers_load(tmp_path, layout):
+    """{'model_state': ...} (VainF's DeepLabV3Plus-Pytorch), 'module.'-prefixed keys (DataParallel) and a bare
+    state dict give the same weights."""
+    state = authors_expert_state("resnet18", 64, 512, K)
+    obj = {"model_state": state, "best_score": np.float64(0.7), "cur_itrs": 3}
+    if layout == "data_parallel":
+        obj = {"state_dict": {f"module.{k}": v for k, v in state.items()}}
+    elif layout == "bare":
+        obj = state
+    torch.save(obj, tmp_path / "c.pth")
+    loaded = read_checkpoint(tmp_path / "c.pth")["state_dict"]
+    assert loaded.keys() == state.keys() and all(torch.equal(loaded[k], v) for k, v in state.items())
+    load_strict(DeepLabV3Plus("resnet18", K), loaded, layout)
+
+
 def test_checkpoint_pickled_under_numpy_1_loads_under_numpy_2(tmp_path):
     # numpy 1 names the scalar constructor numpy.core.multiarray.scalar, numpy 2 numpy._core...; the
     # authors' files (numpy 1.17) hold their best mIoU as such a scalar. Rewrite a file as numpy 1 writes it.

@@ -205,3 +205,13 @@ def test_corruptions_run_in_the_registry_order_whatever_the_listed_order(demo):
     raw = copy.deepcopy(demo)
     raw["corruptions"]["names"] = ["fog", "gaussian_noise", "contrast"]
     assert parse_suite(raw, DEMO.parent, DEMO).corruptions.names == ("gaussian_noise", "fog", "contrast")
+
+
+def test_mc_dropout_defaults_are_the_documented_ones(demo):
+    """Without those fields an mc_dropout model gets dropout 0.1 and 2 passes (docs/models.md), ResNet-101, ImageNet
+    normalisation."""
+    model = {k: v for k, v in demo["models"][0].items() if k in ("name", "kind", "checkpoint")}
+    assert model["kind"] == "mc_dropout"
+    demo["models"][0] = model
+    m = parse(demo).models[0]
+    assert (m.dropout, m.passes, m.backbone, m.normalize) == (0.1, 2, "resnet101", "imagenet")
