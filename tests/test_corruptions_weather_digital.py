@@ -165,6 +165,24 @@ def test_frost_is_the_reference_blend_of_a_texture_crop(size):
             assert_close_to_reference(ours, expected, f"frost texture {index} s{severity}")
 
 
+
+@pytest.mark.parametrize("size", SIZES)
+def test_frost_equals_the_reference_given_its_random_draws(size):
+    """The reference's own texture and crop (numpy seeded) fed to ours: its output within the deterministic
+    contract, at every severity (the blend weights against the reference's, not against our own table)."""
+    image = photo("chelsea", size)
+    H, W = size
+    for severity in SEVERITIES:
+        for seed in (severity, 10 + severity):
+            np.random.seed(seed)
+            index = np.random.randint(5)
+            rows, cols = _reference_frost_texture(index, size).shape[:2]
+            top, left = np.random.randint(0, rows - H), np.random.randint(0, cols - W)
+            fractions = ((top + 0.5) / (rows - H), (left + 0.5) / (cols - W))  # floor(f * room) = the offset
+            ours = to_uint8(weather.frost(to_tensor(image), severity, FixedFrostRng(index, fractions)).clamp(0, 1))
+            assert_close_to_reference(ours, reference(image, "frost", severity, seed=seed), f"frost s{severity}")
+
+
 def test_frost_draws_every_texture_uniformly():
     index = torch.cat([Rng(range(200), "frost", s, torch.device("cpu")).randint(0, 5) for s in SEVERITIES])
     counts = torch.bincount(index, minlength=5)
