@@ -319,14 +319,17 @@ def _check_pillow_resizes(size: tuple[int, int]) -> set[bool]:
 
 
 def test_chamfer_distance_is_opencvs():
+    """cv2.distanceTransform(DIST_L2, 5) truncated at 20 as the reference's spatter does (cv2.threshold(dist, 20,
+    20, THRESH_TRUNC)), with spatter's own cap; the 40 x 33 image without zeros reaches the cap."""
     import cv2
 
     rng = np.random.default_rng(3)
     for shape, p in (((61, 90), 0.01), ((40, 33), 0.0), ((50, 70), 0.2)):
         src = (rng.random(shape) > p).astype(np.uint8) * 255
-        expected = np.minimum(cv2.distanceTransform(src, cv2.DIST_L2, 5), 20)
-        ours = ops.chamfer_distance(torch.from_numpy(src == 0)[None, None], 20)[0, 0].numpy()
+        expected = cv2.threshold(cv2.distanceTransform(src, cv2.DIST_L2, 5), 20, 20, cv2.THRESH_TRUNC)[1]
+        ours = ops.chamfer_distance(torch.from_numpy(src == 0)[None, None], weather.DIST_CAP)[0, 0].numpy()
         np.testing.assert_allclose(ours, expected, atol=1e-5)
+        assert p > 0 or ours.max() == 20
 
 
 @pytest.mark.parametrize("shape", [(1, 1, 7, 9), (2, 3, 64, 33), (1, 1, 1, 5)])
