@@ -413,6 +413,10 @@ def test_wrong_number_of_classes_unknown_backbone_and_gate():
     state = DeepLabV3Plus("tiny", 19).state_dict()
     with pytest.raises(ShiftbenchError, match=r"^x.pt predicts 19 classes, the suite's dataset has 11"):
         check_classes(state, 11, "x.pt")
+    gate_file = {"gate.fc.weight": torch.zeros(2, 8), "final_conv.weight": torch.zeros(19, 19, 3, 3)}  # a MoE's own
+    with pytest.raises(ShiftbenchError, match=r"^g.pt predicts 19 classes, the suite's dataset has 11"):
+        check_classes(gate_file, 11, "g.pt")
+    check_classes(gate_file, 19, "g.pt")
     with pytest.raises(ShiftbenchError, match=r"unknown backbone 'resnet34'; allowed: resnet18, resnet50, resnet1"):
         DeepLabV3Plus("resnet34", K)
     with pytest.raises(ShiftbenchError, match=r"unknown gate type 'topk'; allowed: simple, classwise"):
