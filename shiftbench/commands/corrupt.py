@@ -292,11 +292,11 @@ def main(args: argparse.Namespace) -> int:
             blank = next(image for image in loaded if image is not None)
             images = torch.stack([blank if image is None else image for image in loaded])  # unreadable: never used
             images = images.to(device).float().div_(255)
-            seeds = sample_seeds(args.seed, [src.rel for src in batch], device=device)
+            seeds = sample_seeds(args.seed, [src.rel for src in batch])  # on the host, where corrupt reads them
             for (name, severity), idx in todo.items():
                 if not idx:
                     continue
-                pick = torch.tensor(idx, device=device)
+                pick = torch.tensor(idx)  # on the host: indexes the images on any device, and the seeds
                 result = to_uint8(corrupt(images[pick], name, severity, seed=seeds[pick])).cpu()
                 for k, i in enumerate(idx):
                     io.write_bytes(target[(name, severity, batch[i].rel)], encode(result[k], batch[i].path.suffix))

@@ -187,7 +187,8 @@ def forward_batch(zoo, cond: Condition, batch: Batch, seed: int, device: torch.d
             x = batch.images.to(device, non_blocking=True).float().div_(255)
         if not cond.is_clean:
             with timer("corruption"):
-                x = corrupt(x, cond.corruption, cond.severity, seed=corruption_seeds(seed, batch.ids, device))
+                seeds = corruption_seeds(seed, batch.ids)  # on the host, where corrupt reads them
+                x = corrupt(x, cond.corruption, cond.severity, seed=seeds)
         with timer("forward"):
             try:
                 preds = predict(zoo, x, model_seeds(seed, batch.ids), exact)
