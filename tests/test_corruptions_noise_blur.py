@@ -200,20 +200,11 @@ def test_motion_blur_equals_reference_given_its_random_angle():
     from corruptions import blur
     from tests.reference import photo, reference, to_tensor, to_uint8
 
-    class Replay:
-        device = torch.device("cpu")
-
-        def __len__(self) -> int:
-            return 1
-
-        def uniform(self, *shape, low=0.0, high=1.0):
-            return torch.tensor([np.random.uniform(low, high)], dtype=torch.float64)
-
     img = photo("rocket", (64, 90))
     for severity in range(1, 6):
         for seed in (severity, 10 + severity):
             np.random.seed(seed)
-            ours = to_uint8(blur.motion_blur(to_tensor(img), severity, Replay()).clamp(0, 1)).astype(float)
+            ours = to_uint8(blur.motion_blur(to_tensor(img), severity, _ReplayRng()).clamp(0, 1)).astype(float)
             diff = np.abs(ours - reference(img, "motion_blur", severity, seed=seed))
             assert diff.mean() <= 0.5 and np.percentile(diff, 99) <= 2, (severity, seed, diff.mean())
 
@@ -301,6 +292,10 @@ class _ReplayRng:
 
     def poisson(self, rates: torch.Tensor) -> torch.Tensor:
         return torch.from_numpy(np.random.poisson(rates[0].permute(1, 2, 0).double().numpy())).permute(2, 0, 1)[None]
+
+    def uniform(self, low: float = 0.0, high: float = 1.0) -> torch.Tensor:
+        """One value per sample (motion_blur's angle), as the reference's scalar draw."""
+        return torch.tensor([np.random.uniform(low, high)], dtype=torch.float64)
 
 
 @pytest.mark.parametrize("name", ["gaussian_noise", "shot_noise", "speckle_noise"])
