@@ -19,8 +19,6 @@ from shiftbench.io import atomic_path
 
 #: our mode names -> Pillow modes
 _MODES = {"rgb": "RGB", "gray": "L"}
-
-
 #: Pillow's modes of 16-bit grey PNGs, which its convert('RGB') clips at 255 instead of scaling
 _GREY16 = ("I;16", "I;16B", "I;16L", "I")
 
