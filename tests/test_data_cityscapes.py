@@ -172,3 +172,57 @@ def test_a_16_bit_grey_image_is_scaled_to_8_bits_not_clipped(tmp_path):
     x, _, _ = cityscapes.CityscapesDataset(tmp_path, "val")[0]
     want = torch.from_numpy((grey16.astype(np.int64) * 255 // 65535).astype(np.float32) / 255).expand(3, -1, -1)
     assert torch.equal(x, want) and x[0, 0, ::6].mul(255).round().tolist() == [0, 1, 3, 127, 255, 254]
+
+
+def _label_file(tmp_path, ids: np.ndarray, mode: str) -> Path:
+    """A 32 x W frame whose label PNG holds ``ids`` in Pillow ``mode`` (P: a palette whose colours' brightness is not
+    the index; RGB/RGBA/LA: the ids in every colour channel)."""
+    from PIL import Image
+
+    image_path, label_path = cityscapes.frame_paths(tmp_path, "val", "c", "c_000000_000000")
+    write_png(image_path, np.full((3, *ids.shape), 128, np.uint8))
+    label_path.parent.mkdir(parents=True, exist_ok=True)
+    if mode == "P":
+        im = Image.fromarray(ids.astype(np.uint8), "L").convert("P")
+        im.putpalette(np.random.default_rng(0).integers(0, 256, 768).astype(np.uint8).tobytes())
+    elif mode == "I;16":
+        im = Image.fromarray(ids.astype(np.uint16))
+    elif mode in ("RGB", "RGBA", "LA"):
+        channels = {"RGB": 3, "RGBA": 4, "LA": 2}[mode]
+        stacked = np.repeat(ids.astype(np.uint8)[..., None], channels, axis=-1)
+        stacked[..., -1] = 255 if mode != "RGB" else stacked[..., -1]
+        im = Image.fromarray(stacked, mode)
+    else:
+        im = Image.fromarray(ids.astype(np.uint8), "L")
+    im.save(label_path)
+    assert Image.open(label_path).mode == mode
+    return tmp_path
+
+
+@pytest.mark.parametrize("mode", ["L", "P", "I;16", "LA", "RGB", "RGBA"])
+def test_label_ids_are_values_in_any_one_channel_encoding(tmp_path, mode):
+    """A palette label's indices are its ids (not the brightness of its colours); 16-bit, grey+alpha and
+    equal-channel colour files give the same ids as the 8-bit grey file."""
+    ids = np.array([[7, 26, 0, 33, 24, 11, 23, 4]], np.uint8).repeat(32, 0).repeat(4, 1)  # 32 x 32
+    root = _label_file(tmp_path, ids, mode)
+    _, y, _ = cityscapes.CityscapesDataset(root, "val")[0]
+    assert y[0, ::4].tolist() == [0, 13, 255, 18, 11, 2, 10, 255]
+
+
+@pytest.mark.parametrize("mode,ids,reason", [
+    ("RGB", np.array([[7, 26], [8, 0]]), "a colour (RGB) image, not a map of label ids"),
+    ("I;16", np.array([[7, 256], [8, 0]]), "label ids 0..256 in a I;16 image; ids must fit 0..255"),
+])
+def test_label_files_that_hold_no_ids_are_refused(tmp_path, mode, ids, reason):
+    ids = ids.repeat(16, 0).repeat(16, 1)
+    if mode == "RGB":  # a colour image: channels differ
+        from PIL import Image
+
+        root = _label_file(tmp_path, ids, "L")
+        _, label_path = cityscapes.frame_paths(root, "val", "c", "c_000000_000000")
+        Image.fromarray(np.stack([ids, ids[::-1], ids], -1).astype(np.uint8)).save(label_path)
+    else:
+        root = _label_file(tmp_path, ids, mode)
+    with pytest.raises(ShiftbenchError, match="labelIds") as info:
+        cityscapes.CityscapesDataset(root, "val")[0]
+    assert reason in str(info.value)

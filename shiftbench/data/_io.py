@@ -17,16 +17,16 @@ import torch.nn.functional as F
 from shiftbench.errors import ShiftbenchError, file_error
 from shiftbench.io import atomic_path
 
-#: our mode names -> Pillow modes
-_MODES = {"rgb": "RGB", "gray": "L"}
 #: Pillow's modes of 16-bit grey PNGs, which its convert('RGB') clips at 255 instead of scaling
 _GREY16 = ("I;16", "I;16B", "I;16L", "I")
+#: Pillow modes whose values are label ids as they stand (a palette image's values are its indices)
+_ID_MODES = ("L", "P", "1") + _GREY16
 
 
 def read_png(path: str | os.PathLike, mode: str = "rgb") -> np.ndarray:
-    """A PNG as uint8 [C,H,W] (C = 3 for ``"rgb"``, 1 for ``"gray"``). A 16-bit grey image read as ``"rgb"``
-    is scaled to 8 bits, floor(x * 255 / 65535), as ``shiftbench corrupt`` does; ``"gray"`` (labels) keeps
-    values up to 255."""
+    """A PNG as uint8 [C,H,W]: ``"rgb"`` an image, C = 3 (grey replicated, alpha dropped, 16-bit grey scaled
+    to 8 bits, floor(x * 255 / 65535), as ``shiftbench corrupt`` does); ``"ids"`` a map of label ids, C = 1
+    (:func:`_label_ids`: values, never brightness)."""
     from PIL import Image, UnidentifiedImageError
 
     path = Path(path)
@@ -35,16 +35,36 @@ def read_png(path: str | os.PathLike, mode: str = "rgb") -> np.ndarray:
     try:
         with Image.open(path, formats=["PNG"]) as im:
             im.load()
-            if mode == "rgb" and im.mode in _GREY16:
-                grey = (np.asarray(im).astype(np.int64).clip(0, 65535) * 255 // 65535).astype(np.uint8)
-                pixels = np.repeat(grey[..., None], 3, axis=-1)
+            if mode == "ids" or im.mode in _GREY16 + ("RGB",):
+                pixels, pil_mode = np.asarray(im), im.mode
             else:
-                pixels = np.asarray(im if im.mode == _MODES[mode] else im.convert(_MODES[mode]))
+                pixels, pil_mode = np.asarray(im.convert("RGB")), "RGB"
     except UnidentifiedImageError:
         raise file_error(path, "not a PNG image (empty, corrupt or another format)") from None
     except (OSError, SyntaxError, ValueError) as exc:
         raise file_error(path, f"not a readable PNG, truncated or corrupt ({' '.join(str(exc).split())})") from None
+    if mode == "ids":
+        pixels = _label_ids(pixels, pil_mode, path)
+    elif pil_mode in _GREY16:
+        grey = (pixels.astype(np.int64).clip(0, 65535) * 255 // 65535).astype(np.uint8)
+        pixels = np.repeat(grey[..., None], 3, axis=-1)
     return pixels[None] if pixels.ndim == 2 else pixels.transpose(2, 0, 1)
+
+
+def _label_ids(values: np.ndarray, pil_mode: str, path: Path) -> np.ndarray:
+    """uint8 [H,W] label ids from a PNG's values: grey values, a palette image's indices (the ids, as VOC-style
+    tools write them; not the brightness of their colours), 16-bit values up to 255. A colour image counts only
+    when its channels are equal: its brightness would pass for ids."""
+    if pil_mode in ("LA", "PA"):  # the alpha channel is no id
+        values = values[..., 0]
+    elif pil_mode not in _ID_MODES:
+        if (values[..., :3] != values[..., :1]).any():
+            raise file_error(path, f"a colour ({pil_mode}) image, not a map of label ids: give the one-channel "
+                             "*_gtFine_labelIds.png (grey values are the ids), not a *_color.png")
+        values = values[..., 0]
+    if values.size and not 0 <= values.min() <= values.max() <= 255:
+        raise file_error(path, f"label ids {values.min()}..{values.max()} in a {pil_mode} image; ids must fit 0..255")
+    return values.astype(np.uint8)
 
 
 def write_png(path: str | os.PathLike, image: np.ndarray) -> None:

@@ -78,7 +78,7 @@ class CityscapesDataset(Dataset):
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor, str]:
         image_path, label_path = self.pairs[index]
         image = read_png(image_path, "rgb")
-        label_ids = read_png(label_path, "gray")[0]
+        label_ids = read_png(label_path, "ids")[0]
         if image.shape[1:] != label_ids.shape:
             raise file_error(label_path, f"label is {label_ids.shape[1]}x{label_ids.shape[0]} but its image "
                              f"{image_path.name} is {image.shape[2]}x{image.shape[1]} (W x H)")
